@@ -1,0 +1,22 @@
+"""dmlkit: deep metric learning with components from plugins."""
+
+from typing import Any
+
+from dmlkit.errors import DmlkitError
+from dmlkit.hookspecs import hookimpl
+from dmlkit.registry import KINDS, ComponentSpec, Registry
+
+__version__ = "0.1.0"
+__all__ = ["KINDS", "ComponentSpec", "DmlkitError", "Registry", "build", "get_registry", "hookimpl"]
+
+
+def get_registry() -> Registry:
+    """The registry filled by every loaded plugin."""
+    from dmlkit.plugins import get_host
+
+    return get_host().registry
+
+
+def build(kind: str, name: str, **options: Any) -> Any:
+    """Build a registered component by kind and name, e.g. ``build("loss", "triplet", margin=0.1)``."""
+    return get_registry().build(kind, name, **options)

@@ -1,0 +1,116 @@
+"""Dataset splits and image transforms shared by dataset plugins."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dmlkit.errors import DataError
+
+
+def load_image(path: str | Path, mode: str) -> Any:
+    """Open an image file as a PIL image in ``mode`` ('RGB' or 'L'); a bad file names its path."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+    except Exception as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from None
+
+
+@dataclass
+class Split(Dataset):
+    """Items with contiguous labels 0..C-1; ``item[i]`` is a path or an array."""
+
+    items: Sequence[Any]
+    labels: np.ndarray
+    transform: Callable[[Any], torch.Tensor] | None = None
+    mode: str = "RGB"
+    class_names: list[str] = field(default_factory=list)
+    query_mask: np.ndarray | None = None
+    gallery_mask: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if len(self.items) != len(self.labels):
+            raise DataError(f"{len(self.items)} items but {len(self.labels)} labels")
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1 if len(self.labels) else 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        item = self.items[i]
+        img = load_image(item, self.mode) if isinstance(item, str | Path) else item
+        x = self.transform(img) if self.transform is not None else torch.as_tensor(img)
+        return x, int(self.labels[i])
+
+    def with_transform(self, transform: Callable[[Any], torch.Tensor] | None) -> Split:
+        return Split(self.items, self.labels, transform, self.mode, self.class_names, self.query_mask, self.gallery_mask)
+
+    def subset(self, index: np.ndarray) -> Split:
+        """The items at ``index``, labels made contiguous again."""
+        _, labels = np.unique(self.labels[index], return_inverse=True)
+        return Split([self.items[i] for i in index], labels, self.transform, self.mode)
+
+
+@dataclass
+class DatasetSplits:
+    """What a dataset component returns: a training split and a test split of disjoint classes."""
+
+    train: Split
+    test: Split
+
+
+def make_split(items: Sequence[Any], raw_labels: Sequence[Any], mode: str = "RGB", **kw: Any) -> Split:
+    """A split whose raw labels (any sortable values) become contiguous ids."""
+    names, labels = np.unique(np.asarray(raw_labels), return_inverse=True)
+    return Split(list(items), labels, mode=mode, class_names=[str(n) for n in names], **kw)
+
+
+def require(path: Path, what: str) -> Path:
+    """``path`` if it exists, else a DataError naming what was expected there."""
+    if not path.exists():
+        raise DataError(f"{what} not found: expected {path}")
+    return path
+
+
+def check_files(paths: Sequence[Path], index: Path) -> None:
+    """Every file an index lists must exist; the first missing one is named with its index line."""
+    for line, p in enumerate(paths, 1):
+        if not p.is_file():
+            raise DataError(f"{index} line {line}: listed image {p} does not exist")
+
+
+def image_transforms(spec: dict[str, Any], train: bool, style: str = "natural", augment: bool = True) -> Callable:
+    """torchvision transforms for a backbone's input spec.
+
+    ``natural``: RandomResizedCrop + flip for training, Resize(size*8/7) + CenterCrop for test.
+    ``glyph``: small grayscale images: Resize, random shifts of up to 10 % for training.
+    """
+    from torchvision import transforms as T
+
+    size = int(spec["image_size"])
+    norm = T.Normalize(spec["mean"], spec["std"])
+    if style == "glyph":
+        steps = [T.Resize((size, size))]
+        if train and augment:
+            steps.append(T.RandomAffine(0, translate=(0.1, 0.1), fill=255))
+        return T.Compose([*steps, T.ToTensor(), norm])
+    if train and augment:
+        steps = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+    else:
+        steps = [T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size)]
+    return T.Compose([*steps, T.ToTensor(), norm])

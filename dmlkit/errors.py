@@ -1,0 +1,28 @@
+"""Exceptions a user can cause. The CLI prints their message as one red line."""
+
+
+class DmlkitError(Exception):
+    """A problem the user can fix; the message says what to do."""
+
+
+class UnknownComponentError(DmlkitError, KeyError):
+    """No component of that kind has that name."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class OptionError(DmlkitError, ValueError):
+    """An option is unknown, missing, or of the wrong type or range."""
+
+
+class ClashError(DmlkitError):
+    """Two plugins register the same component name."""
+
+
+class DataError(DmlkitError):
+    """A dataset root, file or image is missing, malformed or unreadable."""
+
+
+class TrainingError(DmlkitError):
+    """Training cannot go on (non-finite loss, out of memory, a failing plugin)."""

@@ -1,0 +1,289 @@
+"""Embeddings -> retrieval and clustering metrics, in bounded memory.
+
+Neighbours come from one of two k-NN backends, both chunked so that no N x N matrix is
+ever held: ``faiss`` (exact flat index, CPU) and ``torch`` (matrix products and top-k per
+chunk, on the GPU when there is one). Only the k nearest needed by the metrics are kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dmlkit.errors import DmlkitError
+
+BACKENDS = ("auto", "faiss", "torch")
+
+
+@dataclass
+class Neighbours:
+    """For each query, the indices into the gallery and squared distances of its k nearest."""
+
+    indices: np.ndarray  # [n_query, k] int64
+    distances: np.ndarray  # [n_query, k] float32
+
+
+def _as_float32(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _rows_per_chunk(n_gallery: int, memory_mb: float, bytes_per_entry: int = 12) -> int:
+    """Query rows per chunk so that a chunk's distance block (plus top-k work) fits the budget."""
+    return max(1, int(memory_mb * 2**20 // (max(n_gallery, 1) * bytes_per_entry)))
+
+
+def knn(
+    query: np.ndarray | torch.Tensor,
+    gallery: np.ndarray | torch.Tensor | None,
+    k: int,
+    *,
+    backend: str = "auto",
+    memory_mb: float = 512,
+    device: str | torch.device | None = None,
+) -> Neighbours:
+    """The k nearest gallery items of each query by Euclidean distance.
+
+    With ``gallery=None`` every query searches the other queries (leave-one-out): the item
+    itself is never its own neighbour. ``backend="auto"`` takes torch on a GPU, else faiss.
+    """
+    if backend not in BACKENDS:
+        raise DmlkitError(f"unknown k-NN backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    loo = gallery is None
+    if backend == "auto":
+        on_gpu = torch.cuda.is_available() and str(device or "cuda").startswith("cuda")
+        backend = "torch" if on_gpu else "faiss"
+    n_gallery = len(query) if loo else len(gallery)
+    k_eff = min(k, n_gallery - 1 if loo else n_gallery)
+    if k_eff < 1:
+        raise DmlkitError("the gallery has no item to retrieve: it needs at least one (two without a gallery)")
+    if backend == "faiss":
+        return _knn_faiss(query, gallery, k_eff, memory_mb)
+    return _knn_torch(query, gallery, k_eff, memory_mb, device)
+
+
+def _drop_own(idx: np.ndarray, dist: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Remove from each row its own index ``own`` (-1: none), or else the last column."""
+    is_own = idx == own[:, None]
+    order = np.argsort(is_own, axis=1, kind="stable")[:, : idx.shape[1] - 1]
+    return np.take_along_axis(idx, order, 1), np.take_along_axis(dist, order, 1)
+
+
+def _knn_faiss(query, gallery, k: int, memory_mb: float) -> Neighbours:
+    import faiss
+
+    q = _as_float32(query)
+    g = q if gallery is None else _as_float32(gallery)
+    index = faiss.IndexFlatL2(q.shape[1])
+    index.add(g)
+    extra = 1 if gallery is None else 0
+    rows = _rows_per_chunk(len(g), memory_mb)
+    out_i = np.empty((len(q), k), dtype=np.int64)
+    out_d = np.empty((len(q), k), dtype=np.float32)
+    for start in range(0, len(q), rows):
+        d, i = index.search(q[start : start + rows], k + extra)
+        if extra:
+            i, d = _drop_own(i, d, start + np.arange(len(i)))
+        out_i[start : start + rows], out_d[start : start + rows] = i, d
+    return Neighbours(out_i, out_d)
+
+
+def _knn_torch(query, gallery, k: int, memory_mb: float, device) -> Neighbours:
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    q = torch.as_tensor(_as_float32(query), device=dev)
+    g = q if gallery is None else torch.as_tensor(_as_float32(gallery), device=dev)
+    g_sq = (g * g).sum(1)
+    rows = _rows_per_chunk(len(g), memory_mb)
+    out_i = torch.empty((len(q), k), dtype=torch.int64, device=dev)
+    out_d = torch.empty((len(q), k), dtype=torch.float32, device=dev)
+    for start in range(0, len(q), rows):
+        qc = q[start : start + rows]
+        d = torch.addmm(g_sq[None, :], qc, g.T, alpha=-2.0)  # |g|^2 - 2 q.g, the row term added below
+        if gallery is None:
+            r = torch.arange(len(qc), device=dev)
+            d[r, start + r] = math.inf
+        vals, idx = torch.topk(d, k, dim=1, largest=False, sorted=True)
+        out_i[start : start + rows] = idx
+        out_d[start : start + rows] = (vals + (qc * qc).sum(1, keepdim=True)).clamp_min_(0)
+    return Neighbours(out_i.cpu().numpy(), out_d.cpu().numpy())
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def _check_inputs(embeddings: np.ndarray, labels: np.ndarray) -> None:
+    if embeddings.ndim != 2:
+        raise DmlkitError(f"embeddings must be a 2-D array [N, D]; got shape {tuple(embeddings.shape)}")
+    if labels.ndim != 1:
+        raise DmlkitError(f"labels must be a 1-D array [N]; got shape {tuple(labels.shape)}")
+    if len(embeddings) != len(labels):
+        raise DmlkitError(f"{len(embeddings)} embeddings but {len(labels)} labels: they must have the same length")
+    bad = ~np.isfinite(embeddings).all(1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise DmlkitError(f"{int(bad.sum())} embeddings contain NaN or inf (first at row {first}); fix the model or data")
+
+
+def retrieval_metrics(
+    embeddings: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    *,
+    query_mask: np.ndarray | None = None,
+    gallery_mask: np.ndarray | None = None,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    normalise: bool = True,
+    backend: str = "auto",
+    memory_mb: float = 512,
+    device: str | torch.device | None = None,
+    per_class: bool = False,
+) -> dict[str, float | int | dict]:
+    """Recall@K, P@1, R-Precision and MAP@R of ``embeddings`` against ``labels``.
+
+    Without masks every item queries all others (itself excluded). With ``query_mask`` and
+    ``gallery_mask`` the queries search the gallery only; an item in both is still never
+    its own neighbour. A query whose class has no other item in the gallery has no R: it is
+    left out of every metric and counted in ``queries_without_match``.
+    """
+    emb = _as_float32(embeddings)
+    lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
+    _check_inputs(emb, lab)
+    if normalise:
+        emb = l2_normalise(emb)
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise DmlkitError(f"recall ks must be positive integers; got {list(ks)}")
+
+    if query_mask is None and gallery_mask is None:
+        q_idx = g_idx = np.arange(len(lab))
+        loo = True
+    else:
+        qm = np.ones(len(lab), bool) if query_mask is None else np.asarray(query_mask, bool).reshape(-1)
+        gm = np.ones(len(lab), bool) if gallery_mask is None else np.asarray(gallery_mask, bool).reshape(-1)
+        if len(qm) != len(lab) or len(gm) != len(lab):
+            raise DmlkitError(f"query/gallery masks must have {len(lab)} entries, one per embedding")
+        q_idx, g_idx = np.flatnonzero(qm), np.flatnonzero(gm)
+        if len(q_idx) == 0:
+            raise DmlkitError("the query set is empty: the query mask selects no item")
+        if len(g_idx) == 0:
+            raise DmlkitError("the gallery is empty: the gallery mask selects no item")
+        loo = np.array_equal(q_idx, g_idx)
+
+    q_lab, g_lab = lab[q_idx], lab[g_idx]
+    # R per query: same-class items in the gallery, itself excluded
+    classes, g_counts = np.unique(g_lab, return_counts=True)
+    pos = np.searchsorted(classes, q_lab)
+    pos_c = np.clip(pos, 0, len(classes) - 1)
+    r = np.where(classes[pos_c] == q_lab, g_counts[pos_c], 0)
+    in_gallery = np.zeros(len(lab), bool)
+    in_gallery[g_idx] = True
+    r = r - in_gallery[q_idx].astype(np.int64)
+    has_match = r > 0
+    if not has_match.any():
+        raise DmlkitError("no query has another item of its class in the gallery, so no metric is defined")
+
+    k = max(int(r.max()), ks[-1])
+    if loo:
+        nn = knn(emb[q_idx], None, k, backend=backend, memory_mb=memory_mb, device=device)
+        nn_gallery = nn.indices
+    else:
+        # search one extra neighbour so that a query that is also in the gallery can skip itself
+        both = in_gallery[q_idx].any()
+        nn = knn(emb[q_idx], emb[g_idx], k + int(both), backend=backend, memory_mb=memory_mb, device=device)
+        nn_gallery = nn.indices
+        if both:
+            own = np.full(len(lab), -1)
+            own[g_idx] = np.arange(len(g_idx))
+            nn_gallery, _ = _drop_own(nn.indices, nn.distances, own[q_idx])
+    rel = g_lab[nn_gallery] == q_lab[:, None]
+    rel, r_m, q_lab_m = rel[has_match], r[has_match], q_lab[has_match]
+    k_got = rel.shape[1]
+    out: dict[str, float | int | dict] = {}
+    per_query = _per_query_metrics(rel, r_m, [kk for kk in ks if kk <= k_got])
+    for name, values in per_query.items():
+        out[name] = float(values.mean())
+    out["queries"] = int(len(q_idx))
+    out["queries_without_match"] = int((~has_match).sum())
+    if per_class:
+        out["per_class"] = {
+            str(c): {name: float(values[q_lab_m == c].mean()) for name, values in per_query.items()}
+            for c in np.unique(q_lab_m)
+        }
+    return out
+
+
+def _per_query_metrics(rel: np.ndarray, r: np.ndarray, ks: Sequence[int]) -> dict[str, np.ndarray]:
+    """Per-query P@1, R-Precision, MAP@R and Recall@K from the relevance of ranked neighbours."""
+    k = rel.shape[1]
+    within_r = np.arange(k)[None, :] < r[:, None]
+    hits = rel & within_r
+    out = {"precision_at_1": rel[:, 0].astype(np.float64)}
+    out["r_precision"] = hits.sum(1) / r
+    precision_at_i = np.cumsum(rel, axis=1) / np.arange(1, k + 1)[None, :]
+    out["map_at_r"] = (precision_at_i * hits).sum(1) / r
+    for kk in ks:
+        out[f"recall_at_{kk}"] = rel[:, :kk].any(1).astype(np.float64)
+    return out
+
+
+def kmeans_labels(
+    embeddings: np.ndarray, n_clusters: int, *, seed: int = 0, niter: int = 20, backend: str = "faiss"
+) -> np.ndarray:
+    """Cluster assignments of k-means (faiss on CPU, or a torch Lloyd loop on GPU)."""
+    x = _as_float32(embeddings)
+    if n_clusters < 1 or n_clusters > len(x):
+        raise DmlkitError(f"k-means needs 1 <= k <= N; got k={n_clusters}, N={len(x)}")
+    if backend == "faiss" or not torch.cuda.is_available():
+        import faiss
+
+        km = faiss.Kmeans(x.shape[1], n_clusters, niter=niter, seed=seed, max_points_per_centroid=10**6)
+        km.train(x)
+        _, assign = km.index.search(x, 1)
+        return assign[:, 0]
+    return _kmeans_torch(x, n_clusters, seed=seed, niter=niter)
+
+
+def _kmeans_torch(x: np.ndarray, k: int, *, seed: int, niter: int) -> np.ndarray:
+    dev = torch.device("cuda")
+    xt = torch.as_tensor(x, device=dev)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    centroids = xt[torch.randperm(len(xt), generator=g)[:k].to(dev)].clone()
+    x_sq = (xt * xt).sum(1, keepdim=True)
+    rows = _rows_per_chunk(k, 1024)
+    assign = torch.empty(len(xt), dtype=torch.int64, device=dev)
+    for _ in range(niter + 1):
+        c_sq = (centroids * centroids).sum(1)
+        for s in range(0, len(xt), rows):
+            d = torch.addmm(c_sq[None, :], xt[s : s + rows], centroids.T, alpha=-2.0) + x_sq[s : s + rows]
+            assign[s : s + rows] = d.argmin(1)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, xt)
+        counts = torch.bincount(assign, minlength=k).float()
+        empty = counts == 0
+        centroids = torch.where(empty[:, None], centroids, sums / counts.clamp_min(1)[:, None])
+    return assign.cpu().numpy()
+
+
+def clustering_metrics(
+    embeddings: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    *,
+    normalise: bool = True,
+    seed: int = 0,
+    backend: str = "faiss",
+) -> dict[str, float]:
+    """NMI and AMI of k-means (k = number of classes) against ``labels`` (scikit-learn's metrics)."""
+    from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
+
+    emb = _as_float32(embeddings)
+    lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
+    _check_inputs(emb, lab)
+    if normalise:
+        emb = l2_normalise(emb)
+    pred = kmeans_labels(emb, len(np.unique(lab)), seed=seed, backend=backend)
+    return {"nmi": float(normalized_mutual_info_score(lab, pred)), "ami": float(adjusted_mutual_info_score(lab, pred))}

@@ -1,0 +1,118 @@
+"""Building blocks for losses and miners, shared by built-in and third-party plugins.
+
+Conventions:
+- a loss is called as ``loss(embeddings, labels, ref_embeddings=None, ref_labels=None, indices=None)``;
+  without a reference set the batch is compared with itself (an item is never its own pair);
+- a miner is called the same way (without ``indices``) and returns either triplets
+  ``(anchor, positive, negative)`` or pairs ``(anchor1, positive, anchor2, negative)``, index
+  tensors whose anchors index the batch and whose other entries index the reference set.
+- losses compute in float32 even under autocast, and return a zero that still
+  back-propagates when nothing in the batch contributes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+Indices = tuple[Tensor, ...]
+
+
+def pairwise_distance(x: Tensor, y: Tensor, squared: bool = False, eps: float = 1e-12) -> Tensor:
+    """Euclidean (or squared Euclidean) distances between the rows of ``x`` and ``y``."""
+    d2 = ((x * x).sum(1, keepdim=True) + (y * y).sum(1)[None, :] - 2.0 * x @ y.T).clamp_min(0.0)
+    return d2 if squared else torch.sqrt(d2.clamp_min(eps))
+
+
+def cosine_similarity(x: Tensor, y: Tensor) -> Tensor:
+    """Cosine similarities between the rows of ``x`` and ``y``."""
+    return nn.functional.normalize(x, dim=1) @ nn.functional.normalize(y, dim=1).T
+
+
+def label_masks(labels: Tensor, ref_labels: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Boolean [n, m] masks of positive and negative pairs (the diagonal excluded without a reference set)."""
+    ref = labels if ref_labels is None else ref_labels
+    same = labels[:, None] == ref[None, :]
+    pos = same.clone()
+    if ref_labels is None:
+        pos.fill_diagonal_(False)
+    return pos, ~same
+
+
+def indices_to_masks(indices: Indices, n: int, m: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Pair or triplet indices -> boolean [n, m] masks of the positive and negative pairs they use."""
+    a1, p, a2, neg = triplets_to_pairs(indices) if len(indices) == 3 else indices
+    pos = torch.zeros(n, m, dtype=torch.bool, device=device)
+    negm = torch.zeros(n, m, dtype=torch.bool, device=device)
+    pos[a1, p] = True
+    negm[a2, neg] = True
+    return pos, negm
+
+
+def triplets_to_pairs(indices: Indices) -> Indices:
+    a, p, n = indices
+    return a, p, a, n
+
+
+def pairs_to_triplets(indices: Indices) -> Indices:
+    """Every (anchor, positive, negative) that two pairs with a shared anchor make."""
+    if len(indices) == 3:
+        return indices
+    a1, p, a2, n = indices
+    match = a1[:, None] == a2[None, :]
+    i, j = match.nonzero(as_tuple=True)
+    return a1[i], p[i], n[j]
+
+
+def zero_loss(*tensors: Tensor) -> Tensor:
+    """A zero connected to the graph of ``tensors``: backward() works and gives zero gradients."""
+    return sum((t.sum() * 0.0 for t in tensors if t.requires_grad), torch.zeros((), device=tensors[0].device))
+
+
+class MetricLoss(nn.Module):
+    """Base class of dmlkit losses: float32 maths, optional reference set, optional mined indices."""
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        ref_embeddings: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+        indices: Indices | None = None,
+    ) -> Tensor:
+        if (ref_embeddings is None) != (ref_labels is None):
+            raise ValueError("pass both ref_embeddings and ref_labels, or neither")
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            emb = embeddings.float()
+            ref = None if ref_embeddings is None else ref_embeddings.float()
+            return self.compute(emb, labels, ref, ref_labels, indices)
+
+    def compute(
+        self, emb: Tensor, labels: Tensor, ref: Tensor | None, ref_labels: Tensor | None, indices: Indices | None
+    ) -> Tensor:
+        raise NotImplementedError
+
+
+class Miner(nn.Module):
+    """Base class of miners: returns pairs or triplets; ``last_count`` says how many it found."""
+
+    last_count: int = 0
+
+    @torch.no_grad()
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor | None = None, ref_labels: Tensor | None = None
+    ) -> Indices:
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            emb = embeddings.detach().float()
+            ref = None if ref_embeddings is None else ref_embeddings.detach().float()
+            out = self.mine(emb, labels, ref, ref_labels)
+        self.last_count = int(out[0].numel())
+        return out
+
+    def mine(self, emb: Tensor, labels: Tensor, ref: Tensor | None, ref_labels: Tensor | None) -> Indices:
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, Any]:
+        return {"mined": self.last_count}

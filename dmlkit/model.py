@@ -1,0 +1,92 @@
+"""The embedding model: a registered backbone followed by dmlkit's embedding head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dmlkit.errors import OptionError
+
+POOLINGS = ("avg", "max", "avgmax")
+NORMS = ("none", "layernorm", "batchnorm")
+
+
+class EmbeddingHead(nn.Module):
+    """Pooling (average, max, or their sum), optional LayerNorm/BatchNorm, linear, L2 normalisation.
+
+    ``embedding_size=0`` keeps the pooled features (no linear layer).
+    """
+
+    def __init__(self, in_features: int, embedding_size: int = 128, pooling: str = "avg", norm: str = "none",
+                 normalize: bool = True):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise OptionError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+        if norm not in NORMS:
+            raise OptionError(f"head norm must be one of {', '.join(NORMS)}; got {norm!r}")
+        if embedding_size < 0:
+            raise OptionError(f"embedding_size must be > 0 (or 0 for the pooled features); got {embedding_size}")
+        self.pooling, self.normalize = pooling, normalize
+        self.norm = {"none": nn.Identity(), "layernorm": nn.LayerNorm(in_features),
+                     "batchnorm": nn.BatchNorm1d(in_features)}[norm]
+        self.linear = nn.Linear(in_features, embedding_size) if embedding_size else nn.Identity()
+        self.out_features = embedding_size or in_features
+
+    def pool(self, x: Tensor) -> Tensor:
+        if x.ndim == 2:
+            return x
+        if self.pooling == "avg":
+            return x.mean((2, 3))
+        if self.pooling == "max":
+            return x.amax((2, 3))
+        return x.mean((2, 3)) + x.amax((2, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.linear(self.norm(self.pool(x)))
+        return nn.functional.normalize(z.float(), dim=1) if self.normalize else z
+
+
+class EmbeddingModel(nn.Module):
+    """backbone -> head; ``freeze_bn`` keeps the backbone's BatchNorm statistics and affine fixed."""
+
+    def __init__(self, backbone: nn.Module, head: EmbeddingHead, freeze_bn: bool = False):
+        super().__init__()
+        self.backbone, self.head, self.freeze_bn = backbone, head, freeze_bn
+        if freeze_bn:
+            for m in backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    for p in m.parameters():
+                        p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> EmbeddingModel:
+        super().train(mode)
+        if self.freeze_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+
+def input_spec(backbone: nn.Module) -> dict[str, Any]:
+    """What a backbone expects: channels, image size, mean, std (defaults for RGB ImageNet)."""
+    spec = {"channels": 3, "image_size": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    spec.update(getattr(backbone, "input_spec", {}))
+    return spec
+
+
+@torch.no_grad()
+def feature_size(backbone: nn.Module) -> int:
+    """The backbone's output channels (``out_features`` if it says, else a dummy forward pass)."""
+    if hasattr(backbone, "out_features"):
+        return int(backbone.out_features)
+    spec = input_spec(backbone)
+    was = backbone.training
+    backbone.eval()
+    out = backbone(torch.zeros(1, spec["channels"], spec["image_size"], spec["image_size"]))
+    backbone.train(was)
+    return int(out.shape[1])

@@ -1,0 +1,195 @@
+"""Plugin loading: entry points of group ``dmlkit``, each loaded in isolation.
+
+``DMLKIT_PLUGINS`` restricts what is loaded: ``all`` (default), ``builtin`` (only the
+plugins of the dmlkit distribution), ``none``, or a comma-separated list of plugin names.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+import pluggy
+
+from dmlkit import hookspecs
+from dmlkit.errors import ClashError, DmlkitError
+from dmlkit.registry import KINDS, ComponentSpec, Registry
+
+GROUP = "dmlkit"
+ENV_VAR = "DMLKIT_PLUGINS"
+BUILTIN_DISTRIBUTION = "dmlkit"
+
+
+@dataclass
+class PluginInfo:
+    """What ``dmlkit plugins`` shows for one plugin."""
+
+    name: str
+    module: str
+    distribution: str = ""
+    version: str = ""
+    hooks: list[str] = field(default_factory=list)
+    components: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def builtin(self) -> bool:
+        return self.distribution == BUILTIN_DISTRIBUTION
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "module": self.module,
+            "distribution": self.distribution,
+            "version": self.version,
+            "builtin": self.builtin,
+            "hooks": self.hooks,
+            "components": self.components,
+            "errors": self.errors,
+        }
+
+
+class PluginHost:
+    """A pluggy manager, the registry its plugins filled, and what happened while loading."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(GROUP)
+        self.pm.add_hookspecs(hookspecs)
+        self.registry = Registry()
+        self.plugins: dict[str, PluginInfo] = {}
+
+    # -- loading -------------------------------------------------------------------------
+    def load_entry_points(self, selection: str | None = None) -> None:
+        """Load every entry point of group ``dmlkit`` allowed by ``selection`` (or ``$DMLKIT_PLUGINS``)."""
+        selection = (selection if selection is not None else os.environ.get(ENV_VAR, "all")).strip()
+        for ep in _entry_points():
+            dist = ep.dist.name if ep.dist else ""
+            if not _selected(selection, ep.name, dist):
+                continue
+            info = PluginInfo(name=ep.name, module=ep.value, distribution=dist, version=ep.dist.version if ep.dist else "")
+            if ep.name in self.plugins:
+                other = self.plugins[ep.name]
+                info.errors.append(
+                    f"plugin name '{ep.name}' is already used by distribution '{other.distribution}'; not loaded"
+                )
+                self.plugins[f"{ep.name} ({dist})"] = info
+                continue
+            try:
+                obj = ep.load()
+            except Exception as exc:  # a broken plugin must not break dmlkit
+                info.errors.append(f"import failed: {_one_line(exc)}")
+                self.plugins[ep.name] = info
+                continue
+            self._register(obj, info)
+        self._collect_components()
+
+    def add_plugin(self, obj: Any, name: str, distribution: str = "", version: str = "") -> PluginInfo:
+        """Register a module or object as a plugin directly (tests, notebooks)."""
+        info = PluginInfo(name=name, module=getattr(obj, "__name__", repr(obj)), distribution=distribution, version=version)
+        self._register(obj, info)
+        self._collect_components(only=name)
+        return info
+
+    def _register(self, obj: Any, info: PluginInfo) -> None:
+        self.plugins[info.name] = info
+        try:
+            self.pm.register(obj, name=info.name)
+        except Exception as exc:
+            info.errors.append(f"registration failed: {_one_line(exc)}")
+            return
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self.pm.unregister(name=info.name)
+            info.errors.append(f"unknown hook: {_one_line(exc)}")
+            return
+        info.hooks = sorted(h.name for h in self.pm.get_hookcallers(obj) or [])
+
+    def _collect_components(self, only: str | None = None) -> None:
+        """Call every register_* hook of each plugin on its own, so one failure stays local."""
+        for kind, hook_name in KINDS.items():
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                if only is not None and impl.plugin_name != only:
+                    continue
+                info = self.plugins[impl.plugin_name]
+                specs: list[ComponentSpec] = []
+                try:
+                    impl.function(**_args(impl, register=specs.append))
+                except Exception as exc:
+                    info.errors.append(f"{hook_name} raised {_one_line(exc)}")
+                    continue
+                for spec in specs:
+                    try:
+                        self.registry.add(kind, spec, plugin=info.name, distribution=info.distribution)
+                        info.components += 1
+                    except ClashError as exc:
+                        self.registry.mark_clash(kind, spec.name, str(exc))
+                        info.errors.append(str(exc))
+                    except DmlkitError as exc:
+                        info.errors.append(str(exc))
+
+    def add_commands(self, app: Any) -> None:
+        """Let each plugin add its CLI subcommands; a failure is recorded on that plugin."""
+        for impl in self.pm.hook.register_commands.get_hookimpls():
+            try:
+                impl.function(**_args(impl, app=app))
+            except Exception as exc:
+                self.plugins[impl.plugin_name].errors.append(f"register_commands raised {_one_line(exc)}")
+
+    def plugin_of(self, kind: str, name: str) -> PluginInfo | None:
+        return self.plugins.get(self.registry.get(kind, name).plugin)
+
+
+def _args(impl: Any, **available: Any) -> dict[str, Any]:
+    return {name: available[name] for name in impl.argnames}
+
+
+def _entry_points() -> list[EntryPoint]:
+    seen: set[tuple[str, str, str]] = set()
+    out = []
+    for ep in entry_points(group=GROUP):
+        key = (ep.name, ep.value, ep.dist.name if ep.dist else "")
+        if key not in seen:  # the same distribution found twice on sys.path
+            seen.add(key)
+            out.append(ep)
+    # built-ins first, so that a third party can replace one of them
+    return sorted(out, key=lambda ep: ((ep.dist.name if ep.dist else "") != BUILTIN_DISTRIBUTION, ep.name))
+
+
+def _selected(selection: str, name: str, dist: str) -> bool:
+    if selection in ("", "all"):
+        return True
+    if selection == "none":
+        return False
+    if selection == "builtin":
+        return dist == BUILTIN_DISTRIBUTION
+    return name in {s.strip() for s in selection.split(",")}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    where = traceback.extract_tb(exc.__traceback__)
+    loc = f" ({where[-1].filename.rsplit('/', 1)[-1]}:{where[-1].lineno})" if where else ""
+    return (text[0] if text else type(exc).__name__) + loc
+
+
+_HOST: PluginHost | None = None
+
+
+def get_host() -> PluginHost:
+    """The process-wide plugin host, loaded from entry points on first use."""
+    global _HOST
+    if _HOST is None:
+        host = PluginHost()
+        host.load_entry_points()
+        _HOST = host
+    return _HOST
+
+
+def reset_host() -> None:
+    """Forget the loaded plugins; the next :func:`get_host` loads them again."""
+    global _HOST
+    _HOST = None

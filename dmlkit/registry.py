@@ -1,0 +1,263 @@
+"""The component registry: one name per component, with its factory, defaults and owner."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from dmlkit.errors import ClashError, DmlkitError, OptionError, UnknownComponentError
+
+#: Component kinds and the hook through which plugins register them.
+KINDS: dict[str, str] = {
+    "loss": "register_losses",
+    "miner": "register_miners",
+    "proxy_initializer": "register_proxy_initializers",
+    "sampler": "register_samplers",
+    "evaluator": "register_evaluators",
+    "dataset": "register_datasets",
+    "backbone": "register_backbones",
+    "callback": "register_callbacks",
+}
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """What a plugin registers: a named factory with its description and defaults.
+
+    ``defaults`` override the factory's own keyword defaults; ``replaces`` names an
+    existing component this one deliberately takes over (otherwise a clash is an error).
+    ``plugin`` and ``distribution`` are filled in by the registry.
+    """
+
+    name: str
+    factory: Callable[..., Any]
+    description: str = ""
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    replaces: str | None = None
+    plugin: str = ""
+    distribution: str = ""
+
+    @property
+    def summary(self) -> str:
+        """The first line of the description (or of the factory's docstring)."""
+        text = self.description or inspect.getdoc(self.factory) or ""
+        return text.strip().splitlines()[0] if text.strip() else ""
+
+    def parameters(self) -> dict[str, inspect.Parameter]:
+        """The factory's keyword parameters (``**kwargs`` excluded)."""
+        return {
+            name: p
+            for name, p in _signature(self.factory).parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        }
+
+    def accepts_any_option(self) -> bool:
+        """True when the factory takes ``**kwargs`` and so accepts any option."""
+        return any(p.kind is p.VAR_KEYWORD for p in _signature(self.factory).parameters.values())
+
+    def resolved_defaults(self) -> dict[str, Any]:
+        """The factory's keyword defaults overridden by ``defaults``."""
+        out = {n: p.default for n, p in self.parameters().items() if p.default is not p.empty}
+        out.update(self.defaults)
+        return out
+
+
+def _signature(factory: Callable[..., Any]) -> inspect.Signature:
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    sig = inspect.signature(target)
+    if inspect.isclass(factory):  # drop self
+        params = list(sig.parameters.values())[1:]
+        sig = sig.replace(parameters=params)
+    return sig
+
+
+def _type_hints(factory: Callable[..., Any]) -> dict[str, Any]:
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        return typing.get_type_hints(target)
+    except Exception:  # unresolvable annotations: fall back to the defaults' types
+        return {}
+
+
+def _expected_types(hint: Any, default: Any) -> tuple[type, ...] | None:
+    """The plain types an option may take, or None when anything goes."""
+    if hint is not None:
+        args = typing.get_args(hint)
+        origin = typing.get_origin(hint)
+        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            flat: list[type] = []
+            for a in args:
+                t = _expected_types(a, inspect.Parameter.empty)
+                if t is None:
+                    return None
+                flat.extend(t)
+            return tuple(flat)
+        if hint is type(None):
+            return (type(None),)
+        if hint in (int, float, bool, str):
+            return (hint,)
+        if origin in (list, tuple) or hint in (list, tuple):
+            return (list, tuple)
+        return None
+    if isinstance(default, bool):
+        return (bool,)
+    if isinstance(default, int | float | str):
+        return (type(default),)
+    if isinstance(default, list | tuple):
+        return (list, tuple)
+    return None
+
+
+def _coerce(kind: str, name: str, option: str, value: Any, types: tuple[type, ...] | None) -> Any:
+    if types is None or value is None and type(None) in types:
+        return value
+    if isinstance(value, bool):
+        if bool in types:
+            return value
+    elif isinstance(value, int) and (int in types or float in types):
+        return value if int in types else float(value)
+    elif isinstance(value, float) and float in types:
+        return value
+    elif isinstance(value, tuple(t for t in types if t not in (int, float, bool))):
+        return value
+    wanted = " or ".join(sorted({t.__name__ for t in types}))
+    raise OptionError(
+        f"{kind} '{name}': option '{option}' must be {wanted}, got {value!r} ({type(value).__name__})"
+    )
+
+
+class Registry:
+    """Components by kind and name, as registered by the loaded plugins."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, dict[str, ComponentSpec]] = {k: {} for k in KINDS}
+        self._aliases: dict[str, dict[str, str]] = {k: {} for k in KINDS}
+        self._clashes: dict[str, dict[str, str]] = {k: {} for k in KINDS}
+
+    # -- registration -------------------------------------------------------------------
+    def add(self, kind: str, spec: ComponentSpec, plugin: str = "", distribution: str = "") -> None:
+        """Register ``spec`` under ``kind`` for ``plugin``; a second claim on a name is a clash."""
+        self._check_kind(kind)
+        if not isinstance(spec, ComponentSpec):
+            raise DmlkitError(
+                f"plugin '{plugin}' registered a {type(spec).__name__} as a {kind}; "
+                "pass dmlkit.ComponentSpec(name=..., factory=...)"
+            )
+        if not spec.name or not spec.name.replace("_", "").replace("-", "").isalnum():
+            raise DmlkitError(f"plugin '{plugin}': invalid {kind} name {spec.name!r} (letters, digits, _ and -)")
+        spec = replace(spec, plugin=plugin, distribution=distribution)
+        specs, aliases = self._specs[kind], self._aliases[kind]
+        if spec.replaces is not None:
+            old = specs.get(spec.replaces)
+            if old is None:
+                raise DmlkitError(
+                    f"plugin '{plugin}': {kind} '{spec.name}' replaces '{spec.replaces}', which no plugin registered"
+                )
+            del specs[spec.replaces]
+            for a in [a for a, n in aliases.items() if n == spec.replaces]:
+                del aliases[a]
+        for key in (spec.name, *spec.aliases):
+            owner = specs.get(key) or specs.get(aliases.get(key, ""))
+            if owner is not None:
+                raise ClashError(
+                    f"{kind} '{key}' is registered by both plugin '{owner.plugin}' and plugin '{plugin}'; "
+                    f"uninstall one, or set replaces='{owner.name}' in the newer one's ComponentSpec"
+                )
+        specs[spec.name] = spec
+        for a in spec.aliases:
+            aliases[a] = spec.name
+
+    def mark_clash(self, kind: str, name: str, message: str) -> None:
+        """Make ``name`` unusable: two plugins claim it and neither said it replaces the other."""
+        self._clashes[kind][name] = message
+
+    # -- lookup -------------------------------------------------------------------------
+    def _check_kind(self, kind: str) -> None:
+        if kind not in KINDS:
+            raise UnknownComponentError(f"unknown component kind '{kind}'{_suggest(kind, KINDS)}")
+
+    def names(self, kind: str) -> list[str]:
+        """Sorted component names of ``kind`` (aliases excluded)."""
+        self._check_kind(kind)
+        return sorted(self._specs[kind])
+
+    def specs(self, kind: str) -> list[ComponentSpec]:
+        return [self._specs[kind][n] for n in self.names(kind)]
+
+    def __iter__(self) -> Iterator[tuple[str, ComponentSpec]]:
+        for kind in KINDS:
+            for spec in self.specs(kind):
+                yield kind, spec
+
+    def __contains__(self, item: tuple[str, str]) -> bool:
+        kind, name = item
+        return kind in KINDS and (name in self._specs[kind] or name in self._aliases[kind])
+
+    def get(self, kind: str, name: str) -> ComponentSpec:
+        """The spec for ``name`` (or an alias); unknown names fail with the closest valid ones."""
+        self._check_kind(kind)
+        name = self._aliases[kind].get(name, name)
+        if name in self._clashes[kind]:
+            raise ClashError(self._clashes[kind][name])
+        try:
+            return self._specs[kind][name]
+        except KeyError:
+            valid = list(self._specs[kind]) + list(self._aliases[kind])
+            raise UnknownComponentError(
+                f"unknown {kind} '{name}'{_suggest(name, valid)}; `dmlkit list {kind}` shows all"
+            ) from None
+
+    # -- building -----------------------------------------------------------------------
+    def resolve_options(self, kind: str, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults merged with ``options``, each checked against the factory's signature."""
+        spec = self.get(kind, name)
+        params = spec.parameters()
+        hints = _type_hints(spec.factory)
+        if not spec.accepts_any_option():
+            unknown = [k for k in options if k not in params]
+            if unknown:
+                valid = sorted(params)
+                raise OptionError(
+                    f"{kind} '{spec.name}' has no option '{unknown[0]}'{_suggest(unknown[0], valid)}; "
+                    f"valid options: {', '.join(valid) or '(none)'}"
+                )
+        merged = spec.resolved_defaults()
+        for key, value in options.items():
+            p = params.get(key)
+            default = p.default if p is not None else inspect.Parameter.empty
+            merged[key] = _coerce(kind, spec.name, key, value, _expected_types(hints.get(key), default))
+        return merged
+
+    def build(self, kind: str, name: str, context: Mapping[str, Any] | None = None, **options: Any) -> Any:
+        """Build component ``name`` of ``kind`` from its defaults and ``options``.
+
+        ``context`` holds values the caller supplies at run time (``num_classes``,
+        ``embedding_size`` ...); each is passed only when the factory takes it and the
+        options do not set it.
+        """
+        spec = self.get(kind, name)
+        merged = self.resolve_options(kind, name, options)
+        params = spec.parameters()
+        for key, value in (context or {}).items():
+            if key not in merged and key in params:
+                merged[key] = value
+        missing = [n for n, p in params.items() if p.default is p.empty and n not in merged]
+        if missing:
+            raise OptionError(f"{kind} '{spec.name}' needs option '{missing[0]}' (set {missing[0]}=...)")
+        try:
+            return spec.factory(**merged)
+        except DmlkitError:
+            raise
+        except Exception as exc:
+            owner = f" (plugin '{spec.plugin}')" if spec.plugin else ""
+            raise DmlkitError(f"{kind} '{spec.name}'{owner} failed to build: {type(exc).__name__}: {exc}") from exc
+
+
+def _suggest(word: str, valid: Any) -> str:
+    close = difflib.get_close_matches(word, list(valid), n=3, cutoff=0.5)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

@@ -1,0 +1,295 @@
+"""Built-in losses: ProxyNCA, triplet, contrastive (C1, C2), multi-similarity, ranked list, proxy anchor."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+import dmlkit
+from dmlkit.errors import OptionError
+from dmlkit.losses import (
+    Indices,
+    MetricLoss,
+    cosine_similarity,
+    indices_to_masks,
+    label_masks,
+    pairs_to_triplets,
+    pairwise_distance,
+    zero_loss,
+)
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise OptionError(message)
+
+
+def _pair_masks(labels: Tensor, ref_labels: Tensor | None, indices: Indices | None, n: int, m: int, device):
+    pos, neg = label_masks(labels, ref_labels)
+    if indices is not None:
+        mpos, mneg = indices_to_masks(indices, n, m, device)
+        pos, neg = pos & mpos, neg & mneg
+    return pos, neg
+
+
+def _masked_logsumexp1p(x: Tensor, mask: Tensor) -> Tensor:
+    """log(1 + sum_j exp(x_ij)) over the masked j of each row (0 for an empty row)."""
+    x = x.masked_fill(~mask, -math.inf)
+    zeros = torch.zeros(x.shape[0], 1, device=x.device, dtype=x.dtype)
+    return torch.logsumexp(torch.cat([zeros, x], dim=1), dim=1)
+
+
+# ---------------------------------------------------------------------------------------- triplet
+class TripletLoss(MetricLoss):
+    """Triplet margin loss [d(a,p) - d(a,n) + margin]+ (Schroff et al., FaceNet, CVPR 2015).
+
+    Embeddings are L2-normalised. Without a miner every valid triplet is used. ``reduction``
+    is ``mean`` (over all mined triplets, the paper's) or ``mean_nonzero`` (over triplets
+    with a positive loss, as batch-all training usually does).
+    """
+
+    def __init__(self, margin: float = 0.2, squared: bool = True, reduction: str = "mean", normalize: bool = True):
+        super().__init__()
+        _check(margin >= 0, f"triplet margin must be >= 0; got {margin}")
+        _check(reduction in ("mean", "mean_nonzero"), f"reduction must be 'mean' or 'mean_nonzero'; got {reduction!r}")
+        self.margin, self.squared, self.reduction, self.normalize = margin, squared, reduction, normalize
+
+    def compute(self, emb, labels, ref, ref_labels, indices):
+        if self.normalize:
+            emb = nn.functional.normalize(emb, dim=1)
+            ref = None if ref is None else nn.functional.normalize(ref, dim=1)
+        other = emb if ref is None else ref
+        dist = pairwise_distance(emb, other, squared=self.squared)
+        if indices is None:
+            pos, neg = label_masks(labels, ref_labels)
+            a, p = pos.nonzero(as_tuple=True)
+            # [pairs, m]: every negative for every positive pair, no loop over anchors
+            viol = dist[a, p][:, None] - dist[a] + self.margin
+            valid = neg[a]
+            losses = viol.clamp_min(0)[valid]
+        else:
+            a, p, n = pairs_to_triplets(indices)
+            losses = (dist[a, p] - dist[a, n] + self.margin).clamp_min(0)
+        return _reduce(losses, self.reduction, emb, other)
+
+
+def _reduce(losses: Tensor, reduction: str, *graph: Tensor) -> Tensor:
+    if reduction == "mean_nonzero":
+        losses = losses[losses > 0]
+    return losses.mean() if losses.numel() else zero_loss(*graph)
+
+
+# ------------------------------------------------------------------------------------ contrastive
+class ContrastiveLoss(MetricLoss):
+    """Contrastive loss C2 on Euclidean distance (Hadsell, Chopra, LeCun, CVPR 2006).
+
+    Mean over positives with d > pos_margin of (d - pos_margin), plus mean over negatives
+    with d < neg_margin of (neg_margin - d); embeddings L2-normalised.
+    """
+
+    def __init__(self, pos_margin: float = 0.0, neg_margin: float = 0.5, normalize: bool = True):
+        super().__init__()
+        _check(0 <= pos_margin < neg_margin or neg_margin == 0 == pos_margin,
+               f"need 0 <= pos_margin < neg_margin; got {pos_margin}, {neg_margin}")
+        self.pos_margin, self.neg_margin, self.normalize = pos_margin, neg_margin, normalize
+
+    def compute(self, emb, labels, ref, ref_labels, indices):
+        if self.normalize:
+            emb = nn.functional.normalize(emb, dim=1)
+            ref = None if ref is None else nn.functional.normalize(ref, dim=1)
+        other = emb if ref is None else ref
+        dist = pairwise_distance(emb, other)
+        pos, neg = _pair_masks(labels, ref_labels, indices, len(emb), len(other), emb.device)
+        pos_l = (dist - self.pos_margin).clamp_min(0)[pos]
+        neg_l = (self.neg_margin - dist).clamp_min(0)[neg]
+        return _reduce(pos_l, "mean_nonzero", emb, other) + _reduce(neg_l, "mean_nonzero", emb, other)
+
+
+class CosineContrastiveLoss(MetricLoss):
+    """Contrastive loss C1 on cosine similarity: [sum_pos (1 - s) + sum_neg [s - margin]+] / n."""
+
+    def __init__(self, margin: float = 0.5):
+        super().__init__()
+        _check(-1 <= margin <= 1, f"margin is a cosine similarity, in [-1, 1]; got {margin}")
+        self.margin = margin
+
+    def compute(self, emb, labels, ref, ref_labels, indices):
+        other = emb if ref is None else ref
+        sim = cosine_similarity(emb, other)
+        pos, neg = _pair_masks(labels, ref_labels, indices, len(emb), len(other), emb.device)
+        total = (1 - sim)[pos].sum() + (sim - self.margin).clamp_min(0)[neg].sum()
+        return total / len(emb)
+
+
+# ------------------------------------------------------------------------------- multi-similarity
+class MultiSimilarityLoss(MetricLoss):
+    """Multi-Similarity loss (Wang et al., CVPR 2019), cosine similarity, mean over anchors.
+
+    Pair mining (the paper's epsilon rule) is the ``multi_similarity`` miner.
+    """
+
+    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5):
+        super().__init__()
+        _check(alpha > 0 and beta > 0, f"alpha and beta must be > 0; got {alpha}, {beta}")
+        self.alpha, self.beta, self.base = alpha, beta, base
+
+    def compute(self, emb, labels, ref, ref_labels, indices):
+        other = emb if ref is None else ref
+        sim = cosine_similarity(emb, other)
+        pos, neg = _pair_masks(labels, ref_labels, indices, len(emb), len(other), emb.device)
+        pos_term = _masked_logsumexp1p(-self.alpha * (sim - self.base), pos) / self.alpha
+        neg_term = _masked_logsumexp1p(self.beta * (sim - self.base), neg) / self.beta
+        return (pos_term + neg_term).mean()
+
+
+# ------------------------------------------------------------------------------------ ranked list
+class RankedListLoss(MetricLoss):
+    """Ranked List Loss (Wang et al., CVPR 2019): Euclidean distance on normalised embeddings.
+
+    Positives beyond alpha - margin and negatives within alpha are penalised linearly, each
+    weighted by exp(T (violation)) (weights treated as constants); mean over anchors of
+    (1 - lam) L_P + lam L_N.
+    """
+
+    def __init__(self, alpha: float = 1.2, margin: float = 0.4, t_pos: float = 0.0, t_neg: float = 10.0, lam: float = 0.5):
+        super().__init__()
+        _check(0 < margin <= alpha, f"need 0 < margin <= alpha; got margin {margin}, alpha {alpha}")
+        _check(0 <= lam <= 1, f"lam must be in [0, 1]; got {lam}")
+        self.alpha, self.margin, self.t_pos, self.t_neg, self.lam = alpha, margin, t_pos, t_neg, lam
+
+    def compute(self, emb, labels, ref, ref_labels, indices):
+        emb = nn.functional.normalize(emb, dim=1)
+        other = emb if ref is None else nn.functional.normalize(ref, dim=1)
+        dist = pairwise_distance(emb, other)
+        pos, neg = _pair_masks(labels, ref_labels, indices, len(emb), len(other), emb.device)
+        pos_v = dist - (self.alpha - self.margin)
+        neg_v = self.alpha - dist
+        pos = pos & (pos_v > 0)
+        neg = neg & (neg_v > 0)
+        lp = _weighted_mean(pos_v, pos, self.t_pos)
+        ln = _weighted_mean(neg_v, neg, self.t_neg)
+        return ((1 - self.lam) * lp + self.lam * ln).mean()
+
+
+def _weighted_mean(v: Tensor, mask: Tensor, t: float) -> Tensor:
+    """Per row, sum(w v) / sum(w) over masked entries with w = exp(t v) detached (0 for an empty row)."""
+    logits = (t * v.detach()).masked_fill(~mask, -math.inf)
+    w = torch.softmax(logits, dim=1).nan_to_num(0.0)  # an empty row: all -inf -> nan -> 0
+    return (w * v.masked_fill(~mask, 0)).sum(1)
+
+
+# ------------------------------------------------------------------------------------- proxy base
+class ProxyLoss(MetricLoss):
+    """A loss with learnable proxies (``proxies`` [C*K, D], ``proxy_labels`` [C*K]).
+
+    Given a reference set, the call uses it in place of the proxies.
+    """
+
+    def __init__(self, num_classes: int, embedding_size: int, proxies_per_class: int = 1, init_std: float | None = None):
+        super().__init__()
+        _check(num_classes >= 1, f"num_classes must be >= 1; got {num_classes}")
+        _check(embedding_size >= 1, f"embedding_size must be >= 1; got {embedding_size}")
+        _check(proxies_per_class >= 1, f"proxies_per_class must be >= 1; got {proxies_per_class}")
+        self.num_classes, self.proxies_per_class = num_classes, proxies_per_class
+        p = torch.empty(num_classes * proxies_per_class, embedding_size)
+        if init_std is None:
+            nn.init.kaiming_normal_(p, mode="fan_out")
+        else:
+            nn.init.normal_(p, std=init_std)
+        self.proxies = nn.Parameter(p)
+        self.register_buffer("proxy_labels", torch.arange(num_classes).repeat_interleave(proxies_per_class))
+
+    def compute(self, emb, labels, ref, ref_labels, indices):
+        if ref is None:
+            ref, ref_labels = self.proxies.float(), self.proxy_labels
+        return self.proxy_loss(emb, labels, ref, ref_labels)
+
+    def proxy_loss(self, emb: Tensor, labels: Tensor, proxies: Tensor, proxy_labels: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class ProxyNCALoss(ProxyLoss):
+    """ProxyNCA (Movshovitz-Attias et al., ICCV 2017) with the ProxyNCA++ options (Teh et al., ECCV 2020).
+
+    Squared Euclidean distance between scaled, normalised embeddings and proxies; softmax
+    cross-entropy over proxies, or the paper's target-excluded denominator with
+    ``exclude_positive``. With several proxies per class, the nearest of the class is the
+    positive (dynamic assignment) and the other proxies of the class are left out.
+    ``scale`` multiplies both sides, so the temperature on squared distance is 1/scale^2.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        scale: float = 3.0,
+        proxies_per_class: int = 1,
+        exclude_positive: bool = False,
+        proxy_lr_multiplier: float = 100.0,
+    ):
+        super().__init__(num_classes, embedding_size, proxies_per_class, init_std=1.0)
+        _check(scale > 0, f"scale must be > 0; got {scale}")
+        self.scale, self.exclude_positive = scale, exclude_positive
+        self.lr_multipliers = {"proxies": proxy_lr_multiplier}
+
+    def proxy_loss(self, emb, labels, proxies, proxy_labels):
+        x = self.scale * nn.functional.normalize(emb, dim=1)
+        p = self.scale * nn.functional.normalize(proxies, dim=1)
+        logits = -pairwise_distance(x, p, squared=True)
+        same = labels[:, None] == proxy_labels[None, :]
+        # the positive: the nearest proxy of the class
+        pos_logit = logits.masked_fill(~same, -math.inf).max(1).values
+        if not torch.isfinite(pos_logit).all():
+            raise ValueError("a label has no proxy: labels must be in [0, num_classes)")
+        other = logits.masked_fill(same, -math.inf)
+        if self.exclude_positive:
+            denom = torch.logsumexp(other, dim=1)
+        else:
+            denom = torch.logsumexp(torch.cat([pos_logit[:, None], other], 1), dim=1)
+        return (denom - pos_logit).mean()
+
+
+class ProxyAnchorLoss(ProxyLoss):
+    """Proxy Anchor loss (Kim et al., CVPR 2020): cosine similarity, scale alpha, margin delta."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        alpha: float = 32.0,
+        delta: float = 0.1,
+        proxies_per_class: int = 1,
+        proxy_lr_multiplier: float = 100.0,
+    ):
+        super().__init__(num_classes, embedding_size, proxies_per_class, init_std=None)
+        _check(alpha > 0, f"alpha must be > 0; got {alpha}")
+        self.alpha, self.delta = alpha, delta
+        self.lr_multipliers = {"proxies": proxy_lr_multiplier}
+
+    def proxy_loss(self, emb, labels, proxies, proxy_labels):
+        sim = cosine_similarity(emb, proxies)  # [n, P]
+        same = labels[:, None] == proxy_labels[None, :]
+        pos_sum = _masked_logsumexp1p((-self.alpha * (sim - self.delta)).T, same.T)
+        neg_sum = _masked_logsumexp1p((self.alpha * (sim + self.delta)).T, ~same.T)
+        with_pos = same.any(0)
+        pos_term = pos_sum[with_pos].sum() / with_pos.sum().clamp_min(1)
+        return pos_term + neg_sum.mean()
+
+
+@dmlkit.hookimpl
+def register_losses(register):
+    from dmlkit import ComponentSpec
+
+    register(ComponentSpec("proxynca", ProxyNCALoss, "ProxyNCA / ProxyNCA++ (Movshovitz-Attias et al. 2017; Teh et al. 2020)",
+                           aliases=("proxy_nca",)))
+    register(ComponentSpec("triplet", TripletLoss, "Triplet margin loss (Schroff et al., FaceNet 2015); pair with a miner"))
+    register(ComponentSpec("contrastive", ContrastiveLoss, "Contrastive C2 on Euclidean distance (Hadsell et al. 2006)",
+                           aliases=("c2",)))
+    register(ComponentSpec("contrastive_cosine", CosineContrastiveLoss,
+                           "Contrastive C1 on cosine similarity (Hadsell et al. 2006)", aliases=("c1",)))
+    register(ComponentSpec("multi_similarity", MultiSimilarityLoss, "Multi-Similarity loss (Wang et al. 2019)",
+                           aliases=("ms",)))
+    register(ComponentSpec("ranked_list", RankedListLoss, "Ranked List Loss (Wang et al. 2019)", aliases=("rll",)))
+    register(ComponentSpec("proxy_anchor", ProxyAnchorLoss, "Proxy Anchor loss (Kim et al. 2020)"))
