@@ -5,7 +5,8 @@ from __future__ import annotations
 import inspect
 import json
 import sys
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -127,6 +128,187 @@ def show_cmd(
         console.print(doc, soft_wrap=True)
 
 
+Opts = Annotated[list[str] | None, typer.Option(help="key=value, repeatable.")]
+
+
+def train_cmd(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML run configuration.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset name (default digits).")] = None,
+    data_root: Annotated[str | None, typer.Option(help="Dataset folder (sets the dataset's root option).")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Backbone name (default smallcnn).")] = None,
+    loss: Annotated[str | None, typer.Option(help="Loss name (default proxynca).")] = None,
+    miner: Annotated[str | None, typer.Option(help="Miner name; 'none' for none.")] = None,
+    sampler: Annotated[str | None, typer.Option(help="Sampler name (default m_per_class).")] = None,
+    evaluator: Annotated[str | None, typer.Option(help="Evaluator name (default retrieval).")] = None,
+    dataset_opt: Opts = None,
+    backbone_opt: Opts = None,
+    loss_opt: Opts = None,
+    miner_opt: Opts = None,
+    sampler_opt: Opts = None,
+    evaluator_opt: Opts = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Train setting key=value, repeatable.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Base learning rate.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Run directory (default runs/<time>-<dataset>-<loss>).")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory.")] = None,
+) -> None:
+    """Train an embedding model composed from registry components; with no options, the digits default."""
+    from dmlkit.config import apply_digits_default, default_config, load_toml, merge, parse_assignments, validate
+    from dmlkit.train import Trainer, load_checkpoint
+
+    host = get_host()
+    ckpt = None
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        cfg = ckpt["config"]
+        out_dir = resume if resume.is_dir() else resume.parent
+        if epochs is not None:
+            cfg = merge(cfg, {"train": {"epochs": epochs}})
+        cfg = validate(cfg, host.registry)
+    else:
+        cfg = default_config()
+        if config is not None:
+            cfg = merge(cfg, load_toml(config))
+        cli: dict[str, Any] = {}
+        for section, name, opts in (("dataset", dataset, dataset_opt), ("backbone", backbone, backbone_opt),
+                                    ("loss", loss, loss_opt), ("miner", miner, miner_opt),
+                                    ("sampler", sampler, sampler_opt), ("evaluator", evaluator, evaluator_opt)):
+            sec: dict[str, Any] = {}
+            if name is not None:
+                sec["name"] = "" if name.lower() == "none" else name
+            sec.update(parse_assignments(opts or [], f"--{section}-opt"))
+            if sec:
+                cli[section] = sec
+        if data_root is not None:
+            cli.setdefault("dataset", {})["root"] = data_root
+        train = parse_assignments(set_ or [], "--set")
+        for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr), ("seed", seed),
+                           ("device", device)):
+            if value is not None:
+                train[key] = value
+        if train:
+            cli["train"] = train
+        cfg = validate(apply_digits_default(merge(cfg, cli)), host.registry)
+        out_dir = run_dir or Path(cfg["train"]["run_dir"] or _default_run_dir(cfg))
+        if (out_dir / "last.pt").exists():
+            raise DmlkitError(f"{out_dir} already holds a run; continue it with --resume {out_dir} or pick another --run-dir")
+    trainer = Trainer(cfg, host.registry, out_dir, console=console)
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt)
+        console.print(f"resuming {out_dir} after epoch {trainer.epoch}")
+    console.print(f"run directory: {out_dir}")
+    final = trainer.fit()
+    best = trainer.best
+    console.print(f"[green]done[/green]: {out_dir}  best {best.get('metric', '')} {best['value']:.4f} at epoch "
+                  f"{best['epoch']}; final P@1 {final.get('precision_at_1', float('nan')):.4f}, "
+                  f"MAP@R {final.get('map_at_r', float('nan')):.4f}")
+
+
+def _default_run_dir(cfg: dict[str, Any]) -> Path:
+    import time
+
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg['dataset']['name']}-{cfg['loss']['name']}"
+
+
+def evaluate_cmd(
+    run: Annotated[Path | None, typer.Argument(help="Run directory or checkpoint to evaluate on its test set.")] = None,
+    embeddings: Annotated[Path | None, typer.Option(help="Embeddings .npy [N, D].")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Labels .npy [N].")] = None,
+    query_mask: Annotated[Path | None, typer.Option(help="Boolean .npy [N]: the queries.")] = None,
+    gallery_mask: Annotated[Path | None, typer.Option(help="Boolean .npy [N]: the gallery.")] = None,
+    ks: Annotated[str, typer.Option(help="Recall@K cut-offs, comma-separated.")] = "1,2,4,8",
+    backend: Annotated[str, typer.Option(help="k-NN backend: auto, faiss, torch.")] = "auto",
+    clustering: Annotated[bool, typer.Option(help="Also NMI/AMI of k-means.")] = True,
+    checkpoint: Annotated[str, typer.Option(help="With a run directory: last or best.")] = "best",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Metrics of saved embeddings (--embeddings/--labels) or of a trained run's test set."""
+    try:
+        k_list = [int(k) for k in ks.split(",") if k.strip()]
+    except ValueError:
+        raise DmlkitError(f"--ks must be comma-separated integers, e.g. 1,2,4,8; got {ks!r}") from None
+    evaluator = get_host().registry.build("evaluator", "retrieval", ks=k_list, backend=backend, clustering=clustering)
+    if embeddings is not None:
+        if run is not None:
+            raise DmlkitError("give either a run directory or --embeddings/--labels, not both")
+        if labels is None:
+            raise DmlkitError("--embeddings needs --labels LABELS.npy")
+        emb, lab = _load_npy(embeddings, "embeddings"), _load_npy(labels, "labels")
+        qm = _load_npy(query_mask, "query mask") if query_mask else None
+        gm = _load_npy(gallery_mask, "gallery mask") if gallery_mask else None
+        metrics = evaluator(emb, lab, qm, gm)
+    elif run is not None:
+        trainer = _trainer_from(run, checkpoint)
+        emb, lab = trainer.embed(trainer.test_split)
+        metrics = evaluator(emb, lab, trainer.test_split.query_mask, trainer.test_split.gallery_mask)
+    else:
+        raise DmlkitError("nothing to evaluate: pass a run directory, or --embeddings X.npy --labels Y.npy")
+    metrics = {k: v for k, v in metrics.items() if k != "per_class"}
+    if as_json:
+        print(json.dumps(metrics))
+        return
+    table = Table(title="metrics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(table)
+
+
+def embed_cmd(
+    run: Annotated[Path, typer.Argument(help="Run directory or checkpoint.")],
+    out: Annotated[Path, typer.Option(help="Folder for embeddings.npy and labels.npy.")] = Path("embeddings"),
+    split: Annotated[str, typer.Option(help="test or train.")] = "test",
+    checkpoint: Annotated[str, typer.Option(help="With a run directory: last or best.")] = "best",
+) -> None:
+    """Write a trained model's embeddings and labels (and query/gallery masks) as .npy files."""
+    import numpy as np
+
+    if split not in ("test", "train"):
+        raise DmlkitError(f"--split must be test or train; got {split!r}")
+    trainer = _trainer_from(run, checkpoint)
+    data = trainer.test_split if split == "test" else trainer.train_split.with_transform(trainer.test_split.transform)
+    emb, lab = trainer.embed(data)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "embeddings.npy", emb)
+    np.save(out / "labels.npy", lab)
+    if data.query_mask is not None:
+        np.save(out / "query_mask.npy", data.query_mask)
+        np.save(out / "gallery_mask.npy", data.gallery_mask)
+    console.print(f"wrote {len(emb)} embeddings of size {emb.shape[1]} to {out}/")
+
+
+def _trainer_from(run: Path, which: str) -> Any:
+    from dmlkit.config import validate
+    from dmlkit.train import Trainer, load_checkpoint
+
+    if which not in ("best", "last"):
+        raise DmlkitError(f"--checkpoint must be best or last; got {which!r}")
+    path = run / f"{which}.pt" if run.is_dir() else run
+    if run.is_dir() and not path.exists() and which == "best":
+        path = run / "last.pt"
+    ckpt = load_checkpoint(path)
+    host = get_host()
+    cfg = validate(ckpt["config"], host.registry)
+    trainer = Trainer(cfg, host.registry, path.parent, console=console)
+    trainer.load_state_dict(ckpt)
+    return trainer
+
+
+def _load_npy(path: Path, what: str) -> Any:
+    import numpy as np
+
+    if not path.is_file():
+        raise DmlkitError(f"{what} file not found: {path}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise DmlkitError(f"cannot read {what} file {path} as .npy: {exc}") from None
+
+
 def build_app() -> typer.Typer:
     """The Typer app: the core commands plus those the loaded plugins add."""
     app = typer.Typer(
@@ -140,6 +322,9 @@ def build_app() -> typer.Typer:
     app.command("plugins")(plugins_cmd)
     app.command("list")(list_cmd)
     app.command("show")(show_cmd)
+    app.command("train")(train_cmd)
+    app.command("evaluate")(evaluate_cmd)
+    app.command("embed")(embed_cmd)
     get_host().add_commands(app)
     return app
 

@@ -1,0 +1,217 @@
+"""Run configuration: defaults < TOML file < command-line options, validated before any work starts."""
+
+from __future__ import annotations
+
+import copy
+import math
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from dmlkit.errors import OptionError
+from dmlkit.registry import Registry, _coerce, _suggest
+
+#: Trainer settings, their defaults and (where it matters) their allowed range or values.
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "epochs": 20,
+    "batch_size": 64,
+    "lr": 1e-3,
+    "optimizer": "adam",
+    "weight_decay": 0.0,
+    "scheduler": "cosine",
+    "warmup_epochs": 0,
+    "backbone_lr_multiplier": 1.0,
+    "head_lr_multiplier": 1.0,
+    "grad_clip": 0.0,
+    "embedding_size": 128,
+    "pooling": "avg",
+    "head_norm": "none",
+    "freeze_bn": False,
+    "seed": 0,
+    "device": "auto",
+    "amp": True,
+    "num_workers": -1,
+    "eval_every": 1,
+    "eval_batch_size": 256,
+    "best_metric": "map_at_r",
+    "nonfinite": "stop",
+    "val_fraction": 0.0,
+    "run_dir": "",
+}
+CHOICES = {
+    "optimizer": ("adam", "adamw", "sgd"),
+    "scheduler": ("none", "cosine", "step"),
+    "pooling": ("avg", "max", "avgmax"),
+    "head_norm": ("none", "layernorm", "batchnorm"),
+    "nonfinite": ("stop", "skip"),
+}
+POSITIVE = ("epochs", "batch_size", "lr", "eval_every", "eval_batch_size")
+NON_NEGATIVE = ("weight_decay", "warmup_epochs", "grad_clip", "backbone_lr_multiplier", "head_lr_multiplier",
+                "embedding_size", "seed")
+
+#: Component sections: the kind each builds and its default component name ("" = none).
+SECTIONS: dict[str, tuple[str, str]] = {
+    "dataset": ("dataset", "digits"),
+    "backbone": ("backbone", "smallcnn"),
+    "loss": ("loss", "proxynca"),
+    "miner": ("miner", ""),
+    "sampler": ("sampler", "m_per_class"),
+    "evaluator": ("evaluator", "retrieval"),
+}
+#: Options the trainer supplies to components; a config may not set them.
+RUNTIME_OPTIONS = {
+    "dataset": {"input_spec"},
+    "loss": {"num_classes", "embedding_size"},
+    "miner": {"num_classes", "embedding_size"},
+    "sampler": {"labels", "batch_size", "seed", "rank", "world_size"},
+}
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as TOML would read it (1, 0.5, true, [1, 2], "x"); bare words stay strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_assignments(pairs: list[str], where: str) -> dict[str, Any]:
+    """``["key=value", ...]`` -> dict, with a clear error for a pair without '='."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise OptionError(f"{where}: expected key=value, got {pair!r}")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise OptionError(f"config file not found: {p}")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise OptionError(f"config file {p} is not valid TOML: {exc}") from None
+
+
+def default_config() -> dict[str, Any]:
+    cfg: dict[str, Any] = {"train": dict(TRAIN_DEFAULTS)}
+    for section, (_, name) in SECTIONS.items():
+        cfg[section] = {"name": name}
+    cfg["callbacks"] = []
+    return cfg
+
+
+def apply_digits_default(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The embedded digits set has 5 training classes: unless told otherwise, batches are 4 classes x 16."""
+    if cfg["dataset"].get("name") == "digits" and cfg["sampler"] == {"name": "m_per_class"}:
+        cfg = merge(cfg, {"sampler": {"name": "m_per_class", "m": 16}})
+    return cfg
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``; a new component name drops the old component's options."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            if "name" in value and value["name"] != out[key].get("name"):
+                out[key] = {}
+            out[key].update(value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
+    """Check every key, type and range; returns the resolved config (component defaults filled in)."""
+    known = {"train", "callbacks", *SECTIONS}
+    for key in cfg:
+        if key not in known:
+            raise OptionError(f"unknown config section '{key}'{_suggest(key, known)}; sections: {', '.join(sorted(known))}")
+    train = dict(TRAIN_DEFAULTS)
+    for key, value in cfg.get("train", {}).items():
+        if key not in TRAIN_DEFAULTS:
+            raise OptionError(f"unknown train setting '{key}'{_suggest(key, TRAIN_DEFAULTS)}")
+        train[key] = _coerce("train", "settings", key, value, _train_types(key))
+    for key in POSITIVE:
+        if not train[key] > 0:
+            raise OptionError(f"train setting '{key}' must be > 0; got {train[key]}")
+    for key in NON_NEGATIVE:
+        if train[key] < 0:
+            raise OptionError(f"train setting '{key}' must be >= 0; got {train[key]}")
+    for key, choices in CHOICES.items():
+        if train[key] not in choices:
+            raise OptionError(f"train setting '{key}' must be one of {', '.join(choices)}; got {train[key]!r}")
+    if not 0 <= train["val_fraction"] < 1:
+        raise OptionError(f"train setting 'val_fraction' must be in [0, 1); got {train['val_fraction']}")
+    if any(isinstance(v, float) and not math.isfinite(v) for v in train.values()):
+        raise OptionError("train settings must be finite numbers")
+    out: dict[str, Any] = {"train": train}
+    for section, (kind, default) in SECTIONS.items():
+        sec = dict(cfg.get(section, {}))
+        name = sec.pop("name", default)
+        if not isinstance(name, str):
+            raise OptionError(f"[{section}] name must be a string; got {name!r}")
+        if not name:
+            out[section] = {"name": ""}
+            if sec:
+                raise OptionError(f"[{section}] has options but no component name")
+            continue
+        reserved = RUNTIME_OPTIONS.get(section, set()) & set(sec)
+        if reserved:
+            raise OptionError(f"{kind} option '{sorted(reserved)[0]}' is set by the trainer; remove it")
+        resolved = registry.resolve_options(kind, name, sec)
+        for k in RUNTIME_OPTIONS.get(section, ()):
+            resolved.pop(k, None)
+        out[section] = {"name": registry.get(kind, name).name, **resolved}
+    callbacks = cfg.get("callbacks", [])
+    if not isinstance(callbacks, list):
+        raise OptionError("callbacks must be a list of tables with a name")
+    out["callbacks"] = []
+    for cb in callbacks:
+        cb = dict(cb) if isinstance(cb, dict) else {"name": cb}
+        name = cb.pop("name", "")
+        out["callbacks"].append({"name": registry.get("callback", name).name,
+                                 **registry.resolve_options("callback", name, cb)})
+    return out
+
+
+def _train_types(key: str) -> tuple[type, ...]:
+    default = TRAIN_DEFAULTS[key]
+    if isinstance(default, bool):
+        return (bool,)
+    if isinstance(default, float):
+        return (float,)
+    return (type(default),)
+
+
+def to_toml(cfg: dict[str, Any]) -> str:
+    """Write a resolved config as TOML (tables of scalars and lists; callbacks as an array of tables)."""
+
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if v is None:
+            return '""'
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + "}"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = []
+    for section, body in cfg.items():
+        if section == "callbacks":
+            continue
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {val(v)}" for k, v in body.items() if v is not None]
+        lines.append("")
+    for cb in cfg.get("callbacks", []):
+        lines.append("[[callbacks]]")
+        lines += [f"{k} = {val(v)}" for k, v in cb.items() if v is not None]
+        lines.append("")
+    return "\n".join(lines)
