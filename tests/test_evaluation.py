@@ -1,0 +1,160 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dmlkit.errors import DmlkitError
+from dmlkit.evaluation import clustering_metrics, knn, retrieval_metrics
+
+
+def brute_force(emb, labels, query_mask=None, gallery_mask=None, ks=(1, 2, 4, 8)):
+    """Reference metrics from the full distance matrix, one query at a time."""
+    emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    n = len(labels)
+    q_idx = np.arange(n) if query_mask is None else np.flatnonzero(query_mask)
+    g_idx = np.arange(n) if gallery_mask is None else np.flatnonzero(gallery_mask)
+    per = {"precision_at_1": [], "r_precision": [], "map_at_r": [], **{f"recall_at_{k}": [] for k in ks}}
+    for q in q_idx:
+        gal = np.array([g for g in g_idx if g != q])
+        d = ((emb[gal] - emb[q]) ** 2).sum(1)
+        ranked = labels[gal[np.argsort(d, kind="stable")]] == labels[q]
+        r = int(ranked.sum())
+        if r == 0:
+            continue
+        per["precision_at_1"].append(float(ranked[0]))
+        per["r_precision"].append(ranked[:r].sum() / r)
+        ap = sum(ranked[:i + 1].sum() / (i + 1) for i in range(r) if ranked[i]) / r
+        per["map_at_r"].append(ap)
+        for k in ks:
+            per[f"recall_at_{k}"].append(float(ranked[:k].any()))
+    return {k: float(np.mean(v)) for k, v in per.items()}
+
+
+def data(n=150, d=16, classes=12, seed=0, tie_free=True):
+    """Clustered random embeddings without near-ties (float32 rounding could reorder those)."""
+    for attempt in range(200):
+        rng = np.random.default_rng([seed, attempt])
+        labels = rng.integers(0, classes, n)
+        centers = rng.normal(size=(classes, d))
+        emb = (centers[labels] + 1.2 * rng.normal(size=(n, d))).astype(np.float32)
+        if not tie_free:
+            return emb, labels
+        e = emb / np.linalg.norm(emb, axis=1, keepdims=True).astype(np.float64)
+        dist = np.sort(((e[:, None] - e[None]) ** 2).sum(-1), axis=1)
+        if np.diff(dist[:, 1:], axis=1).min() > 2e-6:
+            return emb, labels
+    raise RuntimeError("no tie-free sample found")
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_leave_one_out_matches_brute_force(backend, seed):
+    emb, labels = data(seed=seed)
+    ref = brute_force(emb, labels)
+    got = retrieval_metrics(emb, labels, backend=backend, memory_mb=0.01)  # tiny budget: many chunks
+    for k, v in ref.items():
+        assert got[k] == pytest.approx(v, abs=1e-6), k
+    assert got["queries"] == len(labels) and got["queries_without_match"] == 0
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_query_gallery_matches_brute_force(backend):
+    emb, labels = data(seed=3)
+    rng = np.random.default_rng(3)
+    qm = rng.random(len(labels)) < 0.4
+    gm = ~qm
+    gm[:20] = True  # some items are both query and gallery: never their own neighbour
+    ref = brute_force(emb, labels, qm, gm)
+    got = retrieval_metrics(emb, labels, query_mask=qm, gallery_mask=gm, backend=backend)
+    for k, v in ref.items():
+        assert got[k] == pytest.approx(v, abs=1e-6), k
+
+
+def test_backends_give_the_same_neighbours():
+    emb, _ = data(n=500, d=32, seed=4, tie_free=False)
+    a = knn(emb, None, 10, backend="faiss")
+    b = knn(emb, None, 10, backend="torch", memory_mb=0.05)
+    assert (a.indices == b.indices).mean() > 0.999
+    np.testing.assert_allclose(a.distances, b.distances, rtol=1e-4, atol=1e-4)
+    assert not (a.indices == np.arange(500)[:, None]).any()  # never itself
+
+
+def test_singleton_class_is_left_out_and_counted():
+    emb, labels = data(seed=5)
+    labels = labels.copy()
+    labels[0] = 999  # a class with one item has no R
+    got = retrieval_metrics(emb, labels)
+    ref = brute_force(emb, labels)
+    assert got["queries_without_match"] == 1
+    assert got["map_at_r"] == pytest.approx(ref["map_at_r"], abs=1e-6)
+
+
+def test_per_class_breakdown_averages_to_the_whole():
+    emb, labels = data(seed=6)
+    got = retrieval_metrics(emb, labels, per_class=True)
+    counts = np.bincount(labels)
+    weighted = sum(got["per_class"][str(c)]["map_at_r"] * counts[c] for c in range(len(counts))) / counts.sum()
+    assert weighted == pytest.approx(got["map_at_r"], abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda e, y: (e, y[:-1]), "150 embeddings but 149 labels"),
+        (lambda e, y: (np.where(np.arange(len(e))[:, None] == 7, np.nan, e), y), "contain NaN or inf (first at row 7)"),
+        (lambda e, y: (e, np.arange(len(y))), "no query has another item of its class"),
+        (lambda e, y: (e[:, :, None], y), "embeddings must be a 2-D array"),
+    ],
+)
+def test_bad_input_is_a_clear_error(change, message):
+    emb, labels = data()
+    emb, labels = change(emb, labels)
+    with pytest.raises(DmlkitError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        retrieval_metrics(emb, labels)
+
+
+def test_empty_gallery_is_an_error():
+    emb, labels = data()
+    with pytest.raises(DmlkitError, match="the gallery is empty"):
+        retrieval_metrics(emb, labels, query_mask=np.ones(len(labels), bool), gallery_mask=np.zeros(len(labels), bool))
+
+
+def test_matches_pytorch_metric_learning():
+    pml = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
+    emb, labels = data(seed=7)
+    calc = pml.AccuracyCalculator(include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
+                                  k="max_bin_count", device=torch.device("cpu"))
+    # PML's default k-NN is faiss L2 on the raw vectors: give it the normalised ones
+    unit = torch.nn.functional.normalize(torch.tensor(emb), dim=1)
+    ref = calc.get_accuracy(unit, torch.tensor(labels))
+    got = retrieval_metrics(emb, labels)
+    assert got["precision_at_1"] == pytest.approx(ref["precision_at_1"], abs=1e-6)
+    assert got["r_precision"] == pytest.approx(ref["r_precision"], abs=1e-6)
+    assert got["map_at_r"] == pytest.approx(ref["mean_average_precision_at_r"], abs=1e-6)
+
+
+def test_clustering_metrics_match_sklearn_on_separable_data():
+    from sklearn.metrics import adjusted_mutual_info_score
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(5), 40)
+    emb = np.eye(8)[labels] * 10 + 0.01 * rng.normal(size=(200, 8))
+    got = clustering_metrics(emb, labels)
+    assert got["nmi"] == pytest.approx(1.0, abs=1e-9) and got["ami"] == pytest.approx(1.0, abs=1e-9)
+    shuffled = rng.permutation(labels)
+    got = clustering_metrics(emb, shuffled)
+    assert got["ami"] == pytest.approx(adjusted_mutual_info_score(shuffled, labels), abs=1e-9)
+
+
+def test_evaluate_command_json(cli, tmp_path):
+    emb, labels = data(seed=8)
+    np.save(tmp_path / "x.npy", emb)
+    np.save(tmp_path / "y.npy", labels)
+    code, out, err = cli("evaluate", "--embeddings", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+                         "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    ref = brute_force(emb, labels)
+    assert got["map_at_r"] == pytest.approx(ref["map_at_r"], abs=1e-6)
+    assert {"precision_at_1", "r_precision", "recall_at_1", "nmi", "ami"} <= set(got)
