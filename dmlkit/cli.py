@@ -50,7 +50,12 @@ def plugins_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON
         hooks = ", ".join(h.removeprefix("register_") for h in i.hooks)
         errors = "\n".join(i.errors)
         table.add_row(
-            i.name, i.distribution or "-", i.version or "-", hooks, str(i.components), f"[red]{errors}[/red]" if errors else ""
+            i.name,
+            i.distribution or "-",
+            i.version or "-",
+            hooks,
+            str(i.components),
+            f"[red]{errors}[/red]" if errors else "",
         )
     console.print(table)
 
@@ -113,7 +118,9 @@ def show_cmd(
         }
         print(json.dumps(out, indent=2, default=repr))
         return
-    console.print(f"[bold]{kind} {spec.name}[/bold]  (plugin [cyan]{spec.plugin}[/cyan], distribution {spec.distribution or '-'})")
+    console.print(
+        f"[bold]{kind} {spec.name}[/bold]  (plugin [cyan]{spec.plugin}[/cyan], distribution {spec.distribution or '-'})"
+    )
     if spec.aliases:
         console.print(f"aliases: {', '.join(spec.aliases)}")
     if spec.description:
@@ -173,9 +180,14 @@ def train_cmd(
         if config is not None:
             cfg = merge(cfg, load_toml(config))
         cli: dict[str, Any] = {}
-        for section, name, opts in (("dataset", dataset, dataset_opt), ("backbone", backbone, backbone_opt),
-                                    ("loss", loss, loss_opt), ("miner", miner, miner_opt),
-                                    ("sampler", sampler, sampler_opt), ("evaluator", evaluator, evaluator_opt)):
+        for section, name, opts in (
+            ("dataset", dataset, dataset_opt),
+            ("backbone", backbone, backbone_opt),
+            ("loss", loss, loss_opt),
+            ("miner", miner, miner_opt),
+            ("sampler", sampler, sampler_opt),
+            ("evaluator", evaluator, evaluator_opt),
+        ):
             sec: dict[str, Any] = {}
             if name is not None:
                 sec["name"] = "" if name.lower() == "none" else name
@@ -185,8 +197,13 @@ def train_cmd(
         if data_root is not None:
             cli.setdefault("dataset", {})["root"] = data_root
         train = parse_assignments(set_ or [], "--set")
-        for key, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr), ("seed", seed),
-                           ("device", device)):
+        for key, value in (
+            ("epochs", epochs),
+            ("batch_size", batch_size),
+            ("lr", lr),
+            ("seed", seed),
+            ("device", device),
+        ):
             if value is not None:
                 train[key] = value
         if train:
@@ -194,7 +211,9 @@ def train_cmd(
         cfg = validate(apply_digits_default(merge(cfg, cli)), host.registry)
         out_dir = run_dir or Path(cfg["train"]["run_dir"] or _default_run_dir(cfg))
         if (out_dir / "last.pt").exists():
-            raise DmlkitError(f"{out_dir} already holds a run; continue it with --resume {out_dir} or pick another --run-dir")
+            raise DmlkitError(
+                f"{out_dir} already holds a run; continue it with --resume {out_dir} or pick another --run-dir"
+            )
     trainer = Trainer(cfg, host.registry, out_dir, console=console)
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
@@ -202,9 +221,11 @@ def train_cmd(
     console.print(f"run directory: {out_dir}")
     final = trainer.fit()
     best = trainer.best
-    console.print(f"[green]done[/green]: {out_dir}  best {best.get('metric', '')} {best['value']:.4f} at epoch "
-                  f"{best['epoch']}; final P@1 {final.get('precision_at_1', float('nan')):.4f}, "
-                  f"MAP@R {final.get('map_at_r', float('nan')):.4f}")
+    console.print(
+        f"[green]done[/green]: {out_dir}  best {best.get('metric', '')} {best['value']:.4f} at epoch "
+        f"{best['epoch']}; final P@1 {final.get('precision_at_1', float('nan')):.4f}, "
+        f"MAP@R {final.get('map_at_r', float('nan')):.4f}"
+    )
 
 
 def _default_run_dir(cfg: dict[str, Any]) -> Path:
@@ -354,5 +375,3 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err_console.print("[red]error: interrupted[/red]")
         sys.exit(130)
-
-

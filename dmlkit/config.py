@@ -46,8 +46,15 @@ CHOICES = {
     "nonfinite": ("stop", "skip"),
 }
 POSITIVE = ("epochs", "batch_size", "lr", "eval_every", "eval_batch_size")
-NON_NEGATIVE = ("weight_decay", "warmup_epochs", "grad_clip", "backbone_lr_multiplier", "head_lr_multiplier",
-                "embedding_size", "seed")
+NON_NEGATIVE = (
+    "weight_decay",
+    "warmup_epochs",
+    "grad_clip",
+    "backbone_lr_multiplier",
+    "head_lr_multiplier",
+    "embedding_size",
+    "seed",
+)
 
 #: Component sections: the kind each builds and its default component name ("" = none).
 SECTIONS: dict[str, tuple[str, str]] = {
@@ -129,7 +136,9 @@ def validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
     known = {"train", "callbacks", *SECTIONS}
     for key in cfg:
         if key not in known:
-            raise OptionError(f"unknown config section '{key}'{_suggest(key, known)}; sections: {', '.join(sorted(known))}")
+            raise OptionError(
+                f"unknown config section '{key}'{_suggest(key, known)}; sections: {', '.join(sorted(known))}"
+            )
     train = dict(TRAIN_DEFAULTS)
     for key, value in cfg.get("train", {}).items():
         if key not in TRAIN_DEFAULTS:
@@ -173,8 +182,9 @@ def validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
     for cb in callbacks:
         cb = dict(cb) if isinstance(cb, dict) else {"name": cb}
         name = cb.pop("name", "")
-        out["callbacks"].append({"name": registry.get("callback", name).name,
-                                 **registry.resolve_options("callback", name, cb)})
+        out["callbacks"].append(
+            {"name": registry.get("callback", name).name, **registry.resolve_options("callback", name, cb)}
+        )
     return out
 
 

@@ -58,7 +58,9 @@ class Split(Dataset):
         return x, int(self.labels[i])
 
     def with_transform(self, transform: Callable[[Any], torch.Tensor] | None) -> Split:
-        return Split(self.items, self.labels, transform, self.mode, self.class_names, self.query_mask, self.gallery_mask)
+        return Split(
+            self.items, self.labels, transform, self.mode, self.class_names, self.query_mask, self.gallery_mask
+        )
 
     def subset(self, index: np.ndarray) -> Split:
         """The items at ``index``, labels made contiguous again."""

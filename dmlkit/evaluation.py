@@ -128,7 +128,9 @@ def _check_inputs(embeddings: np.ndarray, labels: np.ndarray) -> None:
     bad = ~np.isfinite(embeddings).all(1)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
-        raise DmlkitError(f"{int(bad.sum())} embeddings contain NaN or inf (first at row {first}); fix the model or data")
+        raise DmlkitError(
+            f"{int(bad.sum())} embeddings contain NaN or inf (first at row {first}); fix the model or data"
+        )
 
 
 def retrieval_metrics(

@@ -19,8 +19,14 @@ class EmbeddingHead(nn.Module):
     ``embedding_size=0`` keeps the pooled features (no linear layer).
     """
 
-    def __init__(self, in_features: int, embedding_size: int = 128, pooling: str = "avg", norm: str = "none",
-                 normalize: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        embedding_size: int = 128,
+        pooling: str = "avg",
+        norm: str = "none",
+        normalize: bool = True,
+    ):
         super().__init__()
         if pooling not in POOLINGS:
             raise OptionError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
@@ -29,8 +35,11 @@ class EmbeddingHead(nn.Module):
         if embedding_size < 0:
             raise OptionError(f"embedding_size must be > 0 (or 0 for the pooled features); got {embedding_size}")
         self.pooling, self.normalize = pooling, normalize
-        self.norm = {"none": nn.Identity(), "layernorm": nn.LayerNorm(in_features),
-                     "batchnorm": nn.BatchNorm1d(in_features)}[norm]
+        self.norm = {
+            "none": nn.Identity(),
+            "layernorm": nn.LayerNorm(in_features),
+            "batchnorm": nn.BatchNorm1d(in_features),
+        }[norm]
         self.linear = nn.Linear(in_features, embedding_size) if embedding_size else nn.Identity()
         self.out_features = embedding_size or in_features
 

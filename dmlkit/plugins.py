@@ -69,7 +69,9 @@ class PluginHost:
             dist = ep.dist.name if ep.dist else ""
             if not _selected(selection, ep.name, dist):
                 continue
-            info = PluginInfo(name=ep.name, module=ep.value, distribution=dist, version=ep.dist.version if ep.dist else "")
+            info = PluginInfo(
+                name=ep.name, module=ep.value, distribution=dist, version=ep.dist.version if ep.dist else ""
+            )
             if ep.name in self.plugins:
                 other = self.plugins[ep.name]
                 info.errors.append(
@@ -88,7 +90,9 @@ class PluginHost:
 
     def add_plugin(self, obj: Any, name: str, distribution: str = "", version: str = "") -> PluginInfo:
         """Register a module or object as a plugin directly (tests, notebooks)."""
-        info = PluginInfo(name=name, module=getattr(obj, "__name__", repr(obj)), distribution=distribution, version=version)
+        info = PluginInfo(
+            name=name, module=getattr(obj, "__name__", repr(obj)), distribution=distribution, version=version
+        )
         self._register(obj, info)
         self._collect_components(only=name)
         return info

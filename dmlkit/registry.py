@@ -126,9 +126,7 @@ def _coerce(kind: str, name: str, option: str, value: Any, types: tuple[type, ..
     elif isinstance(value, tuple(t for t in types if t not in (int, float, bool))):
         return value
     wanted = " or ".join(sorted({t.__name__ for t in types}))
-    raise OptionError(
-        f"{kind} '{name}': option '{option}' must be {wanted}, got {value!r} ({type(value).__name__})"
-    )
+    raise OptionError(f"{kind} '{name}': option '{option}' must be {wanted}, got {value!r} ({type(value).__name__})")
 
 
 class Registry:

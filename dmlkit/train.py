@@ -56,7 +56,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DmlkitError(f"cannot load checkpoint {p} (corrupt, or not a dmlkit checkpoint): {str(exc).splitlines()[0]}") from None
+        raise DmlkitError(
+            f"cannot load checkpoint {p} (corrupt, or not a dmlkit checkpoint): {str(exc).splitlines()[0]}"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "dmlkit" or "config" not in ckpt:
         raise DmlkitError(f"{p} is not a dmlkit checkpoint")
     return ckpt
@@ -77,8 +79,14 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     """Builds a run from a validated config and trains it; components receive :data:`EVENTS`."""
 
-    def __init__(self, cfg: dict[str, Any], registry: Registry, run_dir: Path, console: Console | None = None,
-                 plugin_of: Callable[[str, str], str] | None = None):
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        registry: Registry,
+        run_dir: Path,
+        console: Console | None = None,
+        plugin_of: Callable[[str, str], str] | None = None,
+    ):
         self.cfg, self.registry, self.run_dir = cfg, registry, run_dir
         self.console = console or Console()
         t = self.settings = cfg["train"]
@@ -102,18 +110,30 @@ class Trainer:
         self.embedding_size = head.out_features
         ctx = {"num_classes": self.train_split.num_classes, "embedding_size": self.embedding_size}
         self.loss = registry.build("loss", cfg["loss"]["name"], context=ctx, **_opts(cfg["loss"])).to(self.device)
-        self.miner = (registry.build("miner", cfg["miner"]["name"], context=ctx, **_opts(cfg["miner"])).to(self.device)
-                      if cfg["miner"]["name"] else None)
+        self.miner = (
+            registry.build("miner", cfg["miner"]["name"], context=ctx, **_opts(cfg["miner"])).to(self.device)
+            if cfg["miner"]["name"]
+            else None
+        )
         self.sampler = registry.build(
-            "sampler", cfg["sampler"]["name"],
-            context={"labels": self.train_split.labels, "batch_size": t["batch_size"], "seed": t["seed"],
-                     "rank": self.rank, "world_size": self.world_size},
-            **_opts(cfg["sampler"]))
+            "sampler",
+            cfg["sampler"]["name"],
+            context={
+                "labels": self.train_split.labels,
+                "batch_size": t["batch_size"],
+                "seed": t["seed"],
+                "rank": self.rank,
+                "world_size": self.world_size,
+            },
+            **_opts(cfg["sampler"]),
+        )
         self.evaluator = registry.build("evaluator", cfg["evaluator"]["name"], **_opts(cfg["evaluator"]))
         self.callbacks = [registry.build("callback", cb["name"], **_opts(cb)) for cb in cfg["callbacks"]]
-        self._owners = {id(self.loss): ("loss", cfg["loss"]["name"]),
-                        **({id(self.miner): ("miner", cfg["miner"]["name"])} if self.miner else {}),
-                        **{id(c): ("callback", cb["name"]) for c, cb in zip(self.callbacks, cfg["callbacks"])}}
+        self._owners = {
+            id(self.loss): ("loss", cfg["loss"]["name"]),
+            **({id(self.miner): ("miner", cfg["miner"]["name"])} if self.miner else {}),
+            **{id(c): ("callback", cb["name"]) for c, cb in zip(self.callbacks, cfg["callbacks"])},
+        }
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
         self.epoch = 0  # epochs completed
@@ -128,8 +148,11 @@ class Trainer:
         """Backbone, head, and every parameter the loss or miner owns, each with its lr multiplier."""
         t = self.settings
         groups = [
-            {"name": "backbone", "params": [p for p in self.model.backbone.parameters() if p.requires_grad],
-             "lr_multiplier": t["backbone_lr_multiplier"]},
+            {
+                "name": "backbone",
+                "params": [p for p in self.model.backbone.parameters() if p.requires_grad],
+                "lr_multiplier": t["backbone_lr_multiplier"],
+            },
             {"name": "head", "params": list(self.model.head.parameters()), "lr_multiplier": t["head_lr_multiplier"]},
         ]
         for owner_name, owner in (("loss", self.loss), ("miner", self.miner)):
@@ -169,8 +192,7 @@ class Trainer:
         workers = t["num_workers"]
         if workers < 0:  # auto: arrays need no workers; image files do
             workers = 0 if not split.items or not isinstance(split.items[0], str) else min(8, os.cpu_count() or 1)
-        common = {"num_workers": workers, "pin_memory": self.device.type == "cuda",
-                  "persistent_workers": False}
+        common = {"num_workers": workers, "pin_memory": self.device.type == "cuda", "persistent_workers": False}
         if workers:
             common["worker_init_fn"] = _worker_init
         if train:
@@ -194,8 +216,9 @@ class Trainer:
             except Exception as exc:
                 kind, name = self._owners.get(id(comp), ("component", type(comp).__name__))
                 plugin = self.registry.get(kind, name).plugin if (kind, name) in self.registry else "?"
-                raise TrainingError(f"{kind} '{name}' (plugin '{plugin}') failed in {event}: "
-                                    f"{type(exc).__name__}: {exc}") from exc
+                raise TrainingError(
+                    f"{kind} '{name}' (plugin '{plugin}') failed in {event}: {type(exc).__name__}: {exc}"
+                ) from exc
 
     # -- embedding and evaluation ------------------------------------------------------------
     @torch.no_grad()
@@ -225,10 +248,18 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "format": "dmlkit", "version": CHECKPOINT_VERSION, "config": self.cfg, "epoch": self.epoch,
-            "step": self.step, "model": self.model.state_dict(), "loss": self.loss.state_dict(),
-            "miner": self.miner.state_dict() if self.miner else {}, "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "history": self.history, "best": self.best,
+            "format": "dmlkit",
+            "version": CHECKPOINT_VERSION,
+            "config": self.cfg,
+            "epoch": self.epoch,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "loss": self.loss.state_dict(),
+            "miner": self.miner.state_dict() if self.miner else {},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "history": self.history,
+            "best": self.best,
             "extra": self.extra_state,
         }
 
@@ -276,9 +307,11 @@ class Trainer:
 
     def _nonfinite(self, what: str, value: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        msg = (f"non-finite {what} ({float(value)}) at epoch {self.epoch + 1}, step {self.step + 1}; likely causes: "
-               f"learning rate too high (now {self.settings['lr']}), a loss scale/temperature too large, or bad input "
-               f"data. The last good checkpoint is in {self.run_dir}")
+        msg = (
+            f"non-finite {what} ({float(value)}) at epoch {self.epoch + 1}, step {self.step + 1}; likely causes: "
+            f"learning rate too high (now {self.settings['lr']}), a loss scale/temperature too large, or bad input "
+            f"data. The last good checkpoint is in {self.run_dir}"
+        )
         if self.settings["nonfinite"] == "skip":
             self.console.print(f"[yellow]warning: {msg}; step skipped[/yellow]")
             return None
@@ -290,10 +323,16 @@ class Trainer:
         (self.run_dir / "config.toml").write_text(to_toml(self.cfg), encoding="utf-8")
         if self.epoch == 0:
             self.emit("on_train_start")
-        progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[ips]:.0f} img/s"),
-                            TimeRemainingColumn(), console=self.console, transient=True,
-                            disable=not self.console.is_terminal)
+        progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[ips]:.0f} img/s"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+            disable=not self.console.is_terminal,
+        )
         with progress:
             while self.epoch < t["epochs"] and not self.stop_requested:
                 self._run_epoch(progress)
@@ -324,9 +363,14 @@ class Trainer:
         elapsed = time.perf_counter() - start
         self.scheduler.step()
         self.epoch = epoch
-        record: dict[str, Any] = {"epoch": epoch, "step": self.step, "loss": float(np.mean(losses)) if losses else None,
-                                  "lr": self.optimizer.param_groups[0]["lr"], "images_per_s": seen / max(elapsed, 1e-9),
-                                  "epoch_time_s": elapsed}
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "step": self.step,
+            "loss": float(np.mean(losses)) if losses else None,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": seen / max(elapsed, 1e-9),
+            "epoch_time_s": elapsed,
+        }
         self.emit("on_epoch_end", record=record)
         is_best = False
         if epoch % t["eval_every"] == 0 or epoch == t["epochs"]:
@@ -360,8 +404,16 @@ class Trainer:
         self.console.print(table)
 
 
-SHORT_NAMES = {"loss": "loss", "images_per_s": "img/s", "val_map_at_r": "val MAP@R", "precision_at_1": "P@1",
-               "r_precision": "R-Prec", "map_at_r": "MAP@R", "nmi": "NMI", "ami": "AMI"}
+SHORT_NAMES = {
+    "loss": "loss",
+    "images_per_s": "img/s",
+    "val_map_at_r": "val MAP@R",
+    "precision_at_1": "P@1",
+    "r_precision": "R-Prec",
+    "map_at_r": "MAP@R",
+    "nmi": "NMI",
+    "ami": "AMI",
+}
 
 
 def _fmt(v: Any) -> str:
@@ -379,8 +431,9 @@ def _opts(section: dict[str, Any]) -> dict[str, Any]:
 
 
 def _is_bn_param(module: nn.Module, p: nn.Parameter) -> bool:
-    return any(p is q for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-               for q in m.parameters())
+    return any(
+        p is q for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for q in m.parameters()
+    )
 
 
 def _worker_init(worker_id: int) -> None:

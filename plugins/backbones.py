@@ -24,13 +24,21 @@ class SmallCNN(nn.Module):
         layers: list[nn.Module] = []
         c = in_channels
         for _ in range(blocks):
-            layers += [nn.Conv2d(c, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
-                       nn.MaxPool2d(2, ceil_mode=True)]
+            layers += [
+                nn.Conv2d(c, channels, 3, padding=1, bias=False),
+                nn.BatchNorm2d(channels),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2, ceil_mode=True),
+            ]
             c = channels
         self.body = nn.Sequential(*layers)
         self.out_features = channels
-        self.input_spec = {"channels": in_channels, "image_size": image_size, "mean": (0.5,) * in_channels,
-                           "std": (0.5,) * in_channels}
+        self.input_spec = {
+            "channels": in_channels,
+            "image_size": image_size,
+            "mean": (0.5,) * in_channels,
+            "std": (0.5,) * in_channels,
+        }
 
     def forward(self, x):
         return self.body(x)
@@ -95,7 +103,10 @@ def resnet50(pretrained: bool = False, weights_path: str | None = None, image_si
 def register_backbones(register):
     from dmlkit import ComponentSpec
 
-    register(ComponentSpec("smallcnn", SmallCNN, "Conv-4 network for small grayscale images (64 channels)",
-                           aliases=("conv4",)))
+    register(
+        ComponentSpec(
+            "smallcnn", SmallCNN, "Conv-4 network for small grayscale images (64 channels)", aliases=("conv4",)
+        )
+    )
     register(ComponentSpec("resnet18", resnet18, "torchvision ResNet-18, ImageNet weights from the local cache"))
     register(ComponentSpec("resnet50", resnet50, "torchvision ResNet-50, ImageNet weights from the local cache"))

@@ -74,7 +74,10 @@ def omniglot(root: str = "", input_spec: dict | None = None, augment: bool = Tru
         base = base / "omniglot-py"
     splits = []
     for part in ("images_background", "images_evaluation"):
-        folder = require(base / part, f"Omniglot folder {part}/ (torchvision layout: omniglot-py/{part}/<Alphabet>/characterNN/*.png)")
+        folder = require(
+            base / part,
+            f"Omniglot folder {part}/ (torchvision layout: omniglot-py/{part}/<Alphabet>/characterNN/*.png)",
+        )
         items, labels = [], []
         for alphabet in sorted(p for p in folder.iterdir() if p.is_dir()):
             for char in sorted(p for p in alphabet.iterdir() if p.is_dir()):
@@ -117,8 +120,10 @@ def cars196(root: str = "", input_spec: dict | None = None, augment: bool = True
 
     base = _root(root, "cars196")
     items, cls = [], []
-    for folder, mat in (("cars_train", base / "devkit" / "cars_train_annos.mat"),
-                        ("cars_test", base / "cars_test_annos_withlabels.mat")):
+    for folder, mat in (
+        ("cars_train", base / "devkit" / "cars_train_annos.mat"),
+        ("cars_test", base / "cars_test_annos_withlabels.mat"),
+    ):
         if not mat.exists() and (base / "devkit" / mat.name).exists():
             mat = base / "devkit" / mat.name
         try:
@@ -176,7 +181,9 @@ def inshop(root: str = "", input_spec: dict | None = None, augment: bool = True)
 
 
 # ------------------------------------------------------------------------------------ imagefolder
-def imagefolder(root: str = "", input_spec: dict | None = None, augment: bool = True, style: str = "natural") -> DatasetSplits:
+def imagefolder(
+    root: str = "", input_spec: dict | None = None, augment: bool = True, style: str = "natural"
+) -> DatasetSplits:
     """Your own images: root/train/<class>/* and root/test/<class>/* (test classes should be unseen)."""
     base = _root(root, "imagefolder")
     out = []
@@ -206,7 +213,9 @@ def csv_table(path: str = "", root: str = "", input_spec: dict | None = None, au
         reader = csv.DictReader(f)
         missing = [c for c in need if c not in (reader.fieldnames or [])]
         if missing:
-            raise DataError(f"{table}: missing column(s) {', '.join(missing)}; need label, path, split[, is_query, is_gallery]")
+            raise DataError(
+                f"{table}: missing column(s) {', '.join(missing)}; need label, path, split[, is_query, is_gallery]"
+            )
         rows = list(reader)
     parts: dict[str, list] = {"train": [], "test": []}
     for n, r in enumerate(rows, 2):
@@ -225,8 +234,10 @@ def csv_table(path: str = "", root: str = "", input_spec: dict | None = None, au
                 raise DataError(f"{table} line {n}: image {p} does not exist")
         kw = {}
         if name == "test" and "is_query" in entries[0][1]:
-            kw = {"query_mask": np.array([_truthy(r.get("is_query")) for _, r in entries]),
-                  "gallery_mask": np.array([_truthy(r.get("is_gallery")) for _, r in entries])}
+            kw = {
+                "query_mask": np.array([_truthy(r.get("is_query")) for _, r in entries]),
+                "gallery_mask": np.array([_truthy(r.get("is_gallery")) for _, r in entries]),
+            }
         splits.append(make_split([str(p) for p in paths], [r["label"] for _, r in entries], **kw))
     return _finish(*splits, input_spec, "natural", augment)
 
@@ -239,12 +250,22 @@ def _truthy(v: Any) -> bool:
 def register_datasets(register):
     from dmlkit import ComponentSpec
 
-    register(ComponentSpec("digits", digits, "scikit-learn handwritten digits, embedded (no download): 0-4 train, 5-9 test"))
-    register(ComponentSpec("omniglot", omniglot, "Omniglot, torchvision layout: 964 background / 659 evaluation characters"))
-    register(ComponentSpec("cub200", cub200, "CUB-200-2011, official layout: classes 1-100 train, 101-200 test",
-                           aliases=("cub",)))
-    register(ComponentSpec("cars196", cars196, "Stanford Cars, devkit layout: classes 1-98 train, 99-196 test",
-                           aliases=("cars",)))
+    register(
+        ComponentSpec("digits", digits, "scikit-learn handwritten digits, embedded (no download): 0-4 train, 5-9 test")
+    )
+    register(
+        ComponentSpec("omniglot", omniglot, "Omniglot, torchvision layout: 964 background / 659 evaluation characters")
+    )
+    register(
+        ComponentSpec(
+            "cub200", cub200, "CUB-200-2011, official layout: classes 1-100 train, 101-200 test", aliases=("cub",)
+        )
+    )
+    register(
+        ComponentSpec(
+            "cars196", cars196, "Stanford Cars, devkit layout: classes 1-98 train, 99-196 test", aliases=("cars",)
+        )
+    )
     register(ComponentSpec("sop", sop, "Stanford Online Products: Ebay_train.txt / Ebay_test.txt"))
     register(ComponentSpec("inshop", inshop, "In-shop Clothes Retrieval: query against gallery"))
     register(ComponentSpec("imagefolder", imagefolder, "Your images as train/<class>/* and test/<class>/*"))

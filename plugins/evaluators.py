@@ -19,8 +19,16 @@ class RetrievalEvaluator:
     ``memory_mb``; ``clustering`` adds NMI and AMI of k-means with k = number of classes.
     """
 
-    def __init__(self, ks: Sequence[int] = (1, 2, 4, 8), backend: str = "auto", clustering: bool = False,
-                 per_class: bool = False, normalize: bool = True, memory_mb: float = 512, seed: int = 0):
+    def __init__(
+        self,
+        ks: Sequence[int] = (1, 2, 4, 8),
+        backend: str = "auto",
+        clustering: bool = False,
+        per_class: bool = False,
+        normalize: bool = True,
+        memory_mb: float = 512,
+        seed: int = 0,
+    ):
         if backend not in BACKENDS:
             raise OptionError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
         if not ks or min(ks) < 1:
@@ -30,11 +38,20 @@ class RetrievalEvaluator:
         self.ks, self.backend, self.clustering, self.per_class = tuple(ks), backend, clustering, per_class
         self.normalize, self.memory_mb, self.seed = normalize, memory_mb, seed
 
-    def __call__(self, embeddings: Any, labels: Any, query_mask: np.ndarray | None = None,
-                 gallery_mask: np.ndarray | None = None) -> dict[str, Any]:
-        out = retrieval_metrics(embeddings, labels, query_mask=query_mask, gallery_mask=gallery_mask, ks=self.ks,
-                                normalise=self.normalize, backend=self.backend, memory_mb=self.memory_mb,
-                                per_class=self.per_class)
+    def __call__(
+        self, embeddings: Any, labels: Any, query_mask: np.ndarray | None = None, gallery_mask: np.ndarray | None = None
+    ) -> dict[str, Any]:
+        out = retrieval_metrics(
+            embeddings,
+            labels,
+            query_mask=query_mask,
+            gallery_mask=gallery_mask,
+            ks=self.ks,
+            normalise=self.normalize,
+            backend=self.backend,
+            memory_mb=self.memory_mb,
+            per_class=self.per_class,
+        )
         if self.clustering:
             out.update(clustering_metrics(embeddings, labels, normalise=self.normalize, seed=self.seed))
         return out
@@ -44,5 +61,8 @@ class RetrievalEvaluator:
 def register_evaluators(register):
     from dmlkit import ComponentSpec
 
-    register(ComponentSpec("retrieval", RetrievalEvaluator,
-                           "Recall@K, P@1, R-Precision, MAP@R (chunked k-NN), NMI/AMI on request"))
+    register(
+        ComponentSpec(
+            "retrieval", RetrievalEvaluator, "Recall@K, P@1, R-Precision, MAP@R (chunked k-NN), NMI/AMI on request"
+        )
+    )

@@ -91,8 +91,10 @@ class ContrastiveLoss(MetricLoss):
 
     def __init__(self, pos_margin: float = 0.0, neg_margin: float = 0.5, normalize: bool = True):
         super().__init__()
-        _check(0 <= pos_margin < neg_margin or neg_margin == 0 == pos_margin,
-               f"need 0 <= pos_margin < neg_margin; got {pos_margin}, {neg_margin}")
+        _check(
+            0 <= pos_margin < neg_margin or neg_margin == 0 == pos_margin,
+            f"need 0 <= pos_margin < neg_margin; got {pos_margin}, {neg_margin}",
+        )
         self.pos_margin, self.neg_margin, self.normalize = pos_margin, neg_margin, normalize
 
     def compute(self, emb, labels, ref, ref_labels, indices):
@@ -153,7 +155,9 @@ class RankedListLoss(MetricLoss):
     (1 - lam) L_P + lam L_N.
     """
 
-    def __init__(self, alpha: float = 1.2, margin: float = 0.4, t_pos: float = 0.0, t_neg: float = 10.0, lam: float = 0.5):
+    def __init__(
+        self, alpha: float = 1.2, margin: float = 0.4, t_pos: float = 0.0, t_neg: float = 10.0, lam: float = 0.5
+    ):
         super().__init__()
         _check(0 < margin <= alpha, f"need 0 < margin <= alpha; got margin {margin}, alpha {alpha}")
         _check(0 <= lam <= 1, f"lam must be in [0, 1]; got {lam}")
@@ -187,7 +191,9 @@ class ProxyLoss(MetricLoss):
     Given a reference set, the call uses it in place of the proxies.
     """
 
-    def __init__(self, num_classes: int, embedding_size: int, proxies_per_class: int = 1, init_std: float | None = None):
+    def __init__(
+        self, num_classes: int, embedding_size: int, proxies_per_class: int = 1, init_std: float | None = None
+    ):
         super().__init__()
         _check(num_classes >= 1, f"num_classes must be >= 1; got {num_classes}")
         _check(embedding_size >= 1, f"embedding_size must be >= 1; got {embedding_size}")
@@ -282,14 +288,37 @@ class ProxyAnchorLoss(ProxyLoss):
 def register_losses(register):
     from dmlkit import ComponentSpec
 
-    register(ComponentSpec("proxynca", ProxyNCALoss, "ProxyNCA / ProxyNCA++ (Movshovitz-Attias et al. 2017; Teh et al. 2020)",
-                           aliases=("proxy_nca",)))
-    register(ComponentSpec("triplet", TripletLoss, "Triplet margin loss (Schroff et al., FaceNet 2015); pair with a miner"))
-    register(ComponentSpec("contrastive", ContrastiveLoss, "Contrastive C2 on Euclidean distance (Hadsell et al. 2006)",
-                           aliases=("c2",)))
-    register(ComponentSpec("contrastive_cosine", CosineContrastiveLoss,
-                           "Contrastive C1 on cosine similarity (Hadsell et al. 2006)", aliases=("c1",)))
-    register(ComponentSpec("multi_similarity", MultiSimilarityLoss, "Multi-Similarity loss (Wang et al. 2019)",
-                           aliases=("ms",)))
+    register(
+        ComponentSpec(
+            "proxynca",
+            ProxyNCALoss,
+            "ProxyNCA / ProxyNCA++ (Movshovitz-Attias et al. 2017; Teh et al. 2020)",
+            aliases=("proxy_nca",),
+        )
+    )
+    register(
+        ComponentSpec("triplet", TripletLoss, "Triplet margin loss (Schroff et al., FaceNet 2015); pair with a miner")
+    )
+    register(
+        ComponentSpec(
+            "contrastive",
+            ContrastiveLoss,
+            "Contrastive C2 on Euclidean distance (Hadsell et al. 2006)",
+            aliases=("c2",),
+        )
+    )
+    register(
+        ComponentSpec(
+            "contrastive_cosine",
+            CosineContrastiveLoss,
+            "Contrastive C1 on cosine similarity (Hadsell et al. 2006)",
+            aliases=("c1",),
+        )
+    )
+    register(
+        ComponentSpec(
+            "multi_similarity", MultiSimilarityLoss, "Multi-Similarity loss (Wang et al. 2019)", aliases=("ms",)
+        )
+    )
     register(ComponentSpec("ranked_list", RankedListLoss, "Ranked List Loss (Wang et al. 2019)", aliases=("rll",)))
     register(ComponentSpec("proxy_anchor", ProxyAnchorLoss, "Proxy Anchor loss (Kim et al. 2020)"))

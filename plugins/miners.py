@@ -119,9 +119,20 @@ class MultiSimilarityMiner(Miner):
 def register_miners(register):
     from dmlkit import ComponentSpec
 
-    register(ComponentSpec("semihard", SemiHardMiner, "Semi-hard negatives with FaceNet's fallback (Schroff et al. 2015)",
-                           aliases=("semi_hard",)))
-    register(ComponentSpec("batch_hard", BatchHardMiner, "Hardest positive and negative per anchor (Hermans et al. 2017)"))
+    register(
+        ComponentSpec(
+            "semihard",
+            SemiHardMiner,
+            "Semi-hard negatives with FaceNet's fallback (Schroff et al. 2015)",
+            aliases=("semi_hard",),
+        )
+    )
+    register(
+        ComponentSpec("batch_hard", BatchHardMiner, "Hardest positive and negative per anchor (Hermans et al. 2017)")
+    )
     register(ComponentSpec("batch_all", BatchAllMiner, "All valid triplets, optionally only violating ones"))
-    register(ComponentSpec("multi_similarity", MultiSimilarityMiner, "Multi-Similarity pair mining (Wang et al. 2019)",
-                           aliases=("ms",)))
+    register(
+        ComponentSpec(
+            "multi_similarity", MultiSimilarityMiner, "Multi-Similarity pair mining (Wang et al. 2019)", aliases=("ms",)
+        )
+    )

@@ -17,8 +17,15 @@ from dmlkit.errors import OptionError
 class BatchSampler:
     """Base: ``set_epoch`` then iterate lists of dataset indices."""
 
-    def __init__(self, labels: np.ndarray, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 batches_per_epoch: int = 0):
+    def __init__(
+        self,
+        labels: np.ndarray,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        batches_per_epoch: int = 0,
+    ):
         if batch_size < 2:
             raise OptionError(f"batch_size must be >= 2; got {batch_size}")
         self.labels = np.asarray(labels)
@@ -62,8 +69,16 @@ class MPerClassSampler(BatchSampler):
     (default: the training set size // batch_size).
     """
 
-    def __init__(self, labels, batch_size: int = 64, m: int = 4, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 batches_per_epoch: int = 0):
+    def __init__(
+        self,
+        labels,
+        batch_size: int = 64,
+        m: int = 4,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        batches_per_epoch: int = 0,
+    ):
         super().__init__(labels, batch_size, seed, rank, world_size, batches_per_epoch)
         if m < 1 or batch_size % m:
             raise OptionError(f"batch_size ({batch_size}) must be a multiple of m ({m})")
@@ -77,7 +92,9 @@ class MPerClassSampler(BatchSampler):
                 f"lower batch_size or raise m"
             )
         if m > max(len(x) for x in self.by_class):
-            raise OptionError(f"m = {m} is larger than the samples of every class (at most {max(map(len, self.by_class))})")
+            raise OptionError(
+                f"m = {m} is larger than the samples of every class (at most {max(map(len, self.by_class))})"
+            )
 
     def batches(self, rng):
         order = np.empty(0, dtype=np.int64)
@@ -95,8 +112,15 @@ class MPerClassSampler(BatchSampler):
 class OnePerClassSampler(MPerClassSampler):
     """Batches of batch_size distinct classes, one sample each."""
 
-    def __init__(self, labels, batch_size: int = 64, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 batches_per_epoch: int = 0):
+    def __init__(
+        self,
+        labels,
+        batch_size: int = 64,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        batches_per_epoch: int = 0,
+    ):
         super().__init__(labels, batch_size, 1, seed, rank, world_size, batches_per_epoch)
 
 
@@ -104,7 +128,10 @@ class OnePerClassSampler(MPerClassSampler):
 def register_samplers(register):
     from dmlkit import ComponentSpec
 
-    register(ComponentSpec("m_per_class", MPerClassSampler, "P classes x M samples per batch, defined epoch length",
-                           aliases=("pk",)))
+    register(
+        ComponentSpec(
+            "m_per_class", MPerClassSampler, "P classes x M samples per batch, defined epoch length", aliases=("pk",)
+        )
+    )
     register(ComponentSpec("random", RandomSampler, "Shuffled batches"))
     register(ComponentSpec("one_per_class", OnePerClassSampler, "One sample from each of batch_size classes"))

@@ -19,8 +19,9 @@ def fresh_host():
     reset_host()
 
 
-def make_distribution(site: Path, dist: str, modules: dict[str, str], entry_points: dict[str, str],
-                      version: str = "1.0") -> Path:
+def make_distribution(
+    site: Path, dist: str, modules: dict[str, str], entry_points: dict[str, str], version: str = "1.0"
+) -> Path:
     """A minimal installed distribution (dist-info + modules) in ``site``, as pip would leave it."""
     site.mkdir(parents=True, exist_ok=True)
     for mod, code in modules.items():

@@ -24,7 +24,7 @@ def brute_force(emb, labels, query_mask=None, gallery_mask=None, ks=(1, 2, 4, 8)
             continue
         per["precision_at_1"].append(float(ranked[0]))
         per["r_precision"].append(ranked[:r].sum() / r)
-        ap = sum(ranked[:i + 1].sum() / (i + 1) for i in range(r) if ranked[i]) / r
+        ap = sum(ranked[: i + 1].sum() / (i + 1) for i in range(r) if ranked[i]) / r
         per["map_at_r"].append(ap)
         for k in ks:
             per[f"recall_at_{k}"].append(float(ranked[:k].any()))
@@ -123,8 +123,11 @@ def test_empty_gallery_is_an_error():
 def test_matches_pytorch_metric_learning():
     pml = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
     emb, labels = data(seed=7)
-    calc = pml.AccuracyCalculator(include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
-                                  k="max_bin_count", device=torch.device("cpu"))
+    calc = pml.AccuracyCalculator(
+        include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
+        k="max_bin_count",
+        device=torch.device("cpu"),
+    )
     # PML's default k-NN is faiss L2 on the raw vectors: give it the normalised ones
     unit = torch.nn.functional.normalize(torch.tensor(emb), dim=1)
     ref = calc.get_accuracy(unit, torch.tensor(labels))
@@ -151,8 +154,9 @@ def test_evaluate_command_json(cli, tmp_path):
     emb, labels = data(seed=8)
     np.save(tmp_path / "x.npy", emb)
     np.save(tmp_path / "y.npy", labels)
-    code, out, err = cli("evaluate", "--embeddings", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
-                         "--json")
+    code, out, err = cli(
+        "evaluate", "--embeddings", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--json"
+    )
     assert code == 0, err
     got = json.loads(out)
     ref = brute_force(emb, labels)

@@ -23,8 +23,22 @@ def test_installed_third_party_plugin_is_listed_and_usable(tmp_path, add_site, c
     import sys
 
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                    "--target", str(site), str(ROOT / "tests" / "fixtures" / "dmlkit-hello")], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(site),
+            str(ROOT / "tests" / "fixtures" / "dmlkit-hello"),
+        ],
+        check=True,
+    )
     add_site(site)
     code, out, _ = cli("plugins", "--json")
     assert code == 0
@@ -40,8 +54,14 @@ def test_installed_third_party_plugin_is_listed_and_usable(tmp_path, add_site, c
 
 
 def test_broken_plugin_is_reported_and_builtins_still_work(tmp_path, add_site, cli):
-    add_site(make_distribution(tmp_path, "acme-broken", {"thirdparty_broken": "raise ImportError('no acme here')"},
-                               {"broken": "thirdparty_broken"}))
+    add_site(
+        make_distribution(
+            tmp_path,
+            "acme-broken",
+            {"thirdparty_broken": "raise ImportError('no acme here')"},
+            {"broken": "thirdparty_broken"},
+        )
+    )
     code, out, _ = cli("plugins", "--json")
     assert code == 0
     broken = next(p for p in json.loads(out) if p["name"] == "broken")
@@ -114,8 +134,11 @@ def test_replacing_a_builtin_explicitly_works(tmp_path, add_site):
 
 
 def test_env_switch_restricts_loading(tmp_path, add_site, monkeypatch):
-    add_site(make_distribution(tmp_path, "acme-broken", {"thirdparty_broken": "raise ImportError('x')"},
-                               {"broken": "thirdparty_broken"}))
+    add_site(
+        make_distribution(
+            tmp_path, "acme-broken", {"thirdparty_broken": "raise ImportError('x')"}, {"broken": "thirdparty_broken"}
+        )
+    )
     monkeypatch.setenv("DMLKIT_PLUGINS", "builtin")
     host = PluginHost()
     host.load_entry_points()
