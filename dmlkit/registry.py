@@ -235,14 +235,14 @@ class Registry:
         """Build component ``name`` of ``kind`` from its defaults and ``options``.
 
         ``context`` holds values the caller supplies at run time (``num_classes``,
-        ``embedding_size`` ...); each is passed only when the factory takes it and the
-        options do not set it.
+        ``embedding_size`` ...); each is passed when the factory takes it and the options do
+        not set it, in place of the factory's default.
         """
         spec = self.get(kind, name)
         merged = self.resolve_options(kind, name, options)
         params = spec.parameters()
         for key, value in (context or {}).items():
-            if key not in merged and key in params:
+            if key in params and key not in options:  # run-time values beat defaults, not explicit options
                 merged[key] = value
         missing = [n for n, p in params.items() if p.default is p.empty and n not in merged]
         if missing:

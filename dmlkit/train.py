@@ -308,7 +308,7 @@ class Trainer:
     def _nonfinite(self, what: str, value: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         msg = (
-            f"non-finite {what} ({float(value)}) at epoch {self.epoch + 1}, step {self.step + 1}; likely causes: "
+            f"non-finite {what} ({float(value.detach())}) at epoch {self.epoch + 1}, step {self.step + 1}; likely causes: "
             f"learning rate too high (now {self.settings['lr']}), a loss scale/temperature too large, or bad input "
             f"data. The last good checkpoint is in {self.run_dir}"
         )
@@ -323,6 +323,9 @@ class Trainer:
         (self.run_dir / "config.toml").write_text(to_toml(self.cfg), encoding="utf-8")
         if self.epoch == 0:
             self.emit("on_train_start")
+        else:  # resumed: epochs logged after the last complete checkpoint are dropped, then re-run
+            lines = "".join(json.dumps(h) + "\n" for h in self.history)
+            (self.run_dir / "metrics.jsonl").write_text(lines, encoding="utf-8")
         progress = Progress(
             TextColumn("epoch {task.fields[epoch]}"),
             BarColumn(),

@@ -1,0 +1,169 @@
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+import torch
+
+import dmlkit
+from dmlkit.errors import DmlkitError
+from dmlkit.plugins import get_host
+from dmlkit.train import load_checkpoint
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_digits_default_run_learns_and_fills_the_run_directory(cli, tmp_path):
+    run = tmp_path / "run"
+    code, out, err = cli("train", "--epochs", "3", "--run-dir", str(run))
+    assert code == 0, err
+    for name in ("config.toml", "metrics.jsonl", "last.pt", "best.pt", "loss.png", "metrics.png"):
+        assert (run / name).is_file(), name
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["precision_at_1"] > 0.85 and rows[-1]["loss"] < rows[0]["loss"]
+    ckpt = load_checkpoint(run)
+    assert ckpt["epoch"] == 3 and ckpt["config"]["dataset"]["name"] == "digits"
+    # the proxies were trained: they are in the optimizer with their multiplier
+    groups = ckpt["optimizer"]["param_groups"]
+    assert any(g["name"] == "loss.proxies" and g["lr_multiplier"] == 100.0 for g in groups)
+    # the saved config reproduces the run
+    run2 = tmp_path / "run2"
+    code, _, err = cli("train", "--config", str(run / "config.toml"), "--run-dir", str(run2))
+    assert code == 0, err
+    assert read_metrics(run2)[-1]["map_at_r"] == pytest.approx(rows[-1]["map_at_r"], abs=1e-6)
+    # a run directory is never overwritten
+    code, _, err = cli("train", "--run-dir", str(run))
+    assert code == 1 and "already holds a run" in err
+
+
+def test_killed_run_resumes_to_the_same_metrics(cli, tmp_path):
+    args = ["--epochs", "4", "--loss", "triplet", "--miner", "semihard", "--set", "eval_every=1"]
+    full = tmp_path / "full"
+    assert cli("train", *args, "--run-dir", str(full))[0] == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "dmlkit", "train", *args, "--run-dir", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "last.pt").exists():
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = load_checkpoint(killed)["epoch"]
+    assert 1 <= done <= 4
+    code, _, err = cli("train", "--resume", str(killed))
+    assert code == 0, err
+    a, b = read_metrics(full), read_metrics(killed)
+    assert [r["epoch"] for r in b] == [1, 2, 3, 4]
+    for key in ("loss", "precision_at_1", "map_at_r"):
+        assert b[-1][key] == pytest.approx(a[-1][key], abs=1e-6), key
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--set", "batch_size=400", "--sampler-opt", "m=200"), "larger than the samples of every class"),
+        (("--set", "embedding_size=-1"), "'embedding_size' must be >= 0"),
+        (("--set", "optimizer=adamx"), "'optimizer' must be one of adam, adamw, sgd"),
+        (("--set", "lr=fast"), "option 'lr' must be float"),
+        (("--loss-opt", "num_classes=3"), "'num_classes' is set by the trainer"),
+        (("--dataset", "cub200"), "needs its folder: pass --data-root"),
+        (("--dataset", "cub200", "--data-root", "/nonexistent"), "root folder /nonexistent does not exist"),
+    ],
+)
+def test_bad_configuration_is_refused_before_work(cli, tmp_path, argv, message):
+    run = tmp_path / "run"
+    code, _, err = cli("train", *argv, "--run-dir", str(run))
+    assert code == 1 and message in err
+    assert not (run / "last.pt").exists()
+
+
+def test_bad_config_file(cli, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nepochs = 'x'\n")
+    code, _, err = cli("train", "--config", str(bad))
+    assert code == 1 and "option 'epochs' must be int" in err
+    bad.write_text("[trian]\nepochs = 2\n")
+    code, _, err = cli("train", "--config", str(bad))
+    assert code == 1 and "unknown config section 'trian'; did you mean 'train'" in err
+    bad.write_text("[train\n")
+    code, _, err = cli("train", "--config", str(bad))
+    assert code == 1 and "is not valid TOML" in err
+
+
+def test_non_finite_loss_stops_with_a_clear_message(cli, tmp_path):
+    plugin = types.ModuleType("nanplugin")
+
+    class NanLoss(torch.nn.Module):
+        def forward(self, emb, labels, indices=None):
+            return emb.sum() * float("nan")
+
+    @dmlkit.hookimpl
+    def register_losses(register):
+        register(dmlkit.ComponentSpec("nan_loss", NanLoss))
+
+    plugin.register_losses = register_losses
+    get_host().add_plugin(plugin, "nanplugin")
+    code, _, err = cli("train", "--loss", "nan_loss", "--epochs", "1", "--run-dir", str(tmp_path / "r"))
+    assert code == 1 and "non-finite loss (nan) at epoch 1, step 1" in err and "lower the lr" in err
+    code, out, err = cli("train", "--loss", "nan_loss", "--epochs", "1", "--set", "nonfinite=skip",
+                         "--run-dir", str(tmp_path / "r2"))
+    assert code == 0 and "step skipped" in out
+
+
+def test_failing_callback_names_its_plugin(cli, tmp_path):
+    plugin = types.ModuleType("cbplugin")
+
+    class Boom:
+        def on_epoch_end(self, trainer, record):
+            raise RuntimeError("kaput")
+
+    @dmlkit.hookimpl
+    def register_callbacks(register):
+        register(dmlkit.ComponentSpec("boom", Boom))
+
+    plugin.register_callbacks = register_callbacks
+    get_host().add_plugin(plugin, "cbplugin")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[train]\nepochs = 1\n[[callbacks]]\nname = "boom"\n')
+    code, _, err = cli("train", "--config", str(cfg), "--run-dir", str(tmp_path / "r"))
+    assert code == 1 and "callback 'boom' (plugin 'cbplugin') failed in on_epoch_end: RuntimeError: kaput" in err
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_checkpoint_does_not_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+    Exploit.marker = marker
+    bad = tmp_path / "last.pt"
+    with open(bad, "wb") as f:
+        pickle.dump({"format": "dmlkit", "config": Exploit()}, f)
+    with pytest.raises(DmlkitError, match="cannot load checkpoint"):
+        load_checkpoint(bad)
+    assert not marker.exists()
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DmlkitError, match="cannot load checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_embed_and_evaluate_a_run(cli, tmp_path):
+    run = tmp_path / "run"
+    assert cli("train", "--epochs", "1", "--run-dir", str(run))[0] == 0
+    code, out, err = cli("embed", str(run), "--out", str(tmp_path / "emb"))
+    assert code == 0, err
+    code, out, err = cli("evaluate", "--embeddings", str(tmp_path / "emb" / "embeddings.npy"), "--labels",
+                         str(tmp_path / "emb" / "labels.npy"), "--json", "--no-clustering")
+    from_files = json.loads(out)
+    code, out, err = cli("evaluate", str(run), "--json", "--no-clustering")
+    assert json.loads(out)["map_at_r"] == pytest.approx(from_files["map_at_r"], abs=1e-6)
+    assert from_files["map_at_r"] == pytest.approx(read_metrics(run)[-1]["map_at_r"], abs=1e-6)
