@@ -1,11 +1,11 @@
 """Helpers for plugin authors' own tests.
 
-    from dmlkit.testing import check_plugin
-    import my_plugin
+from dmlkit.testing import check_plugin
+import my_plugin
 
-    def test_my_plugin():
-        report = check_plugin(my_plugin)
-        assert report.components == {"loss": ["circle"]}
+def test_my_plugin():
+    report = check_plugin(my_plugin)
+    assert report.components == {"loss": ["circle"]}
 """
 
 from __future__ import annotations

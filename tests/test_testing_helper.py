@@ -34,7 +34,7 @@ def test_check_plugin_reports_clashes_and_broken_factories():
     def register_losses2(register):
         import torch
 
-        register(dmlkit.ComponentSpec("nan_loss", lambda: (lambda e, y: torch.tensor(float("nan")))))
+        register(dmlkit.ComponentSpec("nan_loss", lambda: lambda e, y: torch.tensor(float("nan"))))
 
     nan.register_losses = register_losses2
     with pytest.raises(DmlkitError, match="must return a finite scalar"):

@@ -49,8 +49,11 @@ def test_killed_run_resumes_to_the_same_metrics(cli, tmp_path):
     full = tmp_path / "full"
     assert cli("train", *args, "--run-dir", str(full))[0] == 0
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "dmlkit", "train", *args, "--run-dir", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dmlkit", "train", *args, "--run-dir", str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (killed / "last.pt").exists():
         time.sleep(0.02)
@@ -113,8 +116,9 @@ def test_non_finite_loss_stops_with_a_clear_message(cli, tmp_path):
     get_host().add_plugin(plugin, "nanplugin")
     code, _, err = cli("train", "--loss", "nan_loss", "--epochs", "1", "--run-dir", str(tmp_path / "r"))
     assert code == 1 and "non-finite loss (nan) at epoch 1, step 1" in err and "lower the lr" in err
-    code, out, err = cli("train", "--loss", "nan_loss", "--epochs", "1", "--set", "nonfinite=skip",
-                         "--run-dir", str(tmp_path / "r2"))
+    code, out, err = cli(
+        "train", "--loss", "nan_loss", "--epochs", "1", "--set", "nonfinite=skip", "--run-dir", str(tmp_path / "r2")
+    )
     assert code == 0 and "step skipped" in out
 
 
@@ -161,8 +165,15 @@ def test_embed_and_evaluate_a_run(cli, tmp_path):
     assert cli("train", "--epochs", "1", "--run-dir", str(run))[0] == 0
     code, out, err = cli("embed", str(run), "--out", str(tmp_path / "emb"))
     assert code == 0, err
-    code, out, err = cli("evaluate", "--embeddings", str(tmp_path / "emb" / "embeddings.npy"), "--labels",
-                         str(tmp_path / "emb" / "labels.npy"), "--json", "--no-clustering")
+    code, out, err = cli(
+        "evaluate",
+        "--embeddings",
+        str(tmp_path / "emb" / "embeddings.npy"),
+        "--labels",
+        str(tmp_path / "emb" / "labels.npy"),
+        "--json",
+        "--no-clustering",
+    )
     from_files = json.loads(out)
     code, out, err = cli("evaluate", str(run), "--json", "--no-clustering")
     assert json.loads(out)["map_at_r"] == pytest.approx(from_files["map_at_r"], abs=1e-6)
