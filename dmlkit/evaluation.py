@@ -244,7 +244,9 @@ def kmeans_labels(
     if backend == "faiss" or not torch.cuda.is_available():
         import faiss
 
-        km = faiss.Kmeans(x.shape[1], n_clusters, niter=niter, seed=seed, max_points_per_centroid=10**6)
+        km = faiss.Kmeans(
+            x.shape[1], n_clusters, niter=niter, seed=seed, max_points_per_centroid=10**6, min_points_per_centroid=1
+        )
         km.train(x)
         _, assign = km.index.search(x, 1)
         return assign[:, 0]

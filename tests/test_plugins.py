@@ -53,7 +53,10 @@ def test_installed_third_party_plugin_is_listed_and_usable(tmp_path, add_site, c
     assert code == 0 and out.strip() == "hello dml"
 
 
-def test_broken_plugin_is_reported_and_builtins_still_work(tmp_path, add_site, cli):
+def test_broken_plugin_is_reported_and_builtins_still_work(tmp_path, add_site, cli, monkeypatch):
+    import dmlkit.cli
+
+    monkeypatch.setattr(dmlkit.cli.console, "width", 250)  # the table un-wrapped, whatever the terminal
     add_site(
         make_distribution(
             tmp_path,
