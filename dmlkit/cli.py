@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dmlkit.errors import DmlkitError
@@ -48,7 +49,7 @@ def plugins_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON
         table.add_column(col)
     for i in infos:
         hooks = ", ".join(h.removeprefix("register_") for h in i.hooks)
-        errors = "\n".join(i.errors)
+        errors = escape("\n".join(i.errors))
         table.add_row(
             i.name,
             i.distribution or "-",
@@ -365,12 +366,12 @@ def main(argv: list[str] | None = None) -> None:
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `dmlkit`: show the help
             print(exc.format_message())
             sys.exit(0)
-        err_console.print(f"[red]error: {exc.format_message()}[/red] (see --help)", soft_wrap=True)
+        err_console.print(f"[red]error: {escape(exc.format_message())}[/red] (see --help)", soft_wrap=True)
         sys.exit(2)
     except DmlkitError as exc:
         if debug:
             raise
-        err_console.print(f"[red]error: {exc}[/red]", soft_wrap=True)
+        err_console.print(f"[red]error: {escape(str(exc))}[/red]", soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("[red]error: interrupted[/red]")

@@ -45,16 +45,8 @@ CHOICES = {
     "head_norm": ("none", "layernorm", "batchnorm"),
     "nonfinite": ("stop", "skip"),
 }
-POSITIVE = ("epochs", "batch_size", "lr", "eval_every", "eval_batch_size")
-NON_NEGATIVE = (
-    "weight_decay",
-    "warmup_epochs",
-    "grad_clip",
-    "backbone_lr_multiplier",
-    "head_lr_multiplier",
-    "embedding_size",
-    "seed",
-)
+POSITIVE = ("epochs", "batch_size", "lr", "eval_every", "eval_batch_size", "embedding_size")
+NON_NEGATIVE = ("weight_decay", "warmup_epochs", "grad_clip", "backbone_lr_multiplier", "head_lr_multiplier", "seed")
 
 #: Component sections: the kind each builds and its default component name ("" = none).
 SECTIONS: dict[str, tuple[str, str]] = {
@@ -143,7 +135,7 @@ def validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
     for key, value in cfg.get("train", {}).items():
         if key not in TRAIN_DEFAULTS:
             raise OptionError(f"unknown train setting '{key}'{_suggest(key, TRAIN_DEFAULTS)}")
-        train[key] = _coerce("train", "settings", key, value, _train_types(key))
+        train[key] = _coerce("train setting", key, value, _train_types(key))
     for key in POSITIVE:
         if not train[key] > 0:
             raise OptionError(f"train setting '{key}' must be > 0; got {train[key]}")

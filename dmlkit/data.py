@@ -74,6 +74,7 @@ class DatasetSplits:
 
     train: Split
     test: Split
+    skipped: dict[str, int] = field(default_factory=dict)
 
 
 def make_split(items: Sequence[Any], raw_labels: Sequence[Any], mode: str = "RGB", **kw: Any) -> Split:
@@ -89,11 +90,44 @@ def require(path: Path, what: str) -> Path:
     return path
 
 
-def check_files(paths: Sequence[Path], index: Path) -> None:
-    """Every file an index lists must exist; the first missing one is named with its index line."""
-    for line, p in enumerate(paths, 1):
-        if not p.is_file():
-            raise DataError(f"{index} line {line}: listed image {p} does not exist")
+class Problems:
+    """Bad index lines and missing or unreadable images: an error naming file and line, or,
+    with ``skip_bad``, skipped and counted (``counts``)."""
+
+    def __init__(self, skip_bad: bool = False) -> None:
+        self.skip_bad = skip_bad
+        self.counts: dict[str, int] = {}
+
+    def report(self, kind: str, message: str) -> None:
+        if not self.skip_bad:
+            raise DataError(message + " (or pass skip_bad=true to skip such items)")
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+
+    def existing(self, paths: Sequence[Path], index: Path, lines: Sequence[int] | None = None) -> np.ndarray:
+        """A mask of the listed files that exist; a missing one is reported with its index line."""
+        keep = np.ones(len(paths), bool)
+        for i, p in enumerate(paths):
+            if not p.is_file():
+                line = lines[i] if lines is not None else i + 1
+                self.report("missing images", f"{index} line {line}: listed image {p} does not exist")
+                keep[i] = False
+        return keep
+
+    def readable(self, paths: Sequence[str | Path]) -> np.ndarray:
+        """With ``skip_bad``: a mask of the images that decode (each one is read). Otherwise all True."""
+        keep = np.ones(len(paths), bool)
+        if not self.skip_bad:
+            return keep
+        from PIL import Image
+
+        for i, p in enumerate(paths):
+            try:
+                with Image.open(p) as img:
+                    img.load()
+            except Exception:
+                self.report("unreadable images", f"cannot read image {p}")
+                keep[i] = False
+        return keep
 
 
 def image_transforms(spec: dict[str, Any], train: bool, style: str = "natural", augment: bool = True) -> Callable:

@@ -113,7 +113,8 @@ def _expected_types(hint: Any, default: Any) -> tuple[type, ...] | None:
     return None
 
 
-def _coerce(kind: str, name: str, option: str, value: Any, types: tuple[type, ...] | None) -> Any:
+def _coerce(where: str, option: str, value: Any, types: tuple[type, ...] | None) -> Any:
+    """``value`` checked against ``types`` (an int is accepted as a float); ``where`` starts the error."""
     if types is None or value is None and type(None) in types:
         return value
     if isinstance(value, bool):
@@ -126,7 +127,7 @@ def _coerce(kind: str, name: str, option: str, value: Any, types: tuple[type, ..
     elif isinstance(value, tuple(t for t in types if t not in (int, float, bool))):
         return value
     wanted = " or ".join(sorted({t.__name__ for t in types}))
-    raise OptionError(f"{kind} '{name}': option '{option}' must be {wanted}, got {value!r} ({type(value).__name__})")
+    raise OptionError(f"{where} '{option}' must be {wanted}, got {value!r} ({type(value).__name__})")
 
 
 class Registry:
@@ -228,7 +229,7 @@ class Registry:
         for key, value in options.items():
             p = params.get(key)
             default = p.default if p is not None else inspect.Parameter.empty
-            merged[key] = _coerce(kind, spec.name, key, value, _expected_types(hints.get(key), default))
+            merged[key] = _coerce(f"{kind} '{spec.name}': option", key, value, _expected_types(hints.get(key), default))
         return merged
 
     def build(self, kind: str, name: str, context: Mapping[str, Any] | None = None, **options: Any) -> Any:

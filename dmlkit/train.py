@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torch import nn
@@ -97,6 +98,8 @@ class Trainer:
         self.backbone = registry.build("backbone", cfg["backbone"]["name"], **_opts(cfg["backbone"]))
         spec = input_spec(self.backbone)
         data = registry.build("dataset", cfg["dataset"]["name"], context={"input_spec": spec}, **_opts(cfg["dataset"]))
+        for what, count in getattr(data, "skipped", {}).items():
+            self.console.print(f"[yellow]warning: dataset skipped {count} {what} (skip_bad=true)[/yellow]")
         self.train_split: Split = data.train
         self.test_split: Split = data.test
         self.val_split: Split | None = None
@@ -286,9 +289,11 @@ class Trainer:
         if self.device.type == "cuda":
             x = x.to(memory_format=torch.channels_last)
         with self._autocast():
-            emb = self.model(x)
-        indices = self.miner(emb, y) if self.miner is not None else None
-        loss = self.loss(emb, y, indices=indices)
+            emb = self._guarded("backbone", self.model, x)
+        indices = self._guarded("miner", self.miner, emb, y) if self.miner is not None else None
+        loss = self._guarded("loss", self.loss, emb, y, indices=indices)
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            raise TrainingError(f"{self._describe('loss')} must return a scalar tensor; got {type(loss).__name__}")
         if not torch.isfinite(loss):
             return self._nonfinite("loss", loss)
         self.optimizer.zero_grad(set_to_none=True)
@@ -305,6 +310,23 @@ class Trainer:
         self.step += 1
         return float(loss.detach())
 
+    def _describe(self, kind: str) -> str:
+        name = self.cfg[kind]["name"]
+        plugin = self.registry.get(kind, name).plugin if (kind, name) in self.registry else "?"
+        return f"{kind} '{name}' (plugin '{plugin}')"
+
+    def _guarded(self, kind: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call a component; an unexpected exception names the component and its plugin."""
+        try:
+            return fn(*args, **kwargs)
+        except (DmlkitError, torch.OutOfMemoryError):
+            raise
+        except Exception as exc:
+            raise TrainingError(
+                f"{self._describe(kind)} failed at epoch {self.epoch + 1}, step {self.step + 1}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
     def _nonfinite(self, what: str, value: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         msg = (
@@ -313,7 +335,7 @@ class Trainer:
             f"data. The last good checkpoint is in {self.run_dir}"
         )
         if self.settings["nonfinite"] == "skip":
-            self.console.print(f"[yellow]warning: {msg}; step skipped[/yellow]")
+            self.console.print(f"[yellow]warning: {escape(msg)}; step skipped[/yellow]")
             return None
         raise TrainingError(msg + "; lower the lr or set train.nonfinite=skip")
 
@@ -356,7 +378,14 @@ class Trainer:
         task = progress.add_task("train", total=len(self.sampler), epoch=epoch, loss=0.0, ips=0.0)
         losses, seen, start = [], 0, time.perf_counter()
         for x, y in self.loader(self.train_split, train=True):
-            value = self.train_step(x, y)
+            try:
+                value = self.train_step(x, y)
+            except torch.OutOfMemoryError:
+                b = self.settings["batch_size"]
+                raise TrainingError(
+                    f"out of GPU memory at epoch {epoch}, step {self.step + 1} with batch_size {b}; lower it "
+                    f"(--batch-size {max(2, b // 2)}), or the image size; the last good checkpoint is in {self.run_dir}"
+                ) from None
             if value is not None:
                 losses.append(value)
             seen += len(y)

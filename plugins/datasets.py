@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 import dmlkit
-from dmlkit.data import DatasetSplits, check_files, image_transforms, make_split, require
+from dmlkit.data import DatasetSplits, Problems, image_transforms, make_split, require
 from dmlkit.errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -27,27 +27,60 @@ def _root(root: str, name: str) -> Path:
     return p
 
 
-def _finish(train, test, spec: dict[str, Any] | None, style: str, augment: bool) -> DatasetSplits:
+def _finish(train, test, spec: dict[str, Any] | None, style: str, augment: bool, problems: Problems) -> DatasetSplits:
+    if problems.skip_bad:
+        train, test = (_keep(s, problems.readable(s.items)) for s in (train, test))
     spec = {**(_GRAY if style == "glyph" else _RGB), **(spec or {})}
     mode = "L" if spec["channels"] == 1 else "RGB"
     train.mode = test.mode = mode
     train.transform = image_transforms(spec, True, style, augment)
     test.transform = image_transforms(spec, False, style, augment)
-    return DatasetSplits(train, test)
+    return DatasetSplits(train, test, skipped=problems.counts)
 
 
-def _read_rows(path: Path, ncols: int, skip: int = 0) -> list[list[str]]:
-    """Whitespace-separated rows; a short row is an error naming file and line."""
-    rows = []
-    with open(require(path, "index file"), encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if n <= skip or not line.strip():
-                continue
-            parts = line.split()
-            if len(parts) < ncols:
-                raise DataError(f"{path} line {n}: expected {ncols} fields, got {len(parts)}: {line.strip()!r}")
-            rows.append(parts)
-    return rows
+def _keep(split, mask: np.ndarray):
+    if mask.all():
+        return split
+    idx = np.flatnonzero(mask)
+    out = split.subset(idx)
+    if split.query_mask is not None:
+        out.query_mask, out.gallery_mask = split.query_mask[idx], split.gallery_mask[idx]
+    return out
+
+
+def _read_rows(path: Path, ncols: int, problems: Problems, skip: int = 0) -> tuple[list[list[str]], list[int]]:
+    """Whitespace-separated rows and their line numbers; a short row is reported naming file and line."""
+    rows, lines = [], []
+    try:
+        with open(require(path, "index file"), encoding="utf-8") as f:
+            text = f.readlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not a UTF-8 text file: {exc}") from None
+    for n, line in enumerate(text, 1):
+        if n <= skip or not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) < ncols:
+            problems.report(
+                "bad index lines", f"{path} line {n}: expected {ncols} fields, got {len(parts)}: {line.strip()!r}"
+            )
+            continue
+        rows.append(parts)
+        lines.append(n)
+    return rows, lines
+
+
+def _ints(rows: list[list[str]], lines: list[int], col: int, path: Path, problems: Problems) -> dict[int, int]:
+    """Row index -> integer in column ``col``; a non-integer is reported naming file and line."""
+    out = {}
+    for i, (r, n) in enumerate(zip(rows, lines)):
+        try:
+            out[i] = int(r[col])
+        except ValueError:
+            problems.report(
+                "bad index lines", f"{path} line {n}: expected an integer in field {col + 1}, got {r[col]!r}"
+            )
+    return out
 
 
 # ---------------------------------------------------------------------------------------- digits
@@ -67,7 +100,9 @@ def digits(train_classes: int = 5) -> DatasetSplits:
 
 
 # -------------------------------------------------------------------------------------- omniglot
-def omniglot(root: str = "", input_spec: dict | None = None, augment: bool = True) -> DatasetSplits:
+def omniglot(
+    root: str = "", input_spec: dict | None = None, augment: bool = True, skip_bad: bool = False
+) -> DatasetSplits:
     """Omniglot in torchvision's layout: background characters train, evaluation characters test."""
     base = _root(root, "omniglot")
     if (base / "omniglot-py").is_dir():
@@ -87,38 +122,51 @@ def omniglot(root: str = "", input_spec: dict | None = None, augment: bool = Tru
         if not items:
             raise DataError(f"no PNG images under {folder}/<Alphabet>/characterNN/")
         splits.append(make_split(items, labels))
-    return _finish(*splits, input_spec, "glyph", augment)
+    return _finish(*splits, input_spec, "glyph", augment, Problems(skip_bad))
 
 
 # ----------------------------------------------------------------------------------------- cub200
-def cub200(root: str = "", input_spec: dict | None = None, augment: bool = True) -> DatasetSplits:
+def cub200(
+    root: str = "", input_spec: dict | None = None, augment: bool = True, skip_bad: bool = False
+) -> DatasetSplits:
     """CUB-200-2011 (official layout: images.txt, image_class_labels.txt): class ids 1-100 train, 101-200 test."""
     base = _root(root, "cub200")
     if (base / "CUB_200_2011").is_dir():
         base = base / "CUB_200_2011"
-    images = {r[0]: r[1] for r in _read_rows(base / "images.txt", 2)}
-    labels = {r[0]: int(r[1]) for r in _read_rows(base / "image_class_labels.txt", 2)}
-    missing = sorted(set(images) - set(labels), key=int)
-    if missing:
-        raise DataError(f"{base / 'image_class_labels.txt'} has no line for image id {missing[0]} of images.txt")
-    ids = sorted(images, key=int)
-    paths = [base / "images" / images[i] for i in ids]
-    check_files(paths, base / "images.txt")
-    cls = np.array([labels[i] for i in ids])
+    problems = Problems(skip_bad)
+    img_rows, img_lines = _read_rows(base / "images.txt", 2, problems)
+    lab_rows, lab_lines = _read_rows(base / "image_class_labels.txt", 2, problems)
+    lab_index = base / "image_class_labels.txt"
+    labels = {lab_rows[i][0]: v for i, v in _ints(lab_rows, lab_lines, 1, lab_index, problems).items()}
+    items, cls, lines = [], [], []
+    for (image_id, rel), n in zip(img_rows, img_lines):
+        if image_id not in labels:
+            problems.report(
+                "images without a label", f"{lab_index} has no line for image id {image_id} (images.txt line {n})"
+            )
+            continue
+        items.append(base / "images" / rel)
+        cls.append(labels[image_id])
+        lines.append(n)
+    keep = problems.existing(items, base / "images.txt", lines)
+    items, cls = [str(p) for p, k in zip(items, keep) if k], np.array(cls)[keep]
     tr, te = cls <= 100, cls > 100
-    train = make_split([str(p) for p, t in zip(paths, tr) if t], cls[tr])
-    test = make_split([str(p) for p, t in zip(paths, te) if t], cls[te])
-    if not len(train) or not len(test):
+    if not tr.any() or not te.any():
         raise DataError(f"{base}: need images of class ids 1-100 (train) and 101-200 (test)")
-    return _finish(train, test, input_spec, "natural", augment)
+    train = make_split([p for p, t in zip(items, tr) if t], cls[tr])
+    test = make_split([p for p, t in zip(items, te) if t], cls[te])
+    return _finish(train, test, input_spec, "natural", augment, problems)
 
 
 # ---------------------------------------------------------------------------------------- cars196
-def cars196(root: str = "", input_spec: dict | None = None, augment: bool = True) -> DatasetSplits:
+def cars196(
+    root: str = "", input_spec: dict | None = None, augment: bool = True, skip_bad: bool = False
+) -> DatasetSplits:
     """Stanford Cars in the devkit layout (cars_train/, cars_test/, devkit/*.mat): classes 1-98 train, 99-196 test."""
     from scipy.io import loadmat
 
     base = _root(root, "cars196")
+    problems = Problems(skip_bad)
     items, cls = [], []
     for folder, mat in (
         ("cars_train", base / "devkit" / "cars_train_annos.mat"),
@@ -135,54 +183,67 @@ def cars196(root: str = "", input_spec: dict | None = None, augment: bool = True
         for a in np.atleast_1d(annos):
             items.append(base / folder / str(a["fname"]))
             cls.append(int(a["class"]))
-    check_files(items, base)
-    cls = np.array(cls)
+    keep = problems.existing(items, base / "devkit")
+    items, cls = [str(p) for p, k in zip(items, keep) if k], np.array(cls)[keep]
     tr, te = cls <= 98, cls > 98
-    train = make_split([str(p) for p, t in zip(items, tr) if t], cls[tr])
-    test = make_split([str(p) for p, t in zip(items, te) if t], cls[te])
-    return _finish(train, test, input_spec, "natural", augment)
+    train = make_split([p for p, t in zip(items, tr) if t], cls[tr])
+    test = make_split([p for p, t in zip(items, te) if t], cls[te])
+    return _finish(train, test, input_spec, "natural", augment, problems)
 
 
 # -------------------------------------------------------------------------------------------- sop
-def sop(root: str = "", input_spec: dict | None = None, augment: bool = True) -> DatasetSplits:
+def sop(root: str = "", input_spec: dict | None = None, augment: bool = True, skip_bad: bool = False) -> DatasetSplits:
     """Stanford Online Products (Ebay_train.txt / Ebay_test.txt: image_id class_id super_class_id path)."""
     base = _root(root, "sop")
     if (base / "Stanford_Online_Products").is_dir():
         base = base / "Stanford_Online_Products"
+    problems = Problems(skip_bad)
     out = []
     for name in ("Ebay_train.txt", "Ebay_test.txt"):
-        rows = _read_rows(base / name, 4, skip=1)
+        rows, lines = _read_rows(base / name, 4, problems, skip=1)
+        classes = _ints(rows, lines, 1, base / name, problems)
+        rows, lines = [rows[i] for i in classes], [lines[i] for i in classes]
         paths = [base / r[3] for r in rows]
-        check_files(paths, base / name)
-        out.append(make_split([str(p) for p in paths], [int(r[1]) for r in rows]))
-    return _finish(*out, input_spec, "natural", augment)
+        keep = problems.existing(paths, base / name, lines)
+        out.append(make_split([str(p) for p, k in zip(paths, keep) if k], np.array(list(classes.values()))[keep]))
+    return _finish(*out, input_spec, "natural", augment, problems)
 
 
 # ----------------------------------------------------------------------------------------- inshop
-def inshop(root: str = "", input_spec: dict | None = None, augment: bool = True) -> DatasetSplits:
+def inshop(
+    root: str = "", input_spec: dict | None = None, augment: bool = True, skip_bad: bool = False
+) -> DatasetSplits:
     """In-shop Clothes Retrieval (list_eval_partition.txt): train items; test = query against gallery."""
     base = _root(root, "inshop")
     index = base / "list_eval_partition.txt"
     if not index.exists() and (base / "Eval" / index.name).exists():
         index = base / "Eval" / index.name
-    rows = _read_rows(index, 3, skip=2)
-    bad = [r for r in rows if r[2] not in ("train", "query", "gallery")]
-    if bad:
-        raise DataError(f"{index}: evaluation_status must be train, query or gallery; got {bad[0][2]!r}")
+    problems = Problems(skip_bad)
+    rows, lines = _read_rows(index, 3, problems, skip=2)
+    ok = []
+    for r, n in zip(rows, lines):
+        if r[2] in ("train", "query", "gallery"):
+            ok.append((r, n))
+        else:
+            problems.report(
+                "bad index lines", f"{index} line {n}: evaluation_status must be train, query or gallery; got {r[2]!r}"
+            )
+    rows, lines = [r for r, _ in ok], [n for _, n in ok]
     paths = [base / r[0] for r in rows]
-    check_files(paths, index)
+    keep = problems.existing(paths, index, lines)
+    rows, paths = [r for r, k in zip(rows, keep) if k], [p for p, k in zip(paths, keep) if k]
     status = np.array([r[2] for r in rows])
     items = np.array([str(p) for p in paths], dtype=object)
     ids = np.array([r[1] for r in rows])
     train = make_split(list(items[status == "train"]), ids[status == "train"])
     te = status != "train"
     test = make_split(list(items[te]), ids[te], query_mask=status[te] == "query", gallery_mask=status[te] == "gallery")
-    return _finish(train, test, input_spec, "natural", augment)
+    return _finish(train, test, input_spec, "natural", augment, problems)
 
 
 # ------------------------------------------------------------------------------------ imagefolder
 def imagefolder(
-    root: str = "", input_spec: dict | None = None, augment: bool = True, style: str = "natural"
+    root: str = "", input_spec: dict | None = None, augment: bool = True, style: str = "natural", skip_bad: bool = False
 ) -> DatasetSplits:
     """Your own images: root/train/<class>/* and root/test/<class>/* (test classes should be unseen)."""
     base = _root(root, "imagefolder")
@@ -198,11 +259,13 @@ def imagefolder(
         if not items:
             raise DataError(f"no images under {folder}/<class>/ (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})")
         out.append(make_split(items, labels))
-    return _finish(*out, input_spec, style, augment)
+    return _finish(*out, input_spec, style, augment, Problems(skip_bad))
 
 
 # -------------------------------------------------------------------------------------------- csv
-def csv_table(path: str = "", root: str = "", input_spec: dict | None = None, augment: bool = True) -> DatasetSplits:
+def csv_table(
+    path: str = "", root: str = "", input_spec: dict | None = None, augment: bool = True, skip_bad: bool = False
+) -> DatasetSplits:
     """An OML-style CSV: label, path, split (train/validation), is_query, is_gallery; paths relative to root."""
     if not path:
         raise DataError("dataset 'csv' needs path=TABLE.csv")
@@ -217,21 +280,25 @@ def csv_table(path: str = "", root: str = "", input_spec: dict | None = None, au
                 f"{table}: missing column(s) {', '.join(missing)}; need label, path, split[, is_query, is_gallery]"
             )
         rows = list(reader)
+    problems = Problems(skip_bad)
     parts: dict[str, list] = {"train": [], "test": []}
     for n, r in enumerate(rows, 2):
         split = (r["split"] or "").strip()
         split = {"validation": "test", "val": "test"}.get(split, split)
-        if split not in parts:
-            raise DataError(f"{table} line {n}: split must be train or validation; got {r['split']!r}")
+        if split not in parts or not (r.get("label") or "").strip() or not (r.get("path") or "").strip():
+            problems.report(
+                "bad index lines", f"{table} line {n}: need a label, a path and split train or validation; got {r}"
+            )
+            continue
+        if not (base / r["path"]).is_file():
+            problems.report("missing images", f"{table} line {n}: image {base / r['path']} does not exist")
+            continue
         parts[split].append((n, r))
     splits = []
     for name, entries in parts.items():
         if not entries:
             raise DataError(f"{table}: no rows with split={'train' if name == 'train' else 'validation'}")
         paths = [base / r["path"] for _, r in entries]
-        for (n, _), p in zip(entries, paths):
-            if not p.is_file():
-                raise DataError(f"{table} line {n}: image {p} does not exist")
         kw = {}
         if name == "test" and "is_query" in entries[0][1]:
             kw = {
@@ -239,7 +306,7 @@ def csv_table(path: str = "", root: str = "", input_spec: dict | None = None, au
                 "gallery_mask": np.array([_truthy(r.get("is_gallery")) for _, r in entries]),
             }
         splits.append(make_split([str(p) for p in paths], [r["label"] for _, r in entries], **kw))
-    return _finish(*splits, input_spec, "natural", augment)
+    return _finish(*splits, input_spec, "natural", augment, problems)
 
 
 def _truthy(v: Any) -> bool:

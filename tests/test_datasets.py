@@ -58,6 +58,21 @@ def test_cub200_errors_name_the_file(tmp_path):
         build("cub200", root=str(tmp_path))
 
 
+def test_skip_bad_skips_and_counts(tmp_path):
+    root = make_cub(tmp_path / "cub")
+    (root / "images" / "001.Bird_1" / "img_0.jpg").unlink()  # missing
+    (root / "images" / "101.Bird_101" / "img_1.jpg").write_bytes(b"\xff\xd8 truncated")  # unreadable
+    lines = (root / "images.txt").read_text().splitlines()
+    (root / "images.txt").write_text("\n".join([*lines[:-1], "12"]) + "\n")  # a bad line
+    with pytest.raises(DataError, match="images.txt line 12: expected 2 fields"):
+        build("cub200", root=str(root))
+    data = build("cub200", root=str(root), skip_bad=True)
+    assert data.skipped == {"bad index lines": 1, "missing images": 1, "unreadable images": 1}
+    assert len(data.train) == 5 and len(data.test) == 4
+    for i in range(len(data.test)):
+        data.test[i]  # every kept image loads
+
+
 def test_unreadable_image_names_its_path(tmp_path):
     root = make_cub(tmp_path / "cub")
     bad = root / "images" / "101.Bird_101" / "img_0.jpg"
