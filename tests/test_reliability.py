@@ -164,3 +164,10 @@ def test_fuzzed_command_lines_end_cleanly(cli, tmp_path, case):
     assert "Traceback" not in err and "Traceback" not in out, (argv, err)
     if code:
         assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_non_finite_gradient_stops_the_run(cli, tmp_path):
+    # a finite loss (0) whose gradient is infinite: d sqrt(x)/dx at x = 0
+    add_loss("inf_grad_loss", lambda emb, labels: torch.sqrt((emb * 0).sum()))
+    code, _, err = cli("train", "--loss", "inf_grad_loss", "--epochs", "1", "--run-dir", str(tmp_path / "r"))
+    assert code == 1 and "non-finite gradient" in err and "at epoch 1, step 1" in err

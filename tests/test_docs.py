@@ -1,0 +1,164 @@
+"""The docs are the interface: their hooks, commands, code and site are checked here."""
+
+import inspect
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+
+import pytest
+from conftest import ROOT
+
+from dmlkit import hookspecs
+from dmlkit.config import default_config, merge, validate
+from dmlkit.registry import KINDS
+
+DOCS = ROOT / "docs"
+NOT_RUN = "# not run by the tests"
+FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.S | re.M)
+
+
+def blocks(path, lang):
+    return [body for kind, body in FENCE.findall(path.read_text()) if kind == lang]
+
+
+def run_dmlkit_lines(path, cli):
+    """Run every `dmlkit ...` line of the file's bash blocks, in order (continuation lines joined)."""
+    ran = 0
+    for body in blocks(path, "bash"):
+        if body.startswith(NOT_RUN):
+            continue
+        for line in body.replace("\\\n", " ").splitlines():
+            if line.startswith("dmlkit "):
+                code, out, err = cli(*shlex.split(line, comments=True)[1:])
+                assert code == 0, f"{path.name}: `{line}` failed: {err}"
+                ran += 1
+    return ran
+
+
+def hookspec_signatures():
+    return {
+        name: f"{name}({', '.join(inspect.signature(fn).parameters)})"
+        for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+        if hasattr(fn, "dmlkit_spec")
+    }
+
+
+def test_every_hook_is_documented_with_its_exact_signature():
+    documented = re.findall(r"^## `(\w+\([^)]*\))`", (DOCS / "hooks.md").read_text(), re.M)
+    specs = hookspec_signatures()
+    assert len(specs) == 9
+    assert sorted(documented) == sorted(specs.values())
+
+
+def test_every_component_kind_has_a_generated_page():
+    nav = (ROOT / "mkdocs.yml").read_text()
+    for kind in KINDS:
+        page = DOCS / "components" / f"{kind}.md"
+        assert f"<!-- dmlkit:components {kind} -->" in page.read_text()
+        assert f"components/{kind}.md" in nav
+
+
+def test_generated_component_pages_list_every_builtin_with_defaults():
+    sys.path.insert(0, str(DOCS))
+    import gen
+
+    text = gen.expand("<!-- dmlkit:components loss -->")
+    for name in (
+        "proxynca",
+        "triplet",
+        "contrastive",
+        "contrastive_cosine",
+        "multi_similarity",
+        "ranked_list",
+        "proxy_anchor",
+    ):
+        assert f"## `{name}`" in text
+    assert "| `margin` | `0.2` |" in text and "| `num_classes` | supplied at run time |" in text
+    assert "--loss-opt" in gen.expand("<!-- dmlkit:cli train -->")
+
+
+@pytest.mark.parametrize("page", ["hooks.md", "tutorial.md", "index.md"])
+def test_python_blocks_run(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sys.path.insert(0, str(DOCS / "examples" / "dmlkit-circle"))
+    for body in blocks(DOCS / page, "python"):
+        if body.startswith(NOT_RUN) or body.lstrip().startswith("--8<--"):
+            continue
+        exec(compile(body, f"{page} block", "exec"), {"__name__": f"doc_{page}"})
+
+
+def test_toml_blocks_are_valid_run_configs():
+    for page in ("index.md",):
+        for body in blocks(DOCS / page, "toml"):
+            from dmlkit import get_registry
+
+            validate(merge(default_config(), tomllib.loads(body)), get_registry())
+
+
+def test_index_and_readme_commands_run(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_dmlkit_lines(DOCS / "index.md", cli) >= 8
+    # the README tour, in a fresh folder
+    (tmp_path / "readme").mkdir()
+    monkeypatch.chdir(tmp_path / "readme")
+    assert run_dmlkit_lines(ROOT / "README.md", cli) >= 5
+
+
+def test_tutorial_plugin_installs_and_trains(cli, tmp_path, add_site, monkeypatch):
+    site = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(site),
+            str(DOCS / "examples" / "dmlkit-circle"),
+        ],
+        check=True,
+    )
+    add_site(site)
+    monkeypatch.chdir(tmp_path)
+    assert run_dmlkit_lines(DOCS / "tutorial.md", cli) == 4
+    code, out, _ = cli("plugins", "--json")
+    import json
+
+    circle = next(p for p in json.loads(out) if p["name"] == "circle")
+    assert circle["distribution"] == "dmlkit-circle" and circle["components"] == 1 and not circle["errors"]
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "circle" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[-1]["precision_at_1"] > 0.8
+
+
+def test_circle_loss_matches_pml():
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    import torch
+
+    sys.path.insert(0, str(DOCS / "examples" / "dmlkit-circle"))
+    from dmlkit_circle import CircleLoss
+
+    g = torch.Generator().manual_seed(0)
+    emb, labels = torch.randn(32, 8, generator=g), torch.arange(32) % 5
+    ours = CircleLoss(m=0.4, gamma=80)(emb, labels)
+    theirs = pml.CircleLoss(m=0.4, gamma=80)(emb, labels)
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-4)
+
+
+def test_site_builds_strict(tmp_path):
+    pytest.importorskip("mkdocs", reason="mkdocs not installed (pip install -e '.[test]')")
+    out = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    html = (tmp_path / "site" / "components" / "loss" / "index.html").read_text()
+    assert "proxynca" in html and "semihard" in (tmp_path / "site" / "components" / "miner" / "index.html").read_text()
+    assert "CircleLoss" in (tmp_path / "site" / "tutorial" / "index.html").read_text()
