@@ -26,6 +26,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "embedding_size": 128,
     "pooling": "avg",
     "head_norm": "none",
+    "normalize_embeddings": True,
     "freeze_bn": False,
     "seed": 0,
     "device": "auto",

@@ -106,7 +106,9 @@ class Trainer:
         if t["val_fraction"] > 0:
             self.train_split, self.val_split = class_disjoint_split(self.train_split, t["val_fraction"], t["seed"])
             self.val_split = self.val_split.with_transform(self.test_split.transform)
-        head = EmbeddingHead(feature_size(self.backbone), t["embedding_size"], t["pooling"], t["head_norm"])
+        head = EmbeddingHead(
+            feature_size(self.backbone), t["embedding_size"], t["pooling"], t["head_norm"], t["normalize_embeddings"]
+        )
         self.model = EmbeddingModel(self.backbone, head, freeze_bn=t["freeze_bn"]).to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -234,7 +236,7 @@ class Trainer:
             x = x.to(self.device, non_blocking=True)
             if self.device.type == "cuda":
                 x = x.to(memory_format=torch.channels_last)
-            with self._autocast():
+            with self.autocast():
                 outs.append(self.model(x).float().cpu())
         self.model.train(was)
         return torch.cat(outs).numpy(), split.labels
@@ -244,7 +246,8 @@ class Trainer:
         emb, labels = self.embed(split)
         return self.evaluator(emb, labels, split.query_mask, split.gallery_mask)
 
-    def _autocast(self):
+    def autocast(self):
+        """bf16 autocast on CUDA when train.amp is on; a no-op context elsewhere."""
         enabled = self.settings["amp"] and self.device.type == "cuda"
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -288,7 +291,7 @@ class Trainer:
         y = y.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             x = x.to(memory_format=torch.channels_last)
-        with self._autocast():
+        with self.autocast():
             emb = self._guarded("backbone", self.model, x)
         indices = self._guarded("miner", self.miner, emb, y) if self.miner is not None else None
         loss = self._guarded("loss", self.loss, emb, y, indices=indices)
