@@ -164,9 +164,11 @@ def train_cmd(
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory.")] = None,
 ) -> None:
     """Train an embedding model composed from registry components; with no options, the digits default."""
+    from dmlkit import distributed
     from dmlkit.config import apply_digits_default, default_config, load_toml, merge, parse_assignments, validate
     from dmlkit.train import Trainer, load_checkpoint
 
+    distributed.setup()
     host = get_host()
     ckpt = None
     if resume is not None:
@@ -210,19 +212,20 @@ def train_cmd(
         if train:
             cli["train"] = train
         cfg = validate(apply_digits_default(merge(cfg, cli)), host.registry)
-        out_dir = run_dir or Path(cfg["train"]["run_dir"] or _default_run_dir(cfg))
-        if (out_dir / "last.pt").exists():
+        out_dir = distributed.broadcast(run_dir or Path(cfg["train"]["run_dir"] or _default_run_dir(cfg)))
+        if distributed.is_main() and (out_dir / "last.pt").exists():
             raise DmlkitError(
                 f"{out_dir} already holds a run; continue it with --resume {out_dir} or pick another --run-dir"
             )
     trainer = Trainer(cfg, host.registry, out_dir, console=console)
+    say = trainer.console  # quiet on every rank but the first
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
-        console.print(f"resuming {out_dir} after epoch {trainer.epoch}")
-    console.print(f"run directory: {out_dir}")
+        say.print(f"resuming {out_dir} after epoch {trainer.epoch}")
+    say.print(f"run directory: {out_dir}")
     final = trainer.fit()
     best = trainer.best
-    console.print(
+    say.print(
         f"[green]done[/green]: {out_dir}  best {best.get('metric', '')} {best['value']:.4f} at epoch "
         f"{best['epoch']}; final P@1 {final.get('precision_at_1', float('nan')):.4f}, "
         f"MAP@R {final.get('map_at_r', float('nan')):.4f}"

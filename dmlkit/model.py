@@ -63,6 +63,7 @@ class EmbeddingModel(nn.Module):
     def __init__(self, backbone: nn.Module, head: EmbeddingHead, freeze_bn: bool = False):
         super().__init__()
         self.backbone, self.head, self.freeze_bn = backbone, head, freeze_bn
+        self.backbone_frozen = False  # warm-up: the backbone runs without gradients
         if freeze_bn:
             for m in backbone.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -78,6 +79,10 @@ class EmbeddingModel(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.backbone_frozen:
+            with torch.no_grad():
+                features = self.backbone(x)
+            return self.head(features)
         return self.head(self.backbone(x))
 
 

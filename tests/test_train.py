@@ -181,3 +181,37 @@ def test_embed_and_evaluate_a_run(cli, tmp_path):
     code, out, err = cli("evaluate", str(run), "--json", "--no-clustering")
     assert json.loads(out)["map_at_r"] == pytest.approx(from_files["map_at_r"], abs=1e-6)
     assert from_files["map_at_r"] == pytest.approx(read_metrics(run)[-1]["map_at_r"], abs=1e-6)
+
+
+def test_ddp_two_cpu_processes_with_gloo(tmp_path):
+    """torchrun with 2 processes: each rank trains on its share, rank 0 writes the run directory."""
+    run = tmp_path / "ddp"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29517",
+            "-m",
+            "dmlkit",
+            "train",
+            "--epochs",
+            "2",
+            "--run-dir",
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    # each rank took half of the epoch's batches
+    single_steps = 901 // 64
+    assert rows[0]["step"] == single_steps // 2
+    assert rows[-1]["precision_at_1"] > 0.8
+    assert out.stdout.count("run directory:") == 1  # only rank 0 speaks

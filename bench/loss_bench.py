@@ -1,0 +1,134 @@
+"""Forward + backward time per step of each loss (and miner), beside pytorch-metric-learning.
+
+    python bench/loss_bench.py                 # batch 256 and 1024, D=512, 100 and 11,318 classes
+    python bench/loss_bench.py --quick         # batch 256 only, fewer repeats
+    python bench/loss_bench.py --out r.json
+
+Labels are 4 samples per class (as an m_per_class sampler gives); proxy losses own one
+proxy per class. Times are medians over repeats after warm-up, with CUDA synchronised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import date
+
+import torch
+
+from dmlkit import get_registry
+
+
+def cases(num_classes: int, dim: int):
+    """(name, build dmlkit (loss, miner), build PML (loss, miner) or None)."""
+    reg = get_registry()
+    ctx = {"num_classes": num_classes, "embedding_size": dim}
+    try:
+        from pytorch_metric_learning import distances, losses, miners
+    except ImportError:
+        losses = None
+
+    def pml(fn):
+        return fn if losses is not None else None
+
+    return [
+        (
+            "proxynca",
+            lambda: (reg.build("loss", "proxynca", context=ctx), None),
+            pml(lambda: (losses.ProxyNCALoss(num_classes, dim, softmax_scale=9), None)),
+        ),
+        (
+            "proxy_anchor",
+            lambda: (reg.build("loss", "proxy_anchor", context=ctx), None),
+            pml(lambda: (losses.ProxyAnchorLoss(num_classes, dim, margin=0.1, alpha=32), None)),
+        ),
+        (
+            "multi_similarity",
+            lambda: (reg.build("loss", "multi_similarity"), None),
+            pml(lambda: (losses.MultiSimilarityLoss(2, 50, 0.5), None)),
+        ),
+        (
+            "contrastive",
+            lambda: (reg.build("loss", "contrastive"), None),
+            pml(lambda: (losses.ContrastiveLoss(0.0, 0.5), None)),
+        ),
+        (
+            "triplet (all triplets)",
+            lambda: (reg.build("loss", "triplet", reduction="mean_nonzero"), None),
+            pml(lambda: (losses.TripletMarginLoss(0.2, distance=distances.LpDistance(power=2)), None)),
+        ),
+        (
+            "triplet + semihard",
+            lambda: (reg.build("loss", "triplet"), reg.build("miner", "semihard")),
+            pml(lambda: (losses.TripletMarginLoss(0.2), miners.TripletMarginMiner(0.2, type_of_triplets="semihard"))),
+        ),
+        ("ranked_list", lambda: (reg.build("loss", "ranked_list"), None), None),
+    ]
+
+
+def step_time(loss, miner, emb, labels, repeats: int) -> float:
+    dev = emb.device
+    loss = loss.to(dev)
+    times = []
+    for i in range(repeats + 3):
+        x = emb.detach().clone().requires_grad_(True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        idx = miner(x, labels) if miner is not None else None
+        value = loss(x, labels, indices_tuple=idx) if _is_pml(loss) else loss(x, labels, indices=idx)
+        value.backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+def _is_pml(loss) -> bool:
+    return type(loss).__module__.startswith("pytorch_metric_learning")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    repeats = 5 if args.quick or dev.type == "cpu" else 30
+    batches = (256,) if args.quick else (256, 1024)
+    dim = 512
+    result = {
+        "date": str(date.today()),
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "dim": dim,
+        "rows": [],
+    }
+    for classes in (100, 11318):
+        for batch in batches:
+            g = torch.Generator().manual_seed(0)
+            emb = torch.randn(batch, dim, generator=g).to(dev)
+            labels = (torch.randperm(classes, generator=g)[: batch // 4].repeat_interleave(4)).to(dev)
+            for name, ours, theirs in cases(classes, dim):
+                row = {
+                    "loss": name,
+                    "batch": batch,
+                    "classes": classes,
+                    "dmlkit_ms": round(step_time(*ours(), emb, labels, repeats), 3),
+                }
+                if theirs is not None:
+                    row["pml_ms"] = round(step_time(*theirs(), emb, labels, repeats), 3)
+                    row["speedup"] = round(row["pml_ms"] / row["dmlkit_ms"], 2)
+                result["rows"].append(row)
+                print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
