@@ -44,10 +44,10 @@ def main() -> None:
         if i:
             times.append(time.perf_counter() - t)
     row = {
-        "date": str(date.today()),
-        "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
         **vars(args),
+        "date": str(date.today()),
+        "machine": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
         "selection_ms_median": round(statistics.median(times) * 1000, 2),
     }
     print(json.dumps(row))

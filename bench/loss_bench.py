@@ -96,7 +96,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="")
+    ap.add_argument("--losses", default="", help="comma-separated names to run (default: all)")
     args = ap.parse_args()
+    wanted = {w.strip() for w in args.losses.split(",") if w.strip()}
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     repeats = 5 if args.quick or dev.type == "cpu" else 30
     batches = (256,) if args.quick else (256, 1024)
@@ -112,8 +114,11 @@ def main() -> None:
         for batch in batches:
             g = torch.Generator().manual_seed(0)
             emb = torch.randn(batch, dim, generator=g).to(dev)
-            labels = (torch.randperm(classes, generator=g)[: batch // 4].repeat_interleave(4)).to(dev)
+            groups = torch.randperm(classes, generator=g)[torch.arange(batch // 4) % classes]  # 4 per class
+            labels = groups.repeat_interleave(4).to(dev)
             for name, ours, theirs in cases(classes, dim):
+                if wanted and name not in wanted:
+                    continue
                 row = {
                     "loss": name,
                     "batch": batch,

@@ -162,10 +162,14 @@ def train_cmd(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Run directory (default runs/<time>-<dataset>-<loss>).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory.")] = None,
+    protocol: Annotated[
+        str, typer.Option(help="'single', or 'mlrc': 4 models on 4 class-disjoint validation folds, then concatenated.")
+    ] = "single",
 ) -> None:
     """Train an embedding model composed from registry components; with no options, the digits default."""
     from dmlkit import distributed
     from dmlkit.config import apply_digits_default, default_config, load_toml, merge, parse_assignments, validate
+    from dmlkit.mlrc import run_mlrc
     from dmlkit.train import Trainer, load_checkpoint
 
     distributed.setup()
@@ -217,6 +221,13 @@ def train_cmd(
             raise DmlkitError(
                 f"{out_dir} already holds a run; continue it with --resume {out_dir} or pick another --run-dir"
             )
+    if protocol not in ("single", "mlrc"):
+        raise DmlkitError(f"--protocol must be single or mlrc; got {protocol!r}")
+    if protocol == "mlrc":
+        if ckpt is not None or distributed.world_size_from_env() > 1:
+            raise DmlkitError("--protocol mlrc trains its own runs: it cannot resume, nor run under torchrun")
+        _print_mlrc(run_mlrc(cfg, host.registry, out_dir, console), out_dir)
+        return
     trainer = Trainer(cfg, host.registry, out_dir, console=console)
     say = trainer.console  # quiet on every rank but the first
     if ckpt is not None:
@@ -230,6 +241,19 @@ def train_cmd(
         f"{best['epoch']}; final P@1 {final.get('precision_at_1', float('nan')):.4f}, "
         f"MAP@R {final.get('map_at_r', float('nan')):.4f}"
     )
+
+
+def _print_mlrc(result: dict[str, Any], out_dir: Path) -> None:
+    table = Table(title="MLRC: test metrics per fold model and concatenated")
+    keys = ["precision_at_1", "r_precision", "map_at_r"]
+    for col in ("model", "val MAP@R", "P@1", "R-Prec", "MAP@R"):
+        table.add_column(col, justify="right")
+    for m in result["models"]:
+        table.add_row(f"fold {m['fold']}", f"{m['val_map_at_r']:.4f}", *[f"{m[k]:.4f}" for k in keys])
+    c = result["concatenated"]
+    table.add_row(f"concatenated ({c['dim']}-d)", "", *[f"{c[k]:.4f}" for k in keys])
+    console.print(table)
+    console.print(f"wrote {out_dir / 'mlrc.json'}")
 
 
 def _default_run_dir(cfg: dict[str, Any]) -> Path:
@@ -306,6 +330,48 @@ def embed_cmd(
     console.print(f"wrote {len(emb)} embeddings of size {emb.shape[1]} to {out}/")
 
 
+def report_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories to compare.")],
+    out: Annotated[Path, typer.Option(help="Folder for the figures and report.json.")] = Path("report"),
+    grid: Annotated[bool, typer.Option(help="Draw a retrieval grid per run (embeds its test set).")] = True,
+    queries: Annotated[int, typer.Option(help="Queries in each retrieval grid.")] = 6,
+    top_k: Annotated[int, typer.Option(help="Neighbours shown per query.")] = 5,
+    best_metric: Annotated[str, typer.Option(help="Metric that picks each run's best epoch.")] = "map_at_r",
+) -> None:
+    """Compare runs in one table and write PNG figures: metric curves, Recall@K, retrieval grids."""
+    from dmlkit.report import load_run, plot_curves, plot_recall_at_k, retrieval_grid, summary
+
+    if queries < 1 or top_k < 1:
+        raise DmlkitError("--queries and --top-k must be >= 1")
+    loaded = [load_run(r) for r in runs]
+    rows = [summary(r, best_metric) for r in loaded]
+    out.mkdir(parents=True, exist_ok=True)
+    figures = [plot_curves(loaded, out), plot_recall_at_k(rows, out)]
+    if grid:
+        for run in loaded:
+            figures.append(retrieval_grid(_trainer_from(run["dir"], "best"), out, run["name"], queries, top_k))
+    (out / "report.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    table = Table(title=f"runs (best epoch by {best_metric}; all metrics in report.json)")
+    names = {
+        "run": "run",
+        "loss": "loss",
+        "miner": "miner",
+        "best_epoch": "best ep.",
+        "precision_at_1": "P@1",
+        "r_precision": "R-Prec",
+        "map_at_r": "MAP@R",
+        "nmi": "NMI",
+        "train_time_s": "time (s)",
+    }
+    cols = [c for c in names if any(c in row for row in rows)]
+    for c in cols:
+        table.add_column(names[c], justify="left" if c in ("run", "loss", "miner") else "right")
+    for row in rows:
+        table.add_row(*[f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols])
+    console.print(table)
+    console.print(f"wrote {', '.join(str(f) for f in figures)} and {out / 'report.json'}")
+
+
 def _trainer_from(run: Path, which: str) -> Any:
     from dmlkit.config import validate
     from dmlkit.train import Trainer, load_checkpoint
@@ -350,6 +416,7 @@ def build_app() -> typer.Typer:
     app.command("train")(train_cmd)
     app.command("evaluate")(evaluate_cmd)
     app.command("embed")(embed_cmd)
+    app.command("report")(report_cmd)
     get_host().add_commands(app)
     return app
 

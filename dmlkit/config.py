@@ -37,6 +37,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "best_metric": "map_at_r",
     "nonfinite": "stop",
     "val_fraction": 0.0,
+    "folds": 0,
+    "fold": 0,
     "run_dir": "",
 }
 CHOICES = {
@@ -148,6 +150,12 @@ def validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
             raise OptionError(f"train setting '{key}' must be one of {', '.join(choices)}; got {train[key]!r}")
     if not 0 <= train["val_fraction"] < 1:
         raise OptionError(f"train setting 'val_fraction' must be in [0, 1); got {train['val_fraction']}")
+    if train["folds"] < 0 or train["folds"] == 1 or not 0 <= train["fold"] < max(train["folds"], 1):
+        raise OptionError(
+            f"need folds = 0 or >= 2 and 0 <= fold < folds; got folds {train['folds']}, fold {train['fold']}"
+        )
+    if train["folds"] and train["val_fraction"]:
+        raise OptionError("set either val_fraction or folds/fold for the validation split, not both")
     if any(isinstance(v, float) and not math.isfinite(v) for v in train.values()):
         raise OptionError("train settings must be finite numbers")
     out: dict[str, Any] = {"train": train}

@@ -108,8 +108,10 @@ class Trainer:
         self.train_split: Split = data.train
         self.test_split: Split = data.test
         self.val_split: Split | None = None
-        if t["val_fraction"] > 0:
-            self.train_split, self.val_split = class_disjoint_split(self.train_split, t["val_fraction"], t["seed"])
+        if t["val_fraction"] > 0 or t["folds"]:
+            self.train_split, self.val_split = class_disjoint_split(
+                self.train_split, t["val_fraction"], t["seed"], folds=t["folds"], fold=t["fold"]
+            )
             self.val_split = self.val_split.with_transform(self.test_split.transform)
         head = EmbeddingHead(
             feature_size(self.backbone), t["embedding_size"], t["pooling"], t["head_norm"], t["normalize_embeddings"]
@@ -487,13 +489,21 @@ def _worker_init(worker_id: int) -> None:
     random.seed(seed)
 
 
-def class_disjoint_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Hold out ``fraction`` of the classes of ``split`` (at least one) for validation."""
-    classes = np.unique(split.labels)
-    n_val = max(1, int(round(len(classes) * fraction)))
-    if n_val >= len(classes):
-        raise DmlkitError(f"val_fraction {fraction} leaves no training class ({len(classes)} classes)")
-    val_classes = np.random.default_rng(seed).choice(classes, n_val, replace=False)
+def class_disjoint_split(
+    split: Split, fraction: float, seed: int, folds: int = 0, fold: int = 0
+) -> tuple[Split, Split]:
+    """Hold out classes of ``split`` for validation: ``fraction`` of them (at least one), or,
+    with ``folds``, fold number ``fold`` of a seeded partition of the classes into ``folds``."""
+    classes = np.random.default_rng(seed).permutation(np.unique(split.labels))
+    if folds:
+        if folds > len(classes):
+            raise DmlkitError(f"{folds} folds need at least {folds} training classes; there are {len(classes)}")
+        val_classes = np.array_split(classes, folds)[fold]
+    else:
+        n_val = max(1, int(round(len(classes) * fraction)))
+        if n_val >= len(classes):
+            raise DmlkitError(f"val_fraction {fraction} leaves no training class ({len(classes)} classes)")
+        val_classes = classes[:n_val]
     is_val = np.isin(split.labels, val_classes)
     return split.subset(np.flatnonzero(~is_val)), split.subset(np.flatnonzero(is_val))
 
