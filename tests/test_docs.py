@@ -8,7 +8,7 @@ import sys
 import tomllib
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, pip_install
 
 from dmlkit import hookspecs
 from dmlkit.config import default_config, merge, validate
@@ -107,23 +107,7 @@ def test_index_and_readme_commands_run(cli, tmp_path, monkeypatch):
 
 
 def test_tutorial_plugin_installs_and_trains(cli, tmp_path, add_site, monkeypatch):
-    site = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "--target",
-            str(site),
-            str(DOCS / "examples" / "dmlkit-circle"),
-        ],
-        check=True,
-    )
+    site = pip_install(DOCS / "examples" / "dmlkit-circle", tmp_path / "site")
     add_site(site)
     monkeypatch.chdir(tmp_path)
     assert run_dmlkit_lines(DOCS / "tutorial.md", cli) == 4

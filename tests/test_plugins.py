@@ -1,6 +1,6 @@
 import json
 
-from conftest import ROOT, make_distribution
+from conftest import ROOT, make_distribution, pip_install
 
 from dmlkit.plugins import PluginHost
 
@@ -19,26 +19,8 @@ def test_builtins_come_through_entry_points():
 
 def test_installed_third_party_plugin_is_listed_and_usable(tmp_path, add_site, cli):
     """A real install (pip, no network) of the tiny package in tests/fixtures."""
-    import subprocess
-    import sys
 
-    site = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "--target",
-            str(site),
-            str(ROOT / "tests" / "fixtures" / "dmlkit-hello"),
-        ],
-        check=True,
-    )
+    site = pip_install(ROOT / "tests" / "fixtures" / "dmlkit-hello", tmp_path / "site")
     add_site(site)
     code, out, _ = cli("plugins", "--json")
     assert code == 0
