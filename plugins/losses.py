@@ -198,10 +198,20 @@ class ProxyLoss(MetricLoss):
     """
 
     def __init__(
-        self, num_classes: int, embedding_size: int, proxies_per_class: int = 1, init_std: float | None = None
+        self,
+        num_classes: int,
+        embedding_size: int,
+        proxies_per_class: int = 1,
+        init_std: float | None = None,
+        proxy_init: str = "",
+        pool_rounds: int = 8,
     ):
         super().__init__()
         _check(num_classes >= 1, f"num_classes must be >= 1; got {num_classes}")
+        _check(pool_rounds >= proxies_per_class, f"pool_rounds must be >= proxies_per_class; got {pool_rounds}")
+        # a registered proxy initializer, applied from embedded training samples when training starts
+        self.proxy_init = dmlkit.get_registry().build("proxy_initializer", proxy_init) if proxy_init else None
+        self.pool_rounds = pool_rounds
         _check(embedding_size >= 1, f"embedding_size must be >= 1; got {embedding_size}")
         _check(proxies_per_class >= 1, f"proxies_per_class must be >= 1; got {proxies_per_class}")
         self.num_classes, self.proxies_per_class = num_classes, proxies_per_class
@@ -221,6 +231,20 @@ class ProxyLoss(MetricLoss):
     def proxy_loss(self, emb: Tensor, labels: Tensor, proxies: Tensor, proxy_labels: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def on_train_start(self, trainer) -> None:
+        """With ``proxy_init``: set the proxies from the current network's embeddings of training samples."""
+        if self.proxy_init is None:
+            return
+        from dmlkit_plugins.proxies import embed_pool
+
+        pool = (
+            embed_pool(trainer, self.pool_rounds, seed=trainer.settings["seed"]) if self.proxy_init.needs_pool else None
+        )
+        current = self.proxies.detach().reshape(self.num_classes, self.proxies_per_class, -1)
+        new = self.proxy_init(pool, current, self.proxies_per_class)
+        with torch.no_grad():
+            self.proxies.copy_(new.reshape_as(self.proxies))
+
 
 class ProxyNCALoss(ProxyLoss):
     """ProxyNCA (Movshovitz-Attias et al., ICCV 2017) with the ProxyNCA++ options (Teh et al., ECCV 2020).
@@ -230,6 +254,8 @@ class ProxyNCALoss(ProxyLoss):
     ``exclude_positive``. With several proxies per class, the nearest of the class is the
     positive (dynamic assignment) and the other proxies of the class are left out.
     ``scale`` multiplies both sides, so the temperature on squared distance is 1/scale^2.
+    ``proxy_init`` names a proxy initializer (``class_means``, ``greedy_kcenter`` ...) applied
+    to embedded training samples when training starts; empty keeps the random proxies.
     """
 
     def __init__(
@@ -240,8 +266,10 @@ class ProxyNCALoss(ProxyLoss):
         proxies_per_class: int = 1,
         exclude_positive: bool = False,
         proxy_lr_multiplier: float = 100.0,
+        proxy_init: str = "",
+        pool_rounds: int = 8,
     ):
-        super().__init__(num_classes, embedding_size, proxies_per_class, init_std=1.0)
+        super().__init__(num_classes, embedding_size, proxies_per_class, 1.0, proxy_init, pool_rounds)
         _check(scale > 0, f"scale must be > 0; got {scale}")
         self.scale, self.exclude_positive = scale, exclude_positive
         self.lr_multipliers = {"proxies": proxy_lr_multiplier}
@@ -275,8 +303,10 @@ class ProxyAnchorLoss(ProxyLoss):
         delta: float = 0.1,
         proxies_per_class: int = 1,
         proxy_lr_multiplier: float = 100.0,
+        proxy_init: str = "",
+        pool_rounds: int = 8,
     ):
-        super().__init__(num_classes, embedding_size, proxies_per_class, init_std=None)
+        super().__init__(num_classes, embedding_size, proxies_per_class, None, proxy_init, pool_rounds)
         _check(alpha > 0, f"alpha must be > 0; got {alpha}")
         self.alpha, self.delta = alpha, delta
         self.lr_multipliers = {"proxies": proxy_lr_multiplier}
