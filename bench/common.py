@@ -1,0 +1,42 @@
+"""Shared by the training benchmarks: build and run dmlkit trainings from config overrides."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from dmlkit import get_registry
+from dmlkit.config import apply_digits_default, default_config, merge, validate
+from dmlkit.train import Trainer
+
+
+def machine() -> dict[str, Any]:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {
+        "date": str(date.today()),
+        "gpu": gpu,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def train(overrides: dict[str, Any], run_dir: Path, quiet: bool = True) -> tuple[list[dict[str, Any]], float]:
+    """Train one run from default config + ``overrides``; returns its per-epoch records and wall time."""
+    cfg = validate(apply_digits_default(merge(default_config(), overrides)), get_registry())
+    trainer = Trainer(cfg, get_registry(), run_dir, console=Console(quiet=quiet))
+    start = time.perf_counter()
+    trainer.fit()
+    return trainer.history, time.perf_counter() - start
+
+
+def save(result: dict[str, Any], out: str) -> None:
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2), encoding="utf-8")
