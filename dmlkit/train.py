@@ -484,6 +484,7 @@ def _opts(section: dict[str, Any]) -> dict[str, Any]:
 
 
 def _worker_init(worker_id: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not fight the main process for cores
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
