@@ -235,13 +235,24 @@ def _per_query_metrics(rel: np.ndarray, r: np.ndarray, ks: Sequence[int]) -> dic
 
 
 def kmeans_labels(
-    embeddings: np.ndarray, n_clusters: int, *, seed: int = 0, niter: int = 20, backend: str = "faiss"
+    embeddings: np.ndarray,
+    n_clusters: int,
+    *,
+    seed: int = 0,
+    niter: int = 20,
+    backend: str = "auto",
+    device: str | torch.device | None = None,
 ) -> np.ndarray:
-    """Cluster assignments of k-means (faiss on CPU, or a torch Lloyd loop on GPU)."""
+    """Cluster assignments of k-means: faiss (CPU), or ``torch``, a chunked Lloyd loop on
+    ``device`` (default: the GPU when there is one)."""
     x = _as_float32(embeddings)
     if n_clusters < 1 or n_clusters > len(x):
         raise DmlkitError(f"k-means needs 1 <= k <= N; got k={n_clusters}, N={len(x)}")
-    if backend == "faiss" or not torch.cuda.is_available():
+    if backend == "auto":
+        backend = "torch" if torch.cuda.is_available() else "faiss"
+    if backend not in ("faiss", "torch"):
+        raise DmlkitError(f"unknown k-means backend '{backend}'; choose auto, faiss or torch")
+    if backend == "faiss":
         import faiss
 
         km = faiss.Kmeans(
@@ -250,27 +261,46 @@ def kmeans_labels(
         km.train(x)
         _, assign = km.index.search(x, 1)
         return assign[:, 0]
-    return _kmeans_torch(x, n_clusters, seed=seed, niter=niter)
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return _kmeans_torch(x, n_clusters, seed=seed, niter=niter, device=dev)
 
 
-def _kmeans_torch(x: np.ndarray, k: int, *, seed: int, niter: int) -> np.ndarray:
-    dev = torch.device("cuda")
-    xt = torch.as_tensor(x, device=dev)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    centroids = xt[torch.randperm(len(xt), generator=g)[:k].to(dev)].clone()
-    x_sq = (xt * xt).sum(1, keepdim=True)
+def _kmeans_torch(x: np.ndarray, k: int, *, seed: int, niter: int, device: torch.device) -> np.ndarray:
+    """Lloyd's algorithm from a k-means++ start, chunked; an empty cluster keeps its centroid."""
+    xt = torch.as_tensor(x, device=device)
+    x_sq = (xt * xt).sum(1)
+    centroids = _kmeanspp(xt, x_sq, k, seed)
     rows = _rows_per_chunk(k, 1024)
-    assign = torch.empty(len(xt), dtype=torch.int64, device=dev)
+    assign = torch.empty(len(xt), dtype=torch.int64, device=device)
     for _ in range(niter + 1):
         c_sq = (centroids * centroids).sum(1)
         for s in range(0, len(xt), rows):
-            d = torch.addmm(c_sq[None, :], xt[s : s + rows], centroids.T, alpha=-2.0) + x_sq[s : s + rows]
-            assign[s : s + rows] = d.argmin(1)
+            assign[s : s + rows] = torch.addmm(c_sq[None, :], xt[s : s + rows], centroids.T, alpha=-2.0).argmin(1)
         sums = torch.zeros_like(centroids).index_add_(0, assign, xt)
         counts = torch.bincount(assign, minlength=k).float()
-        empty = counts == 0
-        centroids = torch.where(empty[:, None], centroids, sums / counts.clamp_min(1)[:, None])
+        centroids = torch.where((counts == 0)[:, None], centroids, sums / counts.clamp_min(1)[:, None])
     return assign.cpu().numpy()
+
+
+def _kmeanspp(xt: torch.Tensor, x_sq: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """Greedy k-means++ seeding (as scikit-learn's): at each step 2 + log k candidates are drawn
+    with probability proportional to D(x)^2 and the one that lowers the potential most is kept.
+    Everything stays on the device: no host synchronisation inside the loop."""
+    dev = xt.device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    trials = 2 + int(math.log(k))
+    chosen = torch.empty(k, dtype=torch.long, device=dev)
+    chosen[0] = torch.randint(len(xt), (1,), generator=gen, device=dev)[0]
+    d2 = (x_sq - 2 * xt @ xt[chosen[0]] + x_sq[chosen[0]]).clamp_min(0)
+    for i in range(1, k):
+        weights = torch.where(d2.sum() > 0, d2, torch.ones_like(d2))  # all points taken: uniform
+        cands = torch.multinomial(weights, trials, replacement=True, generator=gen)
+        dist = (x_sq[None, :] - 2 * xt[cands] @ xt.T + x_sq[cands][:, None]).clamp_min(0)  # [trials, N]
+        new = torch.minimum(d2[None, :], dist)
+        best = new.sum(1).argmin()
+        chosen[i] = cands[best]
+        d2 = new[best]
+    return xt[chosen].clone()
 
 
 def clustering_metrics(
@@ -279,7 +309,7 @@ def clustering_metrics(
     *,
     normalise: bool = True,
     seed: int = 0,
-    backend: str = "faiss",
+    backend: str = "auto",
 ) -> dict[str, float]:
     """NMI and AMI of k-means (k = number of classes) against ``labels`` (scikit-learn's metrics)."""
     from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score

@@ -162,3 +162,37 @@ def test_evaluate_command_json(cli, tmp_path):
     ref = brute_force(emb, labels)
     assert got["map_at_r"] == pytest.approx(ref["map_at_r"], abs=1e-6)
     assert {"precision_at_1", "r_precision", "recall_at_1", "nmi", "ami"} <= set(got)
+
+
+def test_torch_kmeans_matches_faiss_on_clustered_data():
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from dmlkit.evaluation import kmeans_labels
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(6), 30)
+    emb = 10 * np.eye(16)[labels] + rng.normal(size=(180, 16))  # six well-separated blobs
+    for seed in range(5):
+        # greedy k-means++ finds every blob; faiss's random start sometimes merges two
+        torch_nmi = normalized_mutual_info_score(
+            labels, kmeans_labels(emb, 6, backend="torch", device="cpu", seed=seed)
+        )
+        faiss_nmi = normalized_mutual_info_score(labels, kmeans_labels(emb, 6, backend="faiss", seed=seed))
+        assert torch_nmi == pytest.approx(1.0) and torch_nmi >= faiss_nmi - 1e-9
+    with pytest.raises(DmlkitError, match="unknown k-means backend"):
+        kmeans_labels(emb, 6, backend="sklearn")
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+def test_gpu_knn_and_kmeans_agree_with_the_cpu():
+    emb, labels = data(n=2000, d=64, classes=50, seed=9, tie_free=False)
+    cpu = retrieval_metrics(emb, labels, backend="faiss")
+    cuda = retrieval_metrics(emb, labels, backend="torch", device="cuda", memory_mb=1)
+    for k in ("precision_at_1", "r_precision", "map_at_r"):
+        assert cuda[k] == pytest.approx(cpu[k], abs=2e-3)
+    got = clustering_metrics(emb, labels, backend="torch")
+    ref = clustering_metrics(emb, labels, backend="faiss")
+    assert got["nmi"] == pytest.approx(ref["nmi"], abs=0.05)

@@ -215,3 +215,22 @@ def test_ddp_two_cpu_processes_with_gloo(tmp_path):
     assert rows[0]["step"] == single_steps // 2
     assert rows[-1]["precision_at_1"] > 0.8
     assert out.stdout.count("run directory:") == 1  # only rank 0 speaks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_run_with_bf16_and_channels_last(cli, tmp_path):
+    code, _, err = cli(
+        "train",
+        "--epochs",
+        "2",
+        "--device",
+        "cuda",
+        "--loss",
+        "triplet",
+        "--miner",
+        "semihard",
+        "--run-dir",
+        str(tmp_path / "gpu"),
+    )
+    assert code == 0, err
+    assert read_metrics(tmp_path / "gpu")[-1]["precision_at_1"] > 0.85
