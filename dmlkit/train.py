@@ -87,7 +87,6 @@ class Trainer:
         registry: Registry,
         run_dir: Path,
         console: Console | None = None,
-        plugin_of: Callable[[str, str], str] | None = None,
     ):
         self.cfg, self.registry, self.run_dir = cfg, registry, run_dir
         t = self.settings = cfg["train"]
@@ -324,7 +323,7 @@ class Trainer:
         if self.settings["grad_clip"] > 0:
             norm = nn.utils.clip_grad_norm_(params, self.settings["grad_clip"])
         else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])) if params else None
+            norm = nn.utils.get_total_norm([p.grad for p in params]) if params else None  # fused, one sync
         if norm is not None and not torch.isfinite(norm):
             return self._nonfinite("gradient", norm)
         self.optimizer.step()
