@@ -176,6 +176,37 @@ def train_cmd(
     host = get_host()
     ckpt = None
     if resume is not None:
+        ignored = [
+            name
+            for name, value in (
+                ("--config", config),
+                ("--dataset", dataset),
+                ("--data-root", data_root),
+                ("--backbone", backbone),
+                ("--loss", loss),
+                ("--miner", miner),
+                ("--sampler", sampler),
+                ("--evaluator", evaluator),
+                ("--dataset-opt", dataset_opt),
+                ("--backbone-opt", backbone_opt),
+                ("--loss-opt", loss_opt),
+                ("--miner-opt", miner_opt),
+                ("--sampler-opt", sampler_opt),
+                ("--evaluator-opt", evaluator_opt),
+                ("--set", set_),
+                ("--batch-size", batch_size),
+                ("--lr", lr),
+                ("--seed", seed),
+                ("--device", device),
+                ("--run-dir", run_dir),
+            )
+            if value
+        ]
+        if ignored:
+            raise DmlkitError(
+                f"--resume continues a run as it was configured; {ignored[0]} cannot change it "
+                "(only --epochs can extend it)"
+            )
         ckpt = load_checkpoint(resume)
         cfg = ckpt["config"]
         out_dir = resume if resume.is_dir() else resume.parent
@@ -217,7 +248,7 @@ def train_cmd(
             cli["train"] = train
         cfg = validate(apply_digits_default(merge(cfg, cli)), host.registry)
         out_dir = distributed.broadcast(run_dir or Path(cfg["train"]["run_dir"] or _default_run_dir(cfg)))
-        if distributed.is_main() and (out_dir / "last.pt").exists():
+        if distributed.is_main() and any((out_dir / f).exists() for f in ("last.pt", "mlrc.json", "fold0/last.pt")):
             raise DmlkitError(
                 f"{out_dir} already holds a run; continue it with --resume {out_dir} or pick another --run-dir"
             )

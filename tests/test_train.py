@@ -234,3 +234,10 @@ def test_gpu_run_with_bf16_and_channels_last(cli, tmp_path):
     )
     assert code == 0, err
     assert read_metrics(tmp_path / "gpu")[-1]["precision_at_1"] > 0.85
+
+
+def test_resume_refuses_options_that_would_change_the_run(cli, tmp_path):
+    run = tmp_path / "r"
+    assert cli("train", "--epochs", "1", "--run-dir", str(run))[0] == 0
+    code, _, err = cli("train", "--resume", str(run), "--loss", "triplet")
+    assert code == 1 and "--loss cannot change it" in err
