@@ -200,7 +200,7 @@ def train_cmd(
                 ("--device", device),
                 ("--run-dir", run_dir),
             )
-            if value
+            if value not in (None, [])
         ]
         if ignored:
             raise DmlkitError(
