@@ -395,8 +395,10 @@ class Trainer:
         self.model.train()
         self.emit("on_epoch_start")
         task = progress.add_task("train", total=len(self.sampler), epoch=epoch, loss=0.0, ips=0.0)
-        losses, seen, start = [], 0, time.perf_counter()
+        losses, seen, start, waited = [], 0, time.perf_counter(), 0.0
+        fetched = start
         for x, y in self.loader(self.train_split, train=True):
+            waited += time.perf_counter() - fetched  # time the step waited for its batch: the data bound
             try:
                 value = self.train_step(x, y)
             except torch.OutOfMemoryError:
@@ -410,6 +412,7 @@ class Trainer:
             seen += len(y)
             ips = seen / max(time.perf_counter() - start, 1e-9)
             progress.update(task, advance=1, loss=float(np.mean(losses)) if losses else 0.0, ips=ips)
+            fetched = time.perf_counter()
         progress.remove_task(task)
         elapsed = time.perf_counter() - start
         self.scheduler.step()
@@ -421,6 +424,7 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "images_per_s": seen / max(elapsed, 1e-9),
             "epoch_time_s": elapsed,
+            "data_wait_fraction": waited / max(elapsed, 1e-9),  # near 1: loading bound; near 0: compute bound
         }
         self.emit("on_epoch_end", record=record)
         is_best = False

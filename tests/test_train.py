@@ -241,3 +241,9 @@ def test_resume_refuses_options_that_would_change_the_run(cli, tmp_path):
     assert cli("train", "--epochs", "1", "--run-dir", str(run))[0] == 0
     code, _, err = cli("train", "--resume", str(run), "--loss", "triplet")
     assert code == 1 and "--loss cannot change it" in err
+
+
+def test_epoch_record_says_where_time_went(cli, tmp_path):
+    assert cli("train", "--epochs", "1", "--run-dir", str(tmp_path / "r"))[0] == 0
+    row = read_metrics(tmp_path / "r")[0]
+    assert 0.0 <= row["data_wait_fraction"] < 1.0 and row["images_per_s"] > 0
