@@ -302,6 +302,7 @@ def evaluate_cmd(
     ks: Annotated[str, typer.Option(help="Recall@K cut-offs, comma-separated.")] = "1,2,4,8",
     backend: Annotated[str, typer.Option(help="k-NN backend: auto, faiss, torch.")] = "auto",
     clustering: Annotated[bool, typer.Option(help="Also NMI/AMI of k-means.")] = True,
+    per_class: Annotated[bool, typer.Option(help="Add per-class P@1, R-Precision, MAP@R, Recall@K (JSON).")] = False,
     checkpoint: Annotated[str, typer.Option(help="With a run directory: last or best.")] = "best",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -310,7 +311,9 @@ def evaluate_cmd(
         k_list = [int(k) for k in ks.split(",") if k.strip()]
     except ValueError:
         raise DmlkitError(f"--ks must be comma-separated integers, e.g. 1,2,4,8; got {ks!r}") from None
-    evaluator = get_host().registry.build("evaluator", "retrieval", ks=k_list, backend=backend, clustering=clustering)
+    evaluator = get_host().registry.build(
+        "evaluator", "retrieval", ks=k_list, backend=backend, clustering=clustering, per_class=per_class
+    )
     if embeddings is not None:
         if run is not None:
             raise DmlkitError("give either a run directory or --embeddings/--labels, not both")
@@ -326,10 +329,10 @@ def evaluate_cmd(
         metrics = evaluator(emb, lab, trainer.test_split.query_mask, trainer.test_split.gallery_mask)
     else:
         raise DmlkitError("nothing to evaluate: pass a run directory, or --embeddings X.npy --labels Y.npy")
-    metrics = {k: v for k, v in metrics.items() if k != "per_class"}
     if as_json:
         print(json.dumps(metrics))
         return
+    metrics = {k: v for k, v in metrics.items() if k != "per_class"}  # the table shows the totals
     table = Table(title="metrics")
     table.add_column("metric")
     table.add_column("value", justify="right")

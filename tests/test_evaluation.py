@@ -196,3 +196,43 @@ def test_gpu_knn_and_kmeans_agree_with_the_cpu():
     got = clustering_metrics(emb, labels, backend="torch")
     ref = clustering_metrics(emb, labels, backend="faiss")
     assert got["nmi"] == pytest.approx(ref["nmi"], abs=0.05)
+
+
+def test_evaluate_command_with_query_and_gallery_masks_and_per_class(cli, tmp_path):
+    emb, labels = data(seed=10)
+    qm = np.arange(len(labels)) % 3 == 0
+    gm = ~qm
+    for name, arr in (("x", emb), ("y", labels), ("q", qm), ("g", gm)):
+        np.save(tmp_path / f"{name}.npy", arr)
+    code, out, err = cli(
+        "evaluate",
+        "--embeddings",
+        str(tmp_path / "x.npy"),
+        "--labels",
+        str(tmp_path / "y.npy"),
+        "--query-mask",
+        str(tmp_path / "q.npy"),
+        "--gallery-mask",
+        str(tmp_path / "g.npy"),
+        "--no-clustering",
+        "--per-class",
+        "--json",
+    )
+    assert code == 0, err
+    got = json.loads(out)
+    ref = brute_force(emb, labels, qm, gm)
+    for k in ("precision_at_1", "r_precision", "map_at_r", "recall_at_4"):
+        assert got[k] == pytest.approx(ref[k], abs=1e-6)
+    assert set(got["per_class"]) == {str(c) for c in np.unique(labels[qm])}
+    np.save(tmp_path / "q.npy", qm[:-1])
+    code, _, err = cli(
+        "evaluate",
+        "--embeddings",
+        str(tmp_path / "x.npy"),
+        "--labels",
+        str(tmp_path / "y.npy"),
+        "--query-mask",
+        str(tmp_path / "q.npy"),
+        "--no-clustering",
+    )
+    assert code == 1 and "masks must have 150 entries" in err
