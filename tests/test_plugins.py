@@ -4,7 +4,7 @@ from conftest import ROOT, make_distribution, pip_install
 
 from dmlkit.plugins import PluginHost
 
-BUILTINS = {"losses", "miners", "samplers", "evaluators", "datasets", "backbones"}
+BUILTINS = {"losses", "miners", "samplers", "evaluators", "datasets", "backbones", "proxies", "ccp"}
 
 
 def test_builtins_come_through_entry_points():
