@@ -49,7 +49,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
     ap.add_argument("--png", default="")
+    ap.add_argument("--variants", default="", help="comma-separated indices into the variant list (default: all)")
     args = ap.parse_args()
+    chosen = [list(VARIANTS)[int(i)] for i in args.variants.split(",")] if args.variants else list(VARIANTS)
     dataset = "digits" if args.quick else "omniglot"
     epochs = 6 if args.quick else args.epochs
     threshold = 0.92 if args.quick and args.threshold == 0.80 else args.threshold
@@ -59,7 +61,8 @@ def main() -> None:
     )
     result = {**machine(), "dataset": dataset, "threshold": threshold, "curves": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, over in VARIANTS.items():
+        for name in chosen:
+            over = VARIANTS[name]
             history, _ = train(_merge(base, over), Path(tmp) / str(len(result["curves"])))
             epoch, seconds = first_reaching(history, threshold)
             result["curves"][name] = {
