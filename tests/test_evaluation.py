@@ -204,20 +204,9 @@ def test_evaluate_command_with_query_and_gallery_masks_and_per_class(cli, tmp_pa
     gm = ~qm
     for name, arr in (("x", emb), ("y", labels), ("q", qm), ("g", gm)):
         np.save(tmp_path / f"{name}.npy", arr)
-    code, out, err = cli(
-        "evaluate",
-        "--embeddings",
-        str(tmp_path / "x.npy"),
-        "--labels",
-        str(tmp_path / "y.npy"),
-        "--query-mask",
-        str(tmp_path / "q.npy"),
-        "--gallery-mask",
-        str(tmp_path / "g.npy"),
-        "--no-clustering",
-        "--per-class",
-        "--json",
-    )
+    files = ["--embeddings", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--no-clustering"]
+    masks = ["--query-mask", str(tmp_path / "q.npy"), "--gallery-mask", str(tmp_path / "g.npy")]
+    code, out, err = cli("evaluate", *files, *masks, "--per-class", "--json")
     assert code == 0, err
     got = json.loads(out)
     ref = brute_force(emb, labels, qm, gm)
@@ -225,14 +214,5 @@ def test_evaluate_command_with_query_and_gallery_masks_and_per_class(cli, tmp_pa
         assert got[k] == pytest.approx(ref[k], abs=1e-6)
     assert set(got["per_class"]) == {str(c) for c in np.unique(labels[qm])}
     np.save(tmp_path / "q.npy", qm[:-1])
-    code, _, err = cli(
-        "evaluate",
-        "--embeddings",
-        str(tmp_path / "x.npy"),
-        "--labels",
-        str(tmp_path / "y.npy"),
-        "--query-mask",
-        str(tmp_path / "q.npy"),
-        "--no-clustering",
-    )
+    code, _, err = cli("evaluate", *files, *masks[:2])
     assert code == 1 and "masks must have 150 entries" in err
