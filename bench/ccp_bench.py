@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import time
-from datetime import date
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, save  # noqa: E402
 
 from dmlkit_plugins.proxies import greedy_kcenter
 
@@ -43,17 +46,9 @@ def main() -> None:
             torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - t)
-    row = {
-        **vars(args),
-        "date": str(date.today()),
-        "machine": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "selection_ms_median": round(statistics.median(times) * 1000, 2),
-    }
+    row = {**vars(args), **machine(), "selection_ms_median": round(statistics.median(times) * 1000, 2)}
     print(json.dumps(row))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(row, f, indent=2)
+    save(row, args.out)
 
 
 if __name__ == "__main__":

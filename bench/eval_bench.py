@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
+import sys
 import time
-from datetime import date
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, save  # noqa: E402
 
 from dmlkit.evaluation import clustering_metrics, retrieval_metrics
 
@@ -66,10 +69,7 @@ def main() -> None:
         "n": n,
         "dim": d,
         "classes": c,
-        "date": str(date.today()),
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        **machine(),
         "runs": [],
     }
     for backend in args.backends.split(","):
@@ -116,9 +116,7 @@ def main() -> None:
             row["peak_rss_mb"], row["peak_gpu_mb"] = peak_mb()
             results["runs"].append(row)
             print(json.dumps(row))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+    save(results, args.out)
 
 
 if __name__ == "__main__":

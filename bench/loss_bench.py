@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import time
-from datetime import date
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, save  # noqa: E402
 
 from dmlkit import get_registry
 
@@ -103,13 +106,7 @@ def main() -> None:
     repeats = 5 if args.quick or dev.type == "cpu" else 30
     batches = (256,) if args.quick else (256, 1024)
     dim = 512
-    result = {
-        "date": str(date.today()),
-        "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "dim": dim,
-        "rows": [],
-    }
+    result = {**machine(), "device": str(dev), "dim": dim, "rows": []}
     for classes in (100, 11318):
         for batch in batches:
             g = torch.Generator().manual_seed(0)
@@ -130,9 +127,7 @@ def main() -> None:
                     row["speedup"] = round(row["pml_ms"] / row["dmlkit_ms"], 2)
                 result["rows"].append(row)
                 print(json.dumps(row), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    save(result, args.out)
 
 
 if __name__ == "__main__":
