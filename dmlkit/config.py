@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dmlkit.errors import OptionError
-from dmlkit.registry import Registry, _coerce, _suggest
+from dmlkit.registry import Registry, _coerce, _expected_types, _suggest
 
 #: Trainer settings, their defaults and (where it matters) their allowed range or values.
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -51,14 +51,14 @@ CHOICES = {
 POSITIVE = ("epochs", "batch_size", "lr", "eval_every", "eval_batch_size", "embedding_size")
 NON_NEGATIVE = ("weight_decay", "warmup_epochs", "grad_clip", "backbone_lr_multiplier", "head_lr_multiplier", "seed")
 
-#: Component sections: the kind each builds and its default component name ("" = none).
-SECTIONS: dict[str, tuple[str, str]] = {
-    "dataset": ("dataset", "digits"),
-    "backbone": ("backbone", "smallcnn"),
-    "loss": ("loss", "proxynca"),
-    "miner": ("miner", ""),
-    "sampler": ("sampler", "m_per_class"),
-    "evaluator": ("evaluator", "retrieval"),
+#: Component sections (each named after the kind it builds) and their default component ("" = none).
+SECTIONS: dict[str, str] = {
+    "dataset": "digits",
+    "backbone": "smallcnn",
+    "loss": "proxynca",
+    "miner": "",
+    "sampler": "m_per_class",
+    "evaluator": "retrieval",
 }
 #: Options the trainer supplies to components; a config may not set them.
 RUNTIME_OPTIONS = {
@@ -100,7 +100,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 def default_config() -> dict[str, Any]:
     cfg: dict[str, Any] = {"train": dict(TRAIN_DEFAULTS)}
-    for section, (_, name) in SECTIONS.items():
+    for section, name in SECTIONS.items():
         cfg[section] = {"name": name}
     cfg["callbacks"] = []
     return cfg
@@ -138,7 +138,7 @@ def validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
     for key, value in cfg.get("train", {}).items():
         if key not in TRAIN_DEFAULTS:
             raise OptionError(f"unknown train setting '{key}'{_suggest(key, TRAIN_DEFAULTS)}")
-        train[key] = _coerce("train setting", key, value, _train_types(key))
+        train[key] = _coerce("train setting", key, value, _expected_types(None, TRAIN_DEFAULTS[key]))
     for key in POSITIVE:
         if not train[key] > 0:
             raise OptionError(f"train setting '{key}' must be > 0; got {train[key]}")
@@ -159,7 +159,7 @@ def validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
     if any(isinstance(v, float) and not math.isfinite(v) for v in train.values()):
         raise OptionError("train settings must be finite numbers")
     out: dict[str, Any] = {"train": train}
-    for section, (kind, default) in SECTIONS.items():
+    for section, default in SECTIONS.items():  # a section is named after the kind it builds
         sec = dict(cfg.get(section, {}))
         name = sec.pop("name", default)
         if not isinstance(name, str):
@@ -171,11 +171,11 @@ def validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
             continue
         reserved = RUNTIME_OPTIONS.get(section, set()) & set(sec)
         if reserved:
-            raise OptionError(f"{kind} option '{sorted(reserved)[0]}' is set by the trainer; remove it")
-        resolved = registry.resolve_options(kind, name, sec)
+            raise OptionError(f"{section} option '{sorted(reserved)[0]}' is set by the trainer; remove it")
+        resolved = registry.resolve_options(section, name, sec)
         for k in RUNTIME_OPTIONS.get(section, ()):
             resolved.pop(k, None)
-        out[section] = {"name": registry.get(kind, name).name, **resolved}
+        out[section] = {"name": registry.get(section, name).name, **resolved}
     callbacks = cfg.get("callbacks", [])
     if not isinstance(callbacks, list):
         raise OptionError("callbacks must be a list of tables with a name")
@@ -187,15 +187,6 @@ def validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
             {"name": registry.get("callback", name).name, **registry.resolve_options("callback", name, cb)}
         )
     return out
-
-
-def _train_types(key: str) -> tuple[type, ...]:
-    default = TRAIN_DEFAULTS[key]
-    if isinstance(default, bool):
-        return (bool,)
-    if isinstance(default, float):
-        return (float,)
-    return (type(default),)
 
 
 def to_toml(cfg: dict[str, Any]) -> str:

@@ -233,9 +233,8 @@ class Trainer:
                 raise
             except Exception as exc:
                 kind, name = self._owners.get(id(comp), ("component", type(comp).__name__))
-                plugin = self.registry.get(kind, name).plugin if (kind, name) in self.registry else "?"
                 raise TrainingError(
-                    f"{kind} '{name}' (plugin '{plugin}') failed in {event}: {type(exc).__name__}: {exc}"
+                    f"{self._describe(kind, name)} failed in {event}: {type(exc).__name__}: {exc}"
                 ) from exc
 
     # -- embedding and evaluation ------------------------------------------------------------
@@ -330,8 +329,9 @@ class Trainer:
         self.step += 1
         return float(loss.detach())
 
-    def _describe(self, kind: str) -> str:
-        name = self.cfg[kind]["name"]
+    def _describe(self, kind: str, name: str | None = None) -> str:
+        """``kind 'name' (plugin 'p')`` for error messages; ``name`` defaults to the run's component of ``kind``."""
+        name = self.cfg[kind]["name"] if name is None else name
         plugin = self.registry.get(kind, name).plugin if (kind, name) in self.registry else "?"
         return f"{kind} '{name}' (plugin '{plugin}')"
 
