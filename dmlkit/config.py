@@ -26,6 +26,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "embedding_size": 128,
     "pooling": "avg",
     "head_norm": "none",
+    "head_init": "random",
     "normalize_embeddings": True,
     "freeze_bn": False,
     "seed": 0,
@@ -33,6 +34,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "amp": True,
     "num_workers": -1,
     "eval_every": 1,
+    "eval_at_start": False,
     "eval_batch_size": 256,
     "best_metric": "map_at_r",
     "nonfinite": "stop",
@@ -46,10 +48,19 @@ CHOICES = {
     "scheduler": ("none", "cosine", "step"),
     "pooling": ("avg", "max", "avgmax"),
     "head_norm": ("none", "layernorm", "batchnorm"),
+    "head_init": ("random", "identity"),
     "nonfinite": ("stop", "skip"),
 }
-POSITIVE = ("epochs", "batch_size", "lr", "eval_every", "eval_batch_size", "embedding_size")
-NON_NEGATIVE = ("weight_decay", "warmup_epochs", "grad_clip", "backbone_lr_multiplier", "head_lr_multiplier", "seed")
+POSITIVE = ("epochs", "batch_size", "lr", "eval_every", "eval_batch_size")
+NON_NEGATIVE = (
+    "embedding_size",
+    "weight_decay",
+    "warmup_epochs",
+    "grad_clip",
+    "backbone_lr_multiplier",
+    "head_lr_multiplier",
+    "seed",
+)
 
 #: Component sections (each named after the kind it builds) and their default component ("" = none).
 SECTIONS: dict[str, str] = {

@@ -11,12 +11,15 @@ from dmlkit.errors import OptionError
 
 POOLINGS = ("avg", "max", "avgmax")
 NORMS = ("none", "layernorm", "batchnorm")
+INITS = ("random", "identity")
 
 
 class EmbeddingHead(nn.Module):
     """Pooling (average, max, or their sum), optional LayerNorm/BatchNorm, linear, L2 normalisation.
 
-    ``embedding_size=0`` keeps the pooled features (no linear layer).
+    ``embedding_size=0`` keeps the pooled features (no linear layer). ``init="identity"`` starts
+    the linear layer as the identity (embedding_size = in_features), so that training starts
+    from the pooled features of a pretrained backbone instead of a random projection of them.
     """
 
     def __init__(
@@ -26,6 +29,7 @@ class EmbeddingHead(nn.Module):
         pooling: str = "avg",
         norm: str = "none",
         normalize: bool = True,
+        init: str = "random",
     ):
         super().__init__()
         if pooling not in POOLINGS:
@@ -40,7 +44,18 @@ class EmbeddingHead(nn.Module):
             "layernorm": nn.LayerNorm(in_features),
             "batchnorm": nn.BatchNorm1d(in_features),
         }[norm]
+        if init not in INITS:
+            raise OptionError(f"head init must be one of {', '.join(INITS)}; got {init!r}")
         self.linear = nn.Linear(in_features, embedding_size) if embedding_size else nn.Identity()
+        if init == "identity" and embedding_size:
+            if embedding_size != in_features:
+                raise OptionError(
+                    f"head_init=identity needs embedding_size equal to the backbone's {in_features} features "
+                    f"(or 0 for no linear layer); got {embedding_size}: set head_init=random for a random projection"
+                )
+            with torch.no_grad():
+                nn.init.eye_(self.linear.weight)
+                self.linear.bias.zero_()
         self.out_features = embedding_size or in_features
 
     def pool(self, x: Tensor) -> Tensor:

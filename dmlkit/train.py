@@ -113,7 +113,12 @@ class Trainer:
             )
             self.val_split = self.val_split.with_transform(self.test_split.transform)
         head = EmbeddingHead(
-            feature_size(self.backbone), t["embedding_size"], t["pooling"], t["head_norm"], t["normalize_embeddings"]
+            feature_size(self.backbone),
+            t["embedding_size"],
+            t["pooling"],
+            t["head_norm"],
+            t["normalize_embeddings"],
+            t["head_init"],
         )
         self.model = EmbeddingModel(self.backbone, head, freeze_bn=t["freeze_bn"]).to(self.device)
         if self.device.type == "cuda":
@@ -364,11 +369,13 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(self.cfg), encoding="utf-8")
-            if self.epoch > 0:  # resumed: epochs logged after the last complete checkpoint are dropped, then re-run
-                lines = "".join(json.dumps(h) + "\n" for h in self.history)
-                (self.run_dir / "metrics.jsonl").write_text(lines, encoding="utf-8")
+            # resumed: epochs logged after the last complete checkpoint are dropped, then re-run
+            lines = "".join(json.dumps(h) + "\n" for h in self.history)
+            (self.run_dir / "metrics.jsonl").write_text(lines, encoding="utf-8")
         if self.epoch == 0:
             self.emit("on_train_start")
+            if t["eval_at_start"] and not self.history:  # epoch 0: where training starts from
+                self._end_epoch({"epoch": 0, "step": 0, "loss": None, "lr": self.optimizer.param_groups[0]["lr"]})
         progress = Progress(
             TextColumn("epoch {task.fields[epoch]}"),
             BarColumn(),
@@ -427,6 +434,11 @@ class Trainer:
             "data_wait_fraction": waited / max(elapsed, 1e-9),  # near 1: loading bound; near 0: compute bound
         }
         self.emit("on_epoch_end", record=record)
+        self._end_epoch(record)
+
+    def _end_epoch(self, record: dict[str, Any]) -> None:
+        """Evaluate when due, keep the best, save checkpoints, log ``record`` and plot."""
+        t, epoch = self.settings, record["epoch"]
         is_best = False
         if epoch % t["eval_every"] == 0 or epoch == t["epochs"]:
             if self.val_split is not None:
@@ -473,6 +485,8 @@ SHORT_NAMES = {
 
 
 def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, float):
         return f"{v:.1f}" if abs(v) >= 100 else f"{v:.4f}"
     return str(v)
