@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 
 from dmlkit import get_registry
-from dmlkit.config import apply_digits_default, default_config, merge, validate
+from dmlkit.config import resolve
 from dmlkit.train import Trainer
 
 
@@ -30,7 +30,7 @@ def machine() -> dict[str, Any]:
 
 def train(overrides: dict[str, Any], run_dir: Path, quiet: bool = True) -> tuple[list[dict[str, Any]], float]:
     """Train one run from default config + ``overrides``; returns its per-epoch records and wall time."""
-    cfg = validate(apply_digits_default(merge(default_config(), overrides)), get_registry())
+    cfg, _ = resolve(overrides, get_registry())
     trainer = Trainer(cfg, get_registry(), run_dir, console=Console(quiet=quiet))
     start = time.perf_counter()
     trainer.fit()

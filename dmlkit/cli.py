@@ -115,6 +115,7 @@ def show_cmd(
             "description": spec.description,
             "options": {n: defaults.get(n, None) for n in params},
             "required": [n for n in params if n not in defaults],
+            "recommends": spec.recommended(defaults),
             "doc": doc,
         }
         print(json.dumps(out, indent=2, default=repr))
@@ -132,6 +133,9 @@ def show_cmd(
     for n in params:
         table.add_row(n, repr(defaults[n]) if n in defaults else "[yellow](supplied at run time)[/yellow]")
     console.print(table)
+    recs = spec.recommended(defaults)
+    if recs:
+        console.print(f"recommended run settings (with these defaults; yours win): {escape(_settings_text(recs))}")
     if doc and doc != spec.description:
         console.print(doc, soft_wrap=True)
 
@@ -168,7 +172,7 @@ def train_cmd(
 ) -> None:
     """Train an embedding model composed from registry components; with no options, the digits default."""
     from dmlkit import distributed
-    from dmlkit.config import apply_digits_default, default_config, load_toml, merge, parse_assignments, validate
+    from dmlkit.config import load_toml, merge, parse_assignments, resolve, validate
     from dmlkit.mlrc import run_mlrc
     from dmlkit.train import Trainer, load_checkpoint
 
@@ -214,9 +218,7 @@ def train_cmd(
             cfg = merge(cfg, {"train": {"epochs": epochs}})
         cfg = validate(cfg, host.registry)
     else:
-        cfg = default_config()
-        if config is not None:
-            cfg = merge(cfg, load_toml(config))
+        user = load_toml(config) if config is not None else {}
         cli: dict[str, Any] = {}
         for section, name, opts in (
             ("dataset", dataset, dataset_opt),
@@ -246,7 +248,9 @@ def train_cmd(
                 train[key] = value
         if train:
             cli["train"] = train
-        cfg = validate(apply_digits_default(merge(cfg, cli)), host.registry)
+        cfg, recommended = resolve(merge(user, cli), host.registry)
+        if recommended and distributed.is_main():
+            console.print(f"[dim]recommended settings in use (yours win): {escape(_settings_text(recommended))}[/dim]")
         out_dir = distributed.broadcast(run_dir or Path(cfg["train"]["run_dir"] or _default_run_dir(cfg)))
         if distributed.is_main() and any((out_dir / f).exists() for f in ("last.pt", "mlrc.json", "fold0/last.pt")):
             raise DmlkitError(
@@ -272,6 +276,17 @@ def train_cmd(
         f"{best['epoch']}; final P@1 {final.get('precision_at_1', float('nan')):.4f}, "
         f"MAP@R {final.get('map_at_r', float('nan')):.4f}"
     )
+
+
+def _settings_text(settings: dict[str, Any]) -> str:
+    """``{"train": {"lr": 0.001}}`` -> ``train.lr=0.001`` (TOML values), comma-separated."""
+    from dmlkit.config import to_toml
+
+    parts = []
+    for section, body in settings.items():
+        for key, value in body.items():
+            parts.append(f"{section}.{key}={to_toml({'x': {'v': value}}).splitlines()[1][4:]}")
+    return ", ".join(parts)
 
 
 def _print_mlrc(result: dict[str, Any], out_dir: Path) -> None:

@@ -117,11 +117,57 @@ def default_config() -> dict[str, Any]:
     return cfg
 
 
-def apply_digits_default(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The embedded digits set has 5 training classes: unless told otherwise, batches are 4 classes x 16."""
-    if cfg["dataset"].get("name") == "digits" and cfg["sampler"] == {"name": "m_per_class"}:
-        cfg = merge(cfg, {"sampler": {"name": "m_per_class", "m": 16}})
-    return cfg
+def recommendations(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
+    """The settings that the components chosen in ``cfg`` recommend, merged in section order.
+
+    A component whose name or options are wrong recommends nothing: :func:`validate` reports it.
+    """
+    out: dict[str, Any] = {}
+    for section in SECTIONS:
+        sec = cfg.get(section)
+        if not isinstance(sec, dict) or not sec.get("name") or (section, sec["name"]) not in registry:
+            continue
+        opts = {k: v for k, v in sec.items() if k != "name" and k not in RUNTIME_OPTIONS.get(section, ())}
+        try:
+            resolved = registry.resolve_options(section, sec["name"], opts)
+        except OptionError:
+            continue
+        out = merge(out, registry.get(section, sec["name"]).recommended(resolved))
+    return out
+
+
+def resolve(user: dict[str, Any], registry: Registry) -> tuple[dict[str, Any], dict[str, Any]]:
+    """defaults < what the chosen components recommend < ``user`` (a TOML file and command-line options).
+
+    Returns the validated config and the recommended settings that took effect (``{section: {key: value}}``:
+    those the user did not set themselves). A recommended option that the chosen component does not
+    have is dropped: a backbone may recommend ``proxy_init`` to whichever loss takes one.
+    """
+    user = copy.deepcopy(user)
+    for section in SECTIONS:  # aliases to names, so that a recommendation meets the user's choice
+        name = user.get(section, {}).get("name") if isinstance(user.get(section), dict) else None
+        if isinstance(name, str) and name and (section, name) in registry:
+            user[section]["name"] = registry.get(section, name).name
+    recs = recommendations(merge(default_config(), user), registry)
+    applied: dict[str, Any] = {}
+    for section, body in list(recs.items()):
+        mine = user.get(section, {})
+        if not isinstance(body, dict) or not isinstance(mine, dict):
+            continue
+        if "name" in mine and body.get("name", mine["name"]) != mine["name"]:
+            continue  # the user picked another component: its recommended options do not apply
+        if section in SECTIONS:  # an option the chosen component does not have is not recommended to it
+            name = mine["name"] if "name" in mine else body.get("name", SECTIONS[section])
+            if not name:  # no component in this section (e.g. miner 'none'): nothing to recommend to
+                recs.pop(section)
+                continue
+            if (section, name) in registry and not registry.get(section, name).accepts_any_option():
+                params = registry.get(section, name).parameters()
+                body = recs[section] = {k: v for k, v in body.items() if k == "name" or k in params}
+        kept = {k: v for k, v in body.items() if k not in mine and k != "name"}
+        if kept:
+            applied[section] = kept
+    return validate(merge(merge(default_config(), recs), user), registry), applied
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

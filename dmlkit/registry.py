@@ -30,7 +30,10 @@ class ComponentSpec:
 
     ``defaults`` override the factory's own keyword defaults; ``replaces`` names an
     existing component this one deliberately takes over (otherwise a clash is an error).
-    ``plugin`` and ``distribution`` are filled in by the registry.
+    ``recommends`` holds run settings that suit the component, as a partial config
+    (``{"train": {"freeze_bn": True}}``), or a function of the component's resolved options
+    that returns one; a run that picks the component starts from them, and the user's own
+    settings win. ``plugin`` and ``distribution`` are filled in by the registry.
     """
 
     name: str
@@ -39,6 +42,7 @@ class ComponentSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     replaces: str | None = None
+    recommends: Mapping[str, Any] | Callable[[dict[str, Any]], Mapping[str, Any]] = field(default_factory=dict)
     plugin: str = ""
     distribution: str = ""
 
@@ -65,6 +69,11 @@ class ComponentSpec:
         out = {n: p.default for n, p in self.parameters().items() if p.default is not p.empty}
         out.update(self.defaults)
         return out
+
+    def recommended(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The settings this component recommends, given its resolved ``options``."""
+        rec = self.recommends(options) if callable(self.recommends) else self.recommends
+        return {k: dict(v) if isinstance(v, Mapping) else v for k, v in rec.items()}
 
 
 def _signature(factory: Callable[..., Any]) -> inspect.Signature:

@@ -204,6 +204,34 @@ def _lite0_weights(weights_path: str | None) -> dict:
     return read_weights(Path(weights_path))
 
 
+def fine_tuning_recipe(features: int):
+    """What a backbone with ImageNet weights recommends: add to its pooled features, do not destroy them.
+
+    The embedding starts as the pooled features themselves (average + max, through a linear layer
+    that starts as the identity), BatchNorm statistics stay as ImageNet left them, the backbone
+    moves at a tenth of the base learning rate (AdamW, 1e-4), proxies start at the class means of
+    embedded training samples, and the untrained model is evaluated first (epoch 0) so the curves
+    show what training added. Measured on the CUB subset: docs/benchmarks.md.
+    """
+
+    def recommends(options: dict) -> dict:
+        if not (options.get("pretrained") or options.get("weights_path")):
+            return {}  # random weights: nothing to preserve
+        train = {
+            "embedding_size": features,
+            "head_init": "identity",
+            "pooling": "avgmax",
+            "freeze_bn": True,
+            "optimizer": "adamw",
+            "lr": 1e-4,
+            "backbone_lr_multiplier": 0.1,
+            "eval_at_start": True,
+        }
+        return {"train": train, "loss": {"proxy_init": "class_means"}}
+
+    return recommends
+
+
 @dmlkit.hookimpl
 def register_backbones(register):
     from dmlkit import ComponentSpec
@@ -213,12 +241,17 @@ def register_backbones(register):
             "smallcnn", SmallCNN, "Conv-4 network for small grayscale images (64 channels)", aliases=("conv4",)
         )
     )
-    register(ComponentSpec("resnet18", resnet18, "torchvision ResNet-18, ImageNet weights from the local cache"))
-    register(ComponentSpec("resnet50", resnet50, "torchvision ResNet-50, ImageNet weights from the local cache"))
+    for name, factory, title, features in (
+        ("resnet18", resnet18, "ResNet-18", 512),
+        ("resnet50", resnet50, "ResNet-50", 2048),
+    ):
+        description = f"torchvision {title}, ImageNet weights from the local cache"
+        register(ComponentSpec(name, factory, description, recommends=fine_tuning_recipe(features)))
     register(
         ComponentSpec(
             "efficientnet_lite0",
             EfficientNetLite0,
             "EfficientNet-Lite0, ImageNet weights from the efficientnet extra (offline)",
+            recommends=fine_tuning_recipe(1280),
         )
     )

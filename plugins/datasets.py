@@ -318,7 +318,13 @@ def register_datasets(register):
     from dmlkit import ComponentSpec
 
     register(
-        ComponentSpec("digits", digits, "scikit-learn handwritten digits, embedded (no download): 0-4 train, 5-9 test")
+        ComponentSpec(
+            "digits",
+            digits,
+            "scikit-learn handwritten digits, embedded (no download): 0-4 train, 5-9 test",
+            # 5 training classes: batches of 4 classes x 16 rather than 16 classes x 4
+            recommends={"sampler": {"name": "m_per_class", "m": 16}},
+        )
     )
     register(
         ComponentSpec("omniglot", omniglot, "Omniglot, torchvision layout: 964 background / 659 evaluation characters")

@@ -136,13 +136,12 @@ def test_plateau_schedule_needs_a_validation_split(cli, tmp_path):
 
 
 def test_proxynca_can_start_from_class_means_of_embedded_samples(tmp_path):
-    from dmlkit.config import apply_digits_default, default_config, merge, validate
+    from dmlkit.config import resolve
     from dmlkit.train import Trainer
     from dmlkit_plugins.proxies import embed_pool
 
-    cfg = apply_digits_default(default_config())
-    cfg = merge(cfg, {"loss": {"name": "proxynca", "proxy_init": "class_means", "pool_rounds": 6}})
-    trainer = Trainer(validate(cfg, get_registry()), get_registry(), tmp_path)
+    cfg, _ = resolve({"loss": {"name": "proxynca", "proxy_init": "class_means", "pool_rounds": 6}}, get_registry())
+    trainer = Trainer(cfg, get_registry(), tmp_path)
     trainer.emit("on_train_start")
     means = embed_pool(trainer, 6, seed=0).mean(1)  # the same pool: same seed, inference mode
     torch.testing.assert_close(trainer.loss.proxies.detach(), means, atol=0.05, rtol=0)

@@ -73,7 +73,7 @@ def test_killed_run_resumes_to_the_same_metrics(cli, tmp_path):
     "argv, message",
     [
         (("--set", "batch_size=400", "--sampler-opt", "m=200"), "larger than the samples of every class"),
-        (("--set", "embedding_size=0"), "'embedding_size' must be > 0; got 0"),
+        (("--set", "embedding_size=-1"), "'embedding_size' must be >= 0; got -1"),
         (("--set", "optimizer=adamx"), "'optimizer' must be one of adam, adamw, sgd"),
         (("--set", "lr=fast"), "train setting 'lr' must be float"),
         (("--loss-opt", "num_classes=3"), "'num_classes' is set by the trainer"),
@@ -247,3 +247,76 @@ def test_epoch_record_says_where_time_went(cli, tmp_path):
     assert cli("train", "--epochs", "1", "--run-dir", str(tmp_path / "r"))[0] == 0
     row = read_metrics(tmp_path / "r")[0]
     assert 0.0 <= row["data_wait_fraction"] < 1.0 and row["images_per_s"] > 0
+
+
+def test_components_recommend_settings_and_the_user_wins(cli, tmp_path):
+    from dmlkit.config import resolve
+
+    reg = get_host().registry
+    cfg, applied = resolve({}, reg)  # digits has 5 training classes: it asks for 4 classes x 16
+    assert cfg["sampler"]["m"] == 16 and applied == {"sampler": {"m": 16}}
+    cfg, applied = resolve({"sampler": {"m": 8}}, reg)
+    assert cfg["sampler"]["m"] == 8 and applied == {}
+    cfg, applied = resolve({"sampler": {"name": "random"}}, reg)
+    assert "m" not in cfg["sampler"] and applied == {}
+    cfg, applied = resolve({"dataset": {"name": "omniglot", "root": str(tmp_path)}}, reg)
+    assert cfg["sampler"]["m"] == 4 and applied == {}  # omniglot recommends nothing
+    # the run says what it took, and saves it in its config
+    code, out, err = cli("train", "--epochs", "1", "--run-dir", str(tmp_path / "r"))
+    assert code == 0, err
+    assert "recommended settings in use (yours win): sampler.m=16" in out
+    assert "m = 16" in (tmp_path / "r" / "config.toml").read_text()
+    code, out, _ = cli("show", "dataset", "digits")
+    assert code == 0 and "sampler.m=16" in out
+
+
+def test_pretrained_backbone_recommends_the_fine_tuning_recipe():
+    from dmlkit.config import resolve
+
+    reg = get_host().registry
+    cfg, applied = resolve({"backbone": {"name": "efficientnet_lite0"}}, reg)
+    recipe = applied["train"]
+    assert recipe["freeze_bn"] is True and recipe["pooling"] == "avgmax"
+    assert recipe["embedding_size"] == 1280 and recipe["head_init"] == "identity"
+    assert cfg["train"]["backbone_lr_multiplier"] == recipe["backbone_lr_multiplier"] < 1
+    assert cfg["loss"]["name"] == "proxynca" and cfg["loss"]["proxy_init"] == "class_means"
+    user = {"backbone": {"name": "efficientnet_lite0"}, "train": {"embedding_size": 512, "head_init": "random"}}
+    cfg, applied = resolve(user, reg)
+    assert cfg["train"]["embedding_size"] == 512 and "embedding_size" not in applied["train"]
+    # a loss without proxies is not handed proxy_init
+    cfg, applied = resolve({"backbone": {"name": "efficientnet_lite0"}, "loss": {"name": "triplet"}}, reg)
+    assert "proxy_init" not in cfg["loss"] and "loss" not in applied
+    # trained from scratch, nothing to preserve: no recipe
+    cfg, applied = resolve({"backbone": {"name": "efficientnet_lite0", "pretrained": False}}, reg)
+    assert "train" not in applied and cfg["train"]["embedding_size"] == 128
+
+
+def test_eval_at_start_records_the_untrained_model_as_epoch_0(cli, tmp_path):
+    from dmlkit.config import resolve
+    from dmlkit.train import Trainer
+
+    run = tmp_path / "r"
+    (tmp_path / "r").mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 7}\n')  # left by a run killed before its first checkpoint
+    code, out, err = cli("train", "--epochs", "2", "--set", "eval_at_start=true", "--run-dir", str(run))
+    assert code == 0, err
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[0]["loss"] is None
+    # epoch 0 is the model as built, before any step: an independent trainer, same seed, no training
+    cfg, _ = resolve({}, get_host().registry)
+    untrained = Trainer(cfg, get_host().registry, tmp_path / "u").evaluate()
+    assert rows[0]["map_at_r"] == pytest.approx(untrained["map_at_r"], abs=1e-6)
+    assert all(abs(r["map_at_r"] - rows[0]["map_at_r"]) > 1e-3 for r in rows[1:])  # not a trained epoch
+
+
+def test_identity_head_starts_at_the_pooled_features():
+    from dmlkit.errors import OptionError
+    from dmlkit.model import EmbeddingHead
+
+    x = torch.randn(3, 16, 5, 5)
+    head = EmbeddingHead(16, 16, pooling="avgmax", init="identity")
+    pooled = x.mean((2, 3)) + x.amax((2, 3))
+    torch.testing.assert_close(head(x), torch.nn.functional.normalize(pooled, dim=1))
+    assert head.linear.weight.requires_grad  # it trains from there
+    with pytest.raises(OptionError, match="needs embedding_size equal to the backbone's 16 features"):
+        EmbeddingHead(16, 8, init="identity")
