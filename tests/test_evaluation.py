@@ -150,6 +150,28 @@ def test_clustering_metrics_match_sklearn_on_separable_data():
     assert got["ami"] == pytest.approx(adjusted_mutual_info_score(shuffled, labels), abs=1e-9)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_adjusted_mutual_info_equals_sklearn(seed):
+    from sklearn.metrics import adjusted_mutual_info_score
+
+    from dmlkit.evaluation import adjusted_mutual_info
+
+    rng = np.random.default_rng(seed)
+    cases = [
+        (np.zeros(7, int), np.zeros(7, int)),  # one cluster each: a perfect match
+        (np.zeros(7, int), np.arange(7)),  # one class
+        (np.arange(9), np.arange(9)),  # all singletons
+        (np.repeat(np.arange(3), [1, 5, 30]), np.repeat(np.arange(4), [20, 10, 5, 1])),  # uneven sizes
+    ]
+    for _ in range(25):
+        n, k1, k2 = int(rng.integers(2, 400)), int(rng.integers(1, 60)), int(rng.integers(1, 60))
+        t = rng.integers(0, k1, n)
+        p = np.where(rng.random(n) < rng.random(), t, rng.integers(0, k2, n))  # correlated to a random degree
+        cases.append((t, p))
+    for t, p in cases:
+        assert adjusted_mutual_info(t, p) == pytest.approx(adjusted_mutual_info_score(t, p), abs=1e-10)
+
+
 def test_evaluate_command_json(cli, tmp_path):
     emb, labels = data(seed=8)
     np.save(tmp_path / "x.npy", emb)
