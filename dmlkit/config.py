@@ -141,7 +141,8 @@ def resolve(user: dict[str, Any], registry: Registry) -> tuple[dict[str, Any], d
 
     Returns the validated config and the recommended settings that took effect (``{section: {key: value}}``:
     those the user did not set themselves). A recommended option that the chosen component does not
-    have is dropped: a backbone may recommend ``proxy_init`` to whichever loss takes one.
+    have is dropped: a backbone may recommend a loss and its ``proxy_init``, and a user who picks
+    another loss keeps ``proxy_init`` if that loss takes one.
     """
     user = copy.deepcopy(user)
     for section in SECTIONS:  # aliases to names, so that a recommendation meets the user's choice
@@ -155,7 +156,8 @@ def resolve(user: dict[str, Any], registry: Registry) -> tuple[dict[str, Any], d
         if not isinstance(body, dict) or not isinstance(mine, dict):
             continue
         if "name" in mine and body.get("name", mine["name"]) != mine["name"]:
-            continue  # the user picked another component: its recommended options do not apply
+            # the user picked another component: it gets the recommended options it takes
+            body = recs[section] = {k: v for k, v in body.items() if k != "name"}
         if section in SECTIONS:  # an option the chosen component does not have is not recommended to it
             name = mine["name"] if "name" in mine else body.get("name", SECTIONS[section])
             if not name:  # no component in this section (e.g. miner 'none'): nothing to recommend to
@@ -164,7 +166,8 @@ def resolve(user: dict[str, Any], registry: Registry) -> tuple[dict[str, Any], d
             if (section, name) in registry and not registry.get(section, name).accepts_any_option():
                 params = registry.get(section, name).parameters()
                 body = recs[section] = {k: v for k, v in body.items() if k == "name" or k in params}
-        kept = {k: v for k, v in body.items() if k not in mine and k != "name"}
+        default_name = SECTIONS.get(section)
+        kept = {k: v for k, v in body.items() if k not in mine and not (k == "name" and v == default_name)}
         if kept:
             applied[section] = kept
     return validate(merge(merge(default_config(), recs), user), registry), applied

@@ -279,7 +279,11 @@ def test_pretrained_backbone_recommends_the_fine_tuning_recipe():
     assert recipe["freeze_bn"] is True and recipe["pooling"] == "avgmax"
     assert recipe["embedding_size"] == 1280 and recipe["head_init"] == "identity"
     assert cfg["train"]["backbone_lr_multiplier"] == recipe["backbone_lr_multiplier"] < 1
-    assert cfg["loss"]["name"] == "proxynca" and cfg["loss"]["proxy_init"] == "class_means"
+    assert cfg["loss"]["name"] == "proxy_anchor" and cfg["loss"]["proxy_init"] == "class_means"
+    assert applied["loss"] == {"name": "proxy_anchor", "proxy_init": "class_means"}
+    # the user's own loss choice wins, and keeps the recommended option it takes
+    cfg, applied = resolve({"backbone": {"name": "efficientnet_lite0"}, "loss": {"name": "proxy_nca"}}, reg)
+    assert cfg["loss"]["name"] == "proxynca" and applied["loss"] == {"proxy_init": "class_means"}
     user = {"backbone": {"name": "efficientnet_lite0"}, "train": {"embedding_size": 512, "head_init": "random"}}
     cfg, applied = resolve(user, reg)
     assert cfg["train"]["embedding_size"] == 512 and "embedding_size" not in applied["train"]
