@@ -72,8 +72,16 @@ class ComponentSpec:
 
     def recommended(self, options: dict[str, Any]) -> dict[str, Any]:
         """The settings this component recommends, given its resolved ``options``."""
-        rec = self.recommends(options) if callable(self.recommends) else self.recommends
-        return {k: dict(v) if isinstance(v, Mapping) else v for k, v in rec.items()}
+        try:
+            rec = self.recommends(options) if callable(self.recommends) else self.recommends
+            if not isinstance(rec, Mapping) or not all(isinstance(v, Mapping) for v in rec.values()):
+                raise TypeError(f"expected {{section: {{key: value}}}}, got {rec!r}")
+        except Exception as exc:
+            raise DmlkitError(
+                f"'{self.name}' (plugin '{self.plugin or '?'}') failed to give its recommended settings: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return {k: dict(v) for k, v in rec.items()}
 
 
 def _signature(factory: Callable[..., Any]) -> inspect.Signature:

@@ -324,3 +324,16 @@ def test_identity_head_starts_at_the_pooled_features():
     assert head.linear.weight.requires_grad  # it trains from there
     with pytest.raises(OptionError, match="needs embedding_size equal to the backbone's 16 features"):
         EmbeddingHead(16, 8, init="identity")
+
+
+def test_a_broken_recommendation_names_its_component():
+    from dmlkit import ComponentSpec
+    from dmlkit.config import resolve
+    from dmlkit.registry import Registry
+
+    reg = Registry()
+    for kind, spec in get_host().registry:
+        reg.add(kind, spec, spec.plugin)
+    reg.add("backbone", ComponentSpec("oops", lambda: torch.nn.Identity(), recommends=lambda opts: 1 / 0), "p1")
+    with pytest.raises(DmlkitError, match="'oops' \\(plugin 'p1'\\) failed to give its recommended settings: Zero"):
+        resolve({"backbone": {"name": "oops"}}, reg)
