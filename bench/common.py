@@ -29,7 +29,8 @@ def machine() -> dict[str, Any]:
 
 
 def train(overrides: dict[str, Any], run_dir: Path, quiet: bool = True) -> tuple[list[dict[str, Any]], float]:
-    """Train one run from default config + ``overrides``; returns its per-epoch records and wall time."""
+    """Train one run from defaults, the chosen components' recommendations and ``overrides``;
+    returns its per-epoch records and wall time."""
     cfg, _ = resolve(overrides, get_registry())
     trainer = Trainer(cfg, get_registry(), run_dir, console=Console(quiet=quiet))
     start = time.perf_counter()

@@ -280,13 +280,9 @@ def train_cmd(
 
 def _settings_text(settings: dict[str, Any]) -> str:
     """``{"train": {"lr": 0.001}}`` -> ``train.lr=0.001`` (TOML values), comma-separated."""
-    from dmlkit.config import to_toml
+    from dmlkit.config import toml_value
 
-    parts = []
-    for section, body in settings.items():
-        for key, value in body.items():
-            parts.append(f"{section}.{key}={to_toml({'x': {'v': value}}).splitlines()[1][4:]}")
-    return ", ".join(parts)
+    return ", ".join(f"{s}.{k}={toml_value(v)}" for s, body in settings.items() for k, v in body.items())
 
 
 def _print_mlrc(result: dict[str, Any], out_dir: Path) -> None:

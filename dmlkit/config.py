@@ -249,31 +249,32 @@ def validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
     return out
 
 
+def toml_value(v: Any) -> str:
+    """One value as TOML writes it (``true``, ``0.001``, ``"adamw"``, ``[1, 2]``, inline tables)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if v is None:
+        return '""'
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def to_toml(cfg: dict[str, Any]) -> str:
     """Write a resolved config as TOML (tables of scalars and lists; callbacks as an array of tables)."""
-
-    def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, list | tuple):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        if v is None:
-            return '""'
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + "}"
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
     lines = []
     for section, body in cfg.items():
         if section == "callbacks":
             continue
         lines.append(f"[{section}]")
-        lines += [f"{k} = {val(v)}" for k, v in body.items() if v is not None]
+        lines += [f"{k} = {toml_value(v)}" for k, v in body.items() if v is not None]
         lines.append("")
     for cb in cfg.get("callbacks", []):
         lines.append("[[callbacks]]")
-        lines += [f"{k} = {val(v)}" for k, v in cb.items() if v is not None]
+        lines += [f"{k} = {toml_value(v)}" for k, v in cb.items() if v is not None]
         lines.append("")
     return "\n".join(lines)

@@ -7,11 +7,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dmlkit.config import CHOICES
 from dmlkit.errors import OptionError
 
-POOLINGS = ("avg", "max", "avgmax")
-NORMS = ("none", "layernorm", "batchnorm")
-INITS = ("random", "identity")
+POOLINGS, NORMS, INITS = CHOICES["pooling"], CHOICES["head_norm"], CHOICES["head_init"]  # one list of each
 
 
 class EmbeddingHead(nn.Module):
