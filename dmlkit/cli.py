@@ -269,13 +269,44 @@ def train_cmd(
         trainer.load_state_dict(ckpt)
         say.print(f"resuming {out_dir} after epoch {trainer.epoch}")
     say.print(f"run directory: {out_dir}")
-    final = trainer.fit()
-    best = trainer.best
-    say.print(
-        f"[green]done[/green]: {out_dir}  best {best.get('metric', '')} {best['value']:.4f} at epoch "
-        f"{best['epoch']}; final P@1 {final.get('precision_at_1', float('nan')):.4f}, "
-        f"MAP@R {final.get('map_at_r', float('nan')):.4f}"
-    )
+    trainer.fit()
+    for line in done_lines(out_dir, trainer.results):
+        say.print(line, soft_wrap=True)
+
+
+#: What the summary's metrics mean (printed under it).
+LEGEND = (
+    "P@1: share of queries whose nearest neighbour has their class; MAP@R: mean average precision over each "
+    "query's R same-class items; both in [0, 1], higher is better"
+)
+
+
+def done_lines(out_dir: Path, results: dict[str, Any]) -> list[str]:
+    """The end-of-run summary: how the epoch was chosen, test metrics there and at the last epoch."""
+    if not results:
+        return [f"[green]done[/green]: {out_dir} (no epoch trained)"]
+    test, last = results["test"], results["test_last"]
+    value = results["best_value"]
+    chosen = results["selected_by"] + (f" = {value:.4f}" if isinstance(value, float) else "")
+    lines = [
+        f"[green]done[/green]: {out_dir}",
+        f"  epoch {results['best_epoch']} chosen ({chosen}); test there: P@1 {_num(test.get('precision_at_1'))}, "
+        f"MAP@R {_num(test.get('map_at_r'))}",
+    ]
+    if results["last_epoch"] != results["best_epoch"]:
+        lines.append(
+            f"  last epoch {results['last_epoch']}: test P@1 {_num(last.get('precision_at_1'))}, "
+            f"MAP@R {_num(last.get('map_at_r'))}"
+        )
+    if results["selection_split"] == "test":
+        lines.append("  [bold red]the epoch was chosen on the TEST set: these numbers are optimistic[/bold red]")
+    lines.append(f"  [dim]{LEGEND}[/dim]")
+    return lines
+
+
+def _num(v: Any) -> str:
+    """A metric as printed everywhere: 4 decimals (or '-')."""
+    return f"{v:.4f}" if isinstance(v, int | float) else "-"
 
 
 def _settings_text(settings: dict[str, Any]) -> str:
@@ -312,7 +343,7 @@ def evaluate_cmd(
     gallery_mask: Annotated[Path | None, typer.Option(help="Boolean .npy [N]: the gallery.")] = None,
     ks: Annotated[str, typer.Option(help="Recall@K cut-offs, comma-separated.")] = "1,2,4,8",
     backend: Annotated[str, typer.Option(help="k-NN backend: auto, faiss, torch.")] = "auto",
-    clustering: Annotated[bool, typer.Option(help="Also NMI/AMI of k-means.")] = True,
+    clustering: Annotated[bool, typer.Option(help="Also NMI/AMI of k-means (minutes at SOP size on a CPU).")] = False,
     per_class: Annotated[bool, typer.Option(help="Add per-class P@1, R-Precision, MAP@R, Recall@K (JSON).")] = False,
     checkpoint: Annotated[str, typer.Option(help="With a run directory: last or best.")] = "best",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -338,6 +369,13 @@ def evaluate_cmd(
         trainer = _trainer_from(run, checkpoint)
         emb, lab = trainer.embed(trainer.test_split)
         metrics = evaluator(emb, lab, trainer.test_split.query_mask, trainer.test_split.gallery_mask)
+        chosen = _checkpoint_note(trainer, checkpoint)
+        if as_json:
+            metrics = {**metrics, "checkpoint": chosen}
+        else:
+            console.print(
+                f"test metrics of {chosen['file']}: epoch {chosen['epoch']} ({chosen['selected_by']})", soft_wrap=True
+            )
     else:
         raise DmlkitError("nothing to evaluate: pass a run directory, or --embeddings X.npy --labels Y.npy")
     if as_json:
@@ -348,8 +386,10 @@ def evaluate_cmd(
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in metrics.items():
-        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        if k != "checkpoint":
+            table.add_row(k, _num(v) if isinstance(v, float) else str(v))
     console.print(table)
+    console.print(f"[dim]{LEGEND}[/dim]", soft_wrap=True)
 
 
 def embed_cmd(
@@ -381,27 +421,35 @@ def report_cmd(
     grid: Annotated[bool, typer.Option(help="Draw a retrieval grid per run (embeds its test set).")] = True,
     queries: Annotated[int, typer.Option(help="Queries in each retrieval grid.")] = 6,
     top_k: Annotated[int, typer.Option(help="Neighbours shown per query.")] = 5,
-    best_metric: Annotated[str, typer.Option(help="Metric that picks each run's best epoch.")] = "map_at_r",
+    best_metric: Annotated[
+        str | None, typer.Option(help="Deprecated: each run's epoch is the one its own validation chose.")
+    ] = None,
 ) -> None:
     """Compare runs in one table and write PNG figures: metric curves, Recall@K, retrieval grids."""
     from dmlkit.report import load_run, plot_curves, plot_recall_at_k, retrieval_grid, summary
 
     if queries < 1 or top_k < 1:
         raise DmlkitError("--queries and --top-k must be >= 1")
+    if best_metric is not None:
+        raise DmlkitError(
+            "--best-metric is gone: picking each run's best epoch by a test metric is selection on the test set; "
+            "the report shows each run at the epoch its validation chose (train.best_metric)"
+        )
     loaded = [load_run(r) for r in runs]
-    rows = [summary(r, best_metric) for r in loaded]
+    rows = [summary(r) for r in loaded]
     out.mkdir(parents=True, exist_ok=True)
     figures = [plot_curves(loaded, out), plot_recall_at_k(rows, out)]
     if grid:
         for run in loaded:
             figures.append(retrieval_grid(_trainer_from(run["dir"], "best"), out, run["name"], queries, top_k))
     (out / "report.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
-    table = Table(title=f"runs (best epoch by {best_metric}; all metrics in report.json)")
+    table = Table(title="runs: test metrics at the epoch each run chose (all metrics in report.json)")
     names = {
         "run": "run",
         "loss": "loss",
         "miner": "miner",
-        "best_epoch": "best ep.",
+        "best_epoch": "epoch",
+        "selected_by": "chosen by",
         "precision_at_1": "P@1",
         "r_precision": "R-Prec",
         "map_at_r": "MAP@R",
@@ -410,7 +458,7 @@ def report_cmd(
     }
     cols = [c for c in names if any(c in row for row in rows)]
     for c in cols:
-        table.add_column(names[c], justify="left" if c in ("run", "loss", "miner") else "right")
+        table.add_column(names[c], justify="left" if c in ("run", "loss", "miner", "selected_by") else "right")
     for row in rows:
         table.add_row(*[f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols])
     console.print(table)
@@ -432,6 +480,13 @@ def _trainer_from(run: Path, which: str) -> Any:
     trainer = Trainer(cfg, host.registry, path.parent, console=console)
     trainer.load_state_dict(ckpt)
     return trainer
+
+
+def _checkpoint_note(trainer: Any, which: str) -> dict[str, Any]:
+    """Which checkpoint was evaluated, its epoch, and how that epoch was chosen."""
+    best = trainer.best
+    selected_by = best.get("selected_by", "?") if which == "best" else "the last checkpoint"
+    return {"file": f"{which}.pt", "epoch": trainer.epoch, "selected_by": selected_by}
 
 
 def _load_npy(path: Path, what: str) -> Any:

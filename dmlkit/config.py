@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from dmlkit.errors import OptionError
+from dmlkit.errors import DmlkitError, OptionError
 from dmlkit.registry import Registry, _coerce, _expected_types, _suggest
 
 #: Trainer settings, their defaults and (where it matters) their allowed range or values.
@@ -37,8 +37,12 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "eval_at_start": False,
     "eval_batch_size": 256,
     "best_metric": "map_at_r",
+    "selection": "validation",
+    "test_every_epoch": False,
     "nonfinite": "stop",
-    "val_fraction": 0.0,
+    "val_fraction": 0.2,
+    "val_split": "classes",
+    "val_every_steps": 0,
     "folds": 0,
     "fold": 0,
     "run_dir": "",
@@ -50,6 +54,8 @@ CHOICES = {
     "head_norm": ("none", "layernorm", "batchnorm"),
     "head_init": ("random", "identity"),
     "nonfinite": ("stop", "skip"),
+    "selection": ("validation", "last", "test_set_biased"),
+    "val_split": ("classes", "samples"),
 }
 POSITIVE = ("epochs", "batch_size", "lr", "eval_every", "eval_batch_size")
 NON_NEGATIVE = (
@@ -60,6 +66,7 @@ NON_NEGATIVE = (
     "backbone_lr_multiplier",
     "head_lr_multiplier",
     "seed",
+    "val_every_steps",
 )
 
 #: Component sections (each named after the kind it builds) and their default component ("" = none).
@@ -89,13 +96,24 @@ def parse_value(text: str) -> Any:
 
 
 def parse_assignments(pairs: list[str], where: str) -> dict[str, Any]:
-    """``["key=value", ...]`` -> dict, with a clear error for a pair without '='."""
-    out = {}
+    """``["key=value", ...]`` -> dict, with a clear error for a pair without '='.
+
+    A dotted key sets an option of a nested component: ``proxy_init.name=greedy_kcenter``
+    gives ``{"proxy_init": {"name": "greedy_kcenter"}}`` (as the TOML inline table would).
+    """
+    out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise OptionError(f"{where}: expected key=value, got {pair!r}")
-        out[key.strip()] = parse_value(value.strip())
+        parts = [p.strip() for p in key.split(".")]
+        if not sep or not all(parts):
+            raise OptionError(f"{where}: expected key=value, got {pair!r} (a.b=value sets an option of a nested table)")
+        target = out
+        for i, part in enumerate(parts[:-1]):
+            node = target.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise OptionError(f"{where}: {'.'.join(parts[: i + 1])} is set to a value and to a table in {pair!r}")
+            target = node
+        target[parts[-1]] = parse_value(value.strip())
     return out
 
 
@@ -196,6 +214,8 @@ def validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
             )
     train = dict(TRAIN_DEFAULTS)
     for key, value in cfg.get("train", {}).items():
+        if key == "best_metric" and isinstance(value, str) and value.startswith("val_"):
+            value = value[4:]  # dmlkit < 0.2 named the split in the metric; selection now says where it is read
         if key not in TRAIN_DEFAULTS:
             raise OptionError(f"unknown train setting '{key}'{_suggest(key, TRAIN_DEFAULTS)}")
         train[key] = _coerce("train setting", key, value, _expected_types(None, TRAIN_DEFAULTS[key]))
@@ -235,6 +255,14 @@ def validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
         resolved = registry.resolve_options(section, name, sec)
         for k in RUNTIME_OPTIONS.get(section, ()):
             resolved.pop(k, None)
+        check = getattr(registry.get(section, name).factory, "validate_options", None)
+        if callable(check):  # a component's own checks of its options, before any work starts
+            try:
+                check(dict(resolved))
+            except DmlkitError:
+                raise
+            except Exception as exc:
+                raise OptionError(f"{section} '{name}': invalid options: {type(exc).__name__}: {exc}") from exc
         out[section] = {"name": registry.get(section, name).name, **resolved}
     callbacks = cfg.get("callbacks", [])
     if not isinstance(callbacks, list):

@@ -28,7 +28,7 @@ def run_mlrc(cfg: dict[str, Any], registry: Registry, out_dir: Path, console: Co
     trainer = None
     for fold in range(FOLDS):
         fold_cfg = copy.deepcopy(cfg)
-        fold_cfg["train"].update(folds=FOLDS, fold=fold, val_fraction=0.0, best_metric="val_map_at_r")
+        fold_cfg["train"].update(folds=FOLDS, fold=fold, val_fraction=0.0, selection="validation")
         run = out_dir / f"fold{fold}"
         console.print(f"[bold]MLRC fold {fold + 1}/{FOLDS}[/bold]: {run}")
         trainer = Trainer(fold_cfg, registry, run, console=console)

@@ -30,27 +30,48 @@ def load_run(run_dir: Path) -> dict[str, Any]:
 
     config_file = run_dir / "config.toml"
     config = tomllib.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-    return {"name": run_dir.name, "dir": run_dir, "config": config, "history": history}
+    results_file = run_dir / "results.json"
+    results = None
+    if results_file.is_file():
+        try:
+            results = json.loads(results_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            raise DmlkitError(f"{results_file} is not JSON; the file is damaged") from None
+    return {"name": run_dir.name, "dir": run_dir, "config": config, "history": history, "results": results}
 
 
-def summary(run: dict[str, Any], best_metric: str = "map_at_r") -> dict[str, Any]:
-    """The run's components, its best epoch by ``best_metric`` and that epoch's metrics."""
-    evaluated = [h for h in run["history"] if best_metric in h]
-    if not evaluated:
-        raise DmlkitError(f"run {run['name']} has no evaluated epoch with {best_metric}")
-    best = max(evaluated, key=lambda h: h[best_metric])
+def summary(run: dict[str, Any]) -> dict[str, Any]:
+    """The run's components, the epoch its own selection chose, and the test metrics there.
+
+    A run's results.json (written when training ends) holds the test metrics at the epoch
+    chosen on validation data (or the last epoch). A run without one (unfinished, or written
+    by dmlkit < 0.2) is summarised at its last evaluated epoch, and says so: its best epoch
+    was chosen on the test set, which this report does not repeat.
+    """
     cfg = run["config"]
-    row = {
+    row: dict[str, Any] = {
         "run": run["name"],
         "dataset": cfg.get("dataset", {}).get("name", "?"),
         "loss": cfg.get("loss", {}).get("name", "?"),
         "miner": cfg.get("miner", {}).get("name", "") or "-",
         "epochs": run["history"][-1]["epoch"],
-        "best_epoch": best["epoch"],
         "train_time_s": round(sum(h.get("epoch_time_s", 0.0) for h in run["history"]), 1),
     }
-    row.update({k: best[k] for k in SUMMARY if k in best})
-    row.update({k: best[k] for k in best if k.startswith("recall_at_")})
+    results = run.get("results")
+    if results:
+        row.update(best_epoch=results["best_epoch"], selected_by=results["selected_by"])
+        metrics = results["test"]
+    else:
+        evaluated = [h for h in run["history"] if "map_at_r" in h]
+        if not evaluated:
+            raise DmlkitError(
+                f"run {run['name']} has no results.json and no test metrics: it has not finished; "
+                f"`dmlkit evaluate {run['dir']}` measures its checkpoint"
+            )
+        metrics = evaluated[-1]
+        row.update(best_epoch=metrics["epoch"], selected_by="last evaluated epoch (no results.json)")
+    row.update({k: metrics[k] for k in SUMMARY if k in metrics})
+    row.update({k: metrics[k] for k in metrics if k.startswith("recall_at_")})
     return row
 
 

@@ -25,6 +25,7 @@ from dmlkit.config import to_toml
 from dmlkit.data import Split
 from dmlkit.errors import DmlkitError, TrainingError
 from dmlkit.model import EmbeddingHead, EmbeddingModel, feature_size, input_spec
+from dmlkit.proxies import banks
 from dmlkit.registry import Registry
 
 #: Events a run's components (callbacks, the loss, the miner) may implement as methods taking the trainer.
@@ -98,6 +99,9 @@ class Trainer:
         if self.world_size > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)
         seed_everything(t["seed"])
+        # the evaluator first: the metrics that settings and components read are checked before data loads
+        self.evaluator = registry.build("evaluator", cfg["evaluator"]["name"], **_opts(cfg["evaluator"]))
+        check_metrics(cfg, registry, self.evaluator)
 
         self.backbone = registry.build("backbone", cfg["backbone"]["name"], **_opts(cfg["backbone"]))
         spec = input_spec(self.backbone)
@@ -107,10 +111,25 @@ class Trainer:
         self.train_split: Split = data.train
         self.test_split: Split = data.test
         self.val_split: Split | None = None
-        if t["val_fraction"] > 0 or t["folds"]:
+        self.val_note = "no validation: best = last epoch"
+        if t["folds"] or (t["val_fraction"] > 0 and t["val_split"] == "classes"):
             self.train_split, self.val_split = class_disjoint_split(
                 self.train_split, t["val_fraction"], t["seed"], folds=t["folds"], fold=t["fold"]
             )
+            n_val = self.val_split.num_classes
+            self.val_note = f"validation: {n_val} held-out training classes ({len(self.val_split)} images)"
+            if n_val < 2:
+                self.console.print(
+                    f"[yellow]warning: the validation split holds {n_val} class: every neighbour shares it, so "
+                    "MAP@R is 1.0 whatever the model; use more classes (val_fraction) or --set val_split=samples[/yellow]"
+                )
+        elif t["val_fraction"] > 0:
+            self.train_split, self.val_split = sample_disjoint_split(self.train_split, t["val_fraction"], t["seed"])
+            self.val_note = (
+                f"validation: {len(self.val_split)} held-out images of the {self.val_split.num_classes} training "
+                "classes (sample-disjoint: the same classes, unseen images)"
+            )
+        if self.val_split is not None:
             self.val_split = self.val_split.with_transform(self.test_split.transform)
         head = EmbeddingHead(
             feature_size(self.backbone),
@@ -150,19 +169,27 @@ class Trainer:
             },
             **_opts(cfg["sampler"]),
         )
-        self.evaluator = registry.build("evaluator", cfg["evaluator"]["name"], **_opts(cfg["evaluator"]))
         self.callbacks = [registry.build("callback", cb["name"], **_opts(cb)) for cb in cfg["callbacks"]]
         self._owners = {
             id(self.loss): ("loss", cfg["loss"]["name"]),
             **({id(self.miner): ("miner", cfg["miner"]["name"])} if self.miner else {}),
+            id(self.sampler): ("sampler", cfg["sampler"]["name"]),
             **{id(c): ("callback", cb["name"]) for c, cb in zip(self.callbacks, cfg["callbacks"])},
         }
+        self.proxy_banks = banks(self.loss)
+        for bank in self.proxy_banks:
+            self._owners[id(bank)] = ("loss", cfg["loss"]["name"])
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
         self.epoch = 0  # epochs completed
         self.step = 0
         self.history: list[dict[str, Any]] = []
-        self.best: dict[str, Any] = {"value": -math.inf, "epoch": 0}
+        self.best: dict[str, Any] = {"value": None, "epoch": None, **self.selection()}
+        self.events: list[dict[str, Any]] = []  # what components logged during the current epoch
+        self._last_val: tuple[int, dict[str, Any]] | None = None
+        self._val_values: list[float] = []
+        self.results: dict[str, Any] = {}
+        self._in_epoch = False
         self.stop_requested = False
         self.extra_state: dict[str, Any] = {}  # components may keep resumable state here
 
@@ -182,9 +209,13 @@ class Trainer:
             if owner is None:
                 continue
             mults = getattr(owner, "lr_multipliers", {})
+            bank_mults = {id(b.vectors): b.lr_multiplier for b in banks(owner)}
             for pname, p in owner.named_parameters():
                 if p.requires_grad:
-                    mult = next((m for k, m in mults.items() if pname == k or pname.startswith(k + ".")), 1.0)
+                    mult = next(
+                        (m for k, m in mults.items() if pname == k or pname.startswith(k + ".")),
+                        bank_mults.get(id(p), 1.0),
+                    )
                     groups.append({"name": f"{owner_name}.{pname}", "params": [p], "lr_multiplier": float(mult)})
         return [g for g in groups if g["params"]]
 
@@ -224,7 +255,13 @@ class Trainer:
 
     # -- events ------------------------------------------------------------------------------
     def components(self) -> list[Any]:
-        return [*self.callbacks, self.loss, *([self.miner] if self.miner else [])]
+        """What receives training events: callbacks, the loss, its proxy banks, the miner, the sampler."""
+        return [*self.callbacks, self.loss, *self.proxy_banks, *([self.miner] if self.miner else []), self.sampler]
+
+    def log_event(self, **info: Any) -> None:
+        """Log what a component did (a re-initialisation, ...): one entry in the epoch's ``events``
+        list of metrics.jsonl, with the epoch and step it happened at."""
+        self.events.append({"epoch": self.epoch + 1 if self._in_epoch else self.epoch, "step": self.step, **info})
 
     def emit(self, event: str, **kwargs: Any) -> None:
         """Call ``event`` on every component that has it; a failure names the component and its plugin."""
@@ -294,7 +331,11 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
-        self.history, self.best, self.extra_state = ckpt["history"], ckpt["best"], ckpt.get("extra", {})
+        self.history, self.extra_state = ckpt["history"], ckpt.get("extra", {})
+        best = dict(ckpt["best"])
+        if best.get("value") is not None and not math.isfinite(best["value"]):  # written by dmlkit < 0.2
+            best.update(value=None, epoch=None)
+        self.best = {**self.selection(), **{k: v for k, v in best.items() if k in ("value", "epoch")}}
 
     def save(self, best: bool) -> None:
         if self.rank != 0:
@@ -372,6 +413,12 @@ class Trainer:
             # resumed: epochs logged after the last complete checkpoint are dropped, then re-run
             lines = "".join(json.dumps(h) + "\n" for h in self.history)
             (self.run_dir / "metrics.jsonl").write_text(lines, encoding="utf-8")
+        self.console.print(f"{self.val_note}; {self.best['selected_by']}")
+        if self.best["split"] == "test":
+            self.console.print(
+                "[bold red]warning: selection=test_set_biased picks the best epoch on the TEST set; its numbers are "
+                "optimistic and not comparable with validation-selected results (Musgrave et al. 2020)[/bold red]"
+            )
         if self.epoch == 0:
             self.emit("on_train_start")
             if t["eval_at_start"] and not self.history:  # epoch 0: where training starts from
@@ -390,8 +437,77 @@ class Trainer:
             while self.epoch < t["epochs"] and not self.stop_requested:
                 self._run_epoch(progress)
         self.emit("on_train_end")
+        self.results = self.final_test()
         return self.history[-1] if self.history else {}
 
+    # -- model selection ---------------------------------------------------------------------
+    def selection(self) -> dict[str, Any]:
+        """How this run picks its best epoch: metric, split it is read on, direction, and in words."""
+        t = self.settings
+        metric = t["best_metric"]
+        if metric == "loss":
+            return {"metric": "loss", "split": "train", "mode": "min", "selected_by": "best = lowest training loss"}
+        mode = metric_direction(self.evaluator, metric)
+        if t["selection"] == "last" or (t["selection"] == "validation" and self.val_split is None):
+            return {"metric": metric, "split": "last", "mode": mode, "selected_by": "best = last epoch"}
+        if t["selection"] == "test_set_biased":
+            return {"metric": metric, "split": "test", "mode": mode, "selected_by": f"best by TEST {metric} (biased)"}
+        return {"metric": metric, "split": "val", "mode": mode, "selected_by": f"best by validation {metric}"}
+
+    def validate(self) -> dict[str, Any]:
+        """Validation metrics (``val_*``) of the current model; ``on_validation_end`` receives them.
+        An evaluation at the step of the previous one is reused, so each is seen once."""
+        if self._last_val is not None and self._last_val[0] == self.step:
+            return self._last_val[1]
+        metrics = {f"val_{k}": v for k, v in self.evaluate(self.val_split).items() if _scalar(v)}
+        metrics["step"] = self.step
+        self._last_val = (self.step, metrics)
+        key = f"val_{self.best['metric']}"
+        if key in metrics:
+            self._val_values.append(metrics[key])
+            if len(self._val_values) == 3 and max(self._val_values) - min(self._val_values) < 1e-9:
+                self.console.print(
+                    f"[yellow]warning: {key} is {metrics[key]:.4f} at every validation so far: the validation split "
+                    "tells the models apart poorly (too few classes or images?)[/yellow]"
+                )
+        self.emit("on_validation_end", metrics=metrics)
+        return metrics
+
+    def _is_better(self, value: float) -> bool:
+        best = self.best["value"]
+        if best is None:
+            return True
+        return value < best if self.best["mode"] == "min" else value > best
+
+    def final_test(self) -> dict[str, Any]:
+        """Test metrics at the chosen epoch (and the last), read once; written to results.json."""
+        if not self.history:
+            return {}
+        last_epoch = self.history[-1]["epoch"]
+        at_last = {k: v for k, v in self.evaluate().items() if _scalar(v)}
+        best_epoch = self.best["epoch"]
+        if best_epoch is None or best_epoch == last_epoch:
+            at_best = at_last
+        else:
+            current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(load_checkpoint(self.run_dir / "best.pt")["model"])
+            at_best = {k: v for k, v in self.evaluate().items() if _scalar(v)}
+            self.model.load_state_dict(current)
+        results = {
+            "selected_by": self.best["selected_by"],
+            "selection_split": self.best["split"],
+            "best_metric": self.best["metric"],
+            "best_value": self.best["value"],
+            "best_epoch": best_epoch if best_epoch is not None else last_epoch,
+            "last_epoch": last_epoch,
+            "test": at_best,
+            "test_last": at_last,
+        }
+        if self.rank == 0:
+            write_json(self.run_dir / "results.json", results)
+        return results
+
+    # -- the epoch ---------------------------------------------------------------------------
     def _run_epoch(self, progress: Progress) -> None:
         t = self.settings
         epoch = self.epoch + 1
@@ -400,9 +516,11 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         self.model.backbone_frozen = epoch <= t["warmup_epochs"]
         self.model.train()
+        self._in_epoch = True
         self.emit("on_epoch_start")
         task = progress.add_task("train", total=len(self.sampler), epoch=epoch, loss=0.0, ips=0.0)
         losses, seen, start, waited = [], 0, time.perf_counter(), 0.0
+        val_steps: list[dict[str, Any]] = []
         fetched = start
         for x, y in self.loader(self.train_split, train=True):
             waited += time.perf_counter() - fetched  # time the step waited for its batch: the data bound
@@ -419,11 +537,15 @@ class Trainer:
             seen += len(y)
             ips = seen / max(time.perf_counter() - start, 1e-9)
             progress.update(task, advance=1, loss=float(np.mean(losses)) if losses else 0.0, ips=ips)
+            if t["val_every_steps"] and self.val_split is not None and self.step % t["val_every_steps"] == 0:
+                val_steps.append(self.validate())
+                self.model.train()
             fetched = time.perf_counter()
         progress.remove_task(task)
         elapsed = time.perf_counter() - start
         self.scheduler.step()
         self.epoch = epoch
+        self._in_epoch = False
         record: dict[str, Any] = {
             "epoch": epoch,
             "step": self.step,
@@ -433,28 +555,35 @@ class Trainer:
             "epoch_time_s": elapsed,
             "data_wait_fraction": waited / max(elapsed, 1e-9),  # near 1: loading bound; near 0: compute bound
         }
+        if val_steps:
+            record["val_steps"] = val_steps
         self.emit("on_epoch_end", record=record)
         self._end_epoch(record)
 
     def _end_epoch(self, record: dict[str, Any]) -> None:
-        """Evaluate when due, keep the best, save checkpoints, log ``record`` and plot."""
+        """Validate when due, keep the best, save checkpoints, log ``record`` and plot."""
         t, epoch = self.settings, record["epoch"]
-        is_best = False
-        if epoch % t["eval_every"] == 0 or epoch == t["epochs"]:
+        sel = self.best
+        due = epoch % t["eval_every"] == 0 or epoch == t["epochs"]
+        if due:
             if self.val_split is not None:
-                record.update({f"val_{k}": v for k, v in self.evaluate(self.val_split).items() if _scalar(v)})
-            metrics = self.evaluate()
-            record.update({k: v for k, v in metrics.items() if _scalar(v)})
-            key = t["best_metric"]
-            if key not in record:
-                raise DmlkitError(f"best_metric '{key}' is not among the metrics: {', '.join(k for k in record)}")
-            if record[key] > self.best["value"]:
-                self.best = {"value": record[key], "epoch": epoch, "metric": key}
-                is_best = True
-            self.emit("on_validation_end", metrics=record)
+                record.update({k: v for k, v in self.validate().items() if k != "step"})
+            if sel["split"] == "test" or t["test_every_epoch"]:  # logged; read for selection only when asked
+                record.update({k: v for k, v in self.evaluate().items() if _scalar(v)})
             self._print_metrics(record)
         else:
-            self.console.print(f"epoch {epoch}: loss {record['loss']}")
+            self.console.print(f"epoch {epoch}: loss {_fmt(record['loss'])}")
+        key = {"val": f"val_{sel['metric']}", "test": sel["metric"], "train": "loss"}.get(sel["split"])
+        if sel["split"] == "last":
+            is_best = True
+        elif key in record and record[key] is not None:
+            is_best = self._is_better(record[key])
+        else:
+            is_best = False
+        if is_best:
+            self.best = {**sel, "value": record.get(key) if key else None, "epoch": epoch}
+        if self.events:
+            record["events"], self.events = self.events, []
         self.history.append(record)
         self.save(best=is_best)
         if self.rank == 0:
@@ -475,6 +604,7 @@ class Trainer:
 SHORT_NAMES = {
     "loss": "loss",
     "images_per_s": "img/s",
+    "val_precision_at_1": "val P@1",
     "val_map_at_r": "val MAP@R",
     "precision_at_1": "P@1",
     "r_precision": "R-Prec",
@@ -505,6 +635,68 @@ def _worker_init(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+def declared_metrics(evaluator: Any) -> dict[str, str] | None:
+    """``{metric: "max" | "min"}`` that an evaluator declares (its ``metrics`` attribute), or None."""
+    declared = getattr(evaluator, "metrics", None)
+    return dict(declared) if isinstance(declared, dict) else None
+
+
+def metric_direction(evaluator: Any, metric: str) -> str:
+    """ "max" or "min" for ``metric``: as the evaluator declares it (undeclared: higher is better)."""
+    declared = declared_metrics(evaluator) or {}
+    return declared.get(metric, "max")
+
+
+def check_metrics(cfg: dict[str, Any], registry: Registry, evaluator: Any) -> None:
+    """``train.best_metric`` and every metric a component reads must be one the evaluator reports.
+
+    A component names the options that hold metric names in a ``reads_metrics_from`` class
+    attribute (CCP: ``("metric",)``). An evaluator that declares nothing is not checked.
+    """
+    declared = declared_metrics(evaluator)
+    if declared is None:
+        return
+    wanted = [("train.best_metric", cfg["train"]["best_metric"])]
+    for section in ("loss", "miner", "sampler"):
+        name = cfg[section]["name"]
+        if not name:
+            continue
+        factory = registry.get(section, name).factory
+        for option in getattr(factory, "reads_metrics_from", ()):
+            wanted.append((f"{section} '{name}' option {option}", cfg[section].get(option)))
+    for where, metric in wanted:
+        if metric == "loss" and where == "train.best_metric":
+            continue
+        if metric not in declared:
+            raise DmlkitError(
+                f"{where} = {metric!r} is not a metric of evaluator '{cfg['evaluator']['name']}'; "
+                f"valid: {', '.join(sorted(declared))}" + (", loss" if where == "train.best_metric" else "")
+            )
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON through a temporary file and a rename: never half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def sample_disjoint_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Hold out ``fraction`` of the images of every training class (at least one, and at least
+    one left for training) for validation: the same classes, unseen images."""
+    rng = np.random.default_rng(seed)
+    is_val = np.zeros(len(split.labels), bool)
+    for c in np.unique(split.labels):
+        items = rng.permutation(np.flatnonzero(split.labels == c))
+        if len(items) < 2:
+            continue
+        n_val = min(len(items) - 1, max(1, int(round(len(items) * fraction))))
+        is_val[items[:n_val]] = True
+    if not is_val.any():
+        raise DmlkitError("val_split=samples needs classes with at least 2 training images")
+    return split.subset(np.flatnonzero(~is_val)), split.subset(np.flatnonzero(is_val))
 
 
 def class_disjoint_split(
@@ -541,15 +733,19 @@ def plot_history(history: list[dict[str, Any]], run_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(run_dir / "loss.png", dpi=100)
     plt.close(fig)
-    keys = ["precision_at_1", "map_at_r", "r_precision", "val_map_at_r"]
-    evald = [h for h in history if "precision_at_1" in h]
-    if evald:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        for k in keys:
-            if k in evald[0]:
-                ax.plot([h["epoch"] for h in evald], [h[k] for h in evald], marker="o", label=k)
+    keys = ["val_precision_at_1", "val_map_at_r", "precision_at_1", "map_at_r", "r_precision"]
+    drawn = False
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for k in keys:
+        pts = [(h["epoch"], h[k]) for h in history if h.get(k) is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=k if k.startswith("val_") else f"test {k}")
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+    else:
         ax.set_xlabel("epoch")
-        ax.set_ylabel("test metric")
+        ax.set_ylabel("metric")
         ax.legend()
         fig.tight_layout()
         fig.savefig(run_dir / "metrics.png", dpi=100)

@@ -1,22 +1,38 @@
 """CCP: Deep Metric Learning with Chance Constraints (Gurbuz, Can, Alatan; code yetigurbuz/ccp-dml).
 
-Written against public hooks only: the loss wraps any registered pair-based loss and acts
-during training through the trainer's events (on_train_start, on_after_backward,
-on_validation_end, on_epoch_end). The trainer does not know CCP.
+Written against public hooks and the core proxy service only: the loss wraps any registered
+loss and acts during training through the trainer's events (on_train_start,
+on_after_backward, on_validation_end, on_epoch_end). The trainer does not know CCP.
 """
 
 from __future__ import annotations
 
-import time
+import inspect
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import dmlkit
 from dmlkit.errors import DmlkitError, OptionError
 from dmlkit.losses import MetricLoss
-from dmlkit_plugins.proxies import GreedyKCenter, embed_pool, greedy_kcenter
+from dmlkit.proxies import ProxyBank, banks, build_initializer, check_initializer
+
+#: ccp-dml's settings of the base losses it wraps (its code defaults), applied where the base
+#: takes the option and the user's base_options do not set it. Every base computes on the
+#: unit-ball vectors as they are (``normalize=False``: dot products, Euclidean distances).
+PAPER_BASE_OPTIONS: dict[str, dict[str, Any]] = {
+    "triplet": {"margin": 0.05, "squared": False, "reduction": "mean_nonzero"},
+    "contrastive": {"pos_margin": 0.0, "neg_margin": 0.5},
+    "contrastive_cosine": {"margin": 0.5},
+    "multi_similarity": {"alpha": 2.0, "beta": 50.0, "base": 0.5},
+}
+
+
+_NO_REFERENCE = (
+    "ccp cannot wrap loss '{base}': its forward takes no reference set (ref_embeddings, ref_labels) to compare "
+    "the batch with the proxies; subclass dmlkit.losses.MetricLoss, or hold its proxies in a dmlkit.proxies.ProxyBank"
+)
 
 
 def unit_ball(v: Tensor) -> Tensor:
@@ -27,13 +43,45 @@ def unit_ball(v: Tensor) -> Tensor:
 class CCPLoss(MetricLoss):
     """0.1 x base(batch, batch) + 1.0 x base(batch, all proxies) with K proxies per class,
     re-initialised by greedy k-center selection each time validation MAP@R plateaus, and a
-    proximal term lambda (theta - theta_anchor) on the network's gradients after the first
-    instance. Embeddings and proxies are projected onto the unit ball.
+    proximal term lam (theta - theta_anchor) on the network's gradients after the first
+    instance. Embeddings and proxies are projected onto the unit ball, and the base loss
+    computes on them as they are (its ``normalize`` option is turned off).
 
-    ``schedule``: ``plateau`` (needs ``train.val_fraction`` > 0: a new instance when
-    val MAP@R has not improved by more than ``min_delta`` for ``patience`` evaluations) or
-    ``fixed`` (every ``interval`` epochs).
+    ``base`` is any registered loss. A pair-based one (with or without parameters of its own)
+    gets CCP's proxies as its reference set. A proxy-based one (its proxies in a
+    ``dmlkit.proxies.ProxyBank``: ProxyNCA, Proxy Anchor, a third party's) keeps its own loss
+    on its own bank, which CCP resizes to K per class and drives (k-center re-initialisation,
+    proximal term); the batch term is then left out.
+
+    ``schedule``: ``plateau`` (validation ``metric`` has not improved by more than
+    ``min_delta`` for ``patience`` validations; validation runs every ``train.val_every_steps``
+    steps, or each epoch) or ``fixed`` (a new instance after every ``interval`` epochs).
+    ``initializer``: a proxy initializer name or ``{name = ..., option = ...}``.
     """
+
+    reads_metrics_from = ("metric",)
+
+    @staticmethod
+    def validate_options(options: dict[str, Any]) -> None:
+        """Checked with the run's config, before any data loads: the base loss exists, is not CCP,
+        takes its options, and can be given a reference set."""
+        registry = dmlkit.get_registry()
+        base = options.get("base", "contrastive")
+        spec = registry.get("loss", base)
+        if spec.factory is CCPLoss:
+            raise OptionError(
+                "ccp cannot wrap itself; choose a base loss (contrastive, multi_similarity, proxynca, ...)"
+            )
+        base_options = options.get("base_options") or {}
+        if not isinstance(base_options, dict):
+            raise OptionError(f"ccp base_options must be a table of the base loss's options; got {base_options!r}")
+        registry.resolve_options("loss", spec.name, base_options)
+        check_initializer(options.get("initializer", "greedy_kcenter"))
+        forward = getattr(spec.factory, "forward", None)
+        if inspect.isclass(spec.factory) and forward is not None:
+            takes = inspect.signature(forward).parameters
+            if "ref_embeddings" not in takes and not any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+                raise OptionError(_NO_REFERENCE.format(base=base))
 
     def __init__(
         self,
@@ -50,13 +98,15 @@ class CCPLoss(MetricLoss):
         patience: int = 3,
         min_delta: float = 1e-5,
         interval: int = 10,
-        initializer: str = "greedy_kcenter",
+        metric: str = "map_at_r",
+        initializer: str | dict = "greedy_kcenter",
         seed: int = 0,
     ):
         super().__init__()
-        if base == "ccp":
+        registry = dmlkit.get_registry()
+        if ("loss", base) in registry and registry.get("loss", base).factory is CCPLoss:
             raise OptionError(
-                "ccp cannot wrap itself; choose a pair-based base loss (contrastive, multi_similarity, ...)"
+                "ccp cannot wrap itself; choose a base loss (contrastive, multi_similarity, proxynca, ...)"
             )
         if schedule not in ("plateau", "fixed"):
             raise OptionError(f"schedule must be plateau or fixed; got {schedule!r}")
@@ -64,31 +114,44 @@ class CCPLoss(MetricLoss):
             raise OptionError(f"need 1 <= proxies_per_class <= pool_rounds; got {proxies_per_class}, {pool_rounds}")
         if lam < 0 or patience < 1 or interval < 1:
             raise OptionError("need lam >= 0, patience >= 1, interval >= 1")
-        registry = dmlkit.get_registry()
+        spec = registry.get("loss", base)
+        params = spec.parameters()
+        options = {k: v for k, v in PAPER_BASE_OPTIONS.get(spec.name, {}).items() if k in params}
+        if "normalize" in params:
+            options["normalize"] = False  # the unit ball, not the sphere
+        if "proxies_per_class" in params:
+            options["proxies_per_class"] = proxies_per_class
+        options.update(base_options or {})
         ctx = {"num_classes": num_classes, "embedding_size": embedding_size}
-        self.base = registry.build("loss", base, context=ctx, **(base_options or {}))
-        if any(True for _ in self.base.parameters()):
-            raise OptionError(f"ccp wraps pair-based losses; '{base}' has parameters of its own (a proxy loss?)")
-        self.init = registry.build("proxy_initializer", initializer)
+        self.base = registry.build("loss", base, context=ctx, **options)
+        self.base_name = spec.name
+        self.driven = banks(self.base)
+        self.pair_based = not self.driven
+        if self.driven:  # a proxy-based base: CCP drives its banks
+            for bank in self.driven:
+                bank.resize(proxies_per_class)
+        else:
+            takes = inspect.signature(self.base.forward).parameters
+            if "ref_embeddings" not in takes and not any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+                raise OptionError(_NO_REFERENCE.format(base=base))
+            self.proxy_bank = ProxyBank(num_classes, proxies_per_class, embedding_size, init="normal", std=0.1)
+            self.driven = [self.proxy_bank]
+        for bank in self.driven:
+            bank.driven_by = "ccp"
+            bank.transform = unit_ball
+        self.init = build_initializer(initializer)
+        if self.init is None:
+            raise OptionError("ccp needs a proxy initializer (initializer=greedy_kcenter)")
         self.k, self.rounds, self.num_classes = proxies_per_class, pool_rounds, num_classes
         self.batch_weight, self.proxy_weight, self.lam = batch_weight, proxy_weight, lam
-        self.schedule, self.patience, self.min_delta, self.interval, self.seed = (
-            schedule,
-            patience,
-            min_delta,
-            interval,
-            seed,
-        )
-        self.proxies = nn.Parameter(torch.randn(num_classes, proxies_per_class, embedding_size) * 0.1)
-        self.register_buffer("proxy_labels", torch.arange(num_classes).repeat_interleave(proxies_per_class))
-        self.lr_multipliers = {"proxies": 1.0}  # the paper: base learning rate, no multiplier
-        self._pending: dict[str, Any] = {}
+        self.schedule, self.patience, self.min_delta, self.interval = schedule, patience, min_delta, interval
+        self.metric, self.seed = metric, seed
         self.state: dict[str, Any] = {
             "instance": 0,
             "best": -float("inf"),
             "bad": 0,
             "anchor": {},
-            "best_proxies": None,
+            "best_proxies": [],
             "best_weights": {},
         }
 
@@ -97,9 +160,11 @@ class CCPLoss(MetricLoss):
         x = unit_ball(emb)
         if ref is not None:  # an explicit reference set replaces the proxies
             return self.base(x, labels, unit_ball(ref), ref_labels)
-        p = unit_ball(self.proxies.float().reshape(-1, self.proxies.shape[-1]))
+        if not self.pair_based:  # a proxy loss on its own (CCP-driven) bank
+            return self.proxy_weight * self.base(x, labels, indices=indices)
+        p, p_labels = self.proxy_bank.reference()  # unit-ball projected
         return self.batch_weight * self.base(x, labels, indices=indices) + self.proxy_weight * self.base(
-            x, labels, p, self.proxy_labels
+            x, labels, p, p_labels
         )
 
     # -- resumable state (saved with the loss's state_dict) ------------------------------
@@ -113,10 +178,12 @@ class CCPLoss(MetricLoss):
     def on_train_start(self, trainer) -> None:
         if self.schedule == "plateau" and trainer.val_split is None:
             raise DmlkitError(
-                "ccp's plateau schedule needs a validation split of training classes: "
-                "set train.val_fraction (e.g. --set val_fraction=0.2), or schedule=fixed"
+                "ccp's plateau schedule needs validation data: set train.val_fraction > 0 "
+                "(e.g. --set val_fraction=0.25), or --loss-opt schedule=fixed"
             )
-        self.reinitialise(trainer, record=None)
+        # the very first instance: min-distances seeded from the origin (the first pick is the largest norm)
+        zeros = [torch.zeros(b.num_classes, 1, b.dim, device=b.vectors.device) for b in self.driven]
+        self.reinitialise(trainer, zeros)
 
     def on_after_backward(self, trainer) -> None:
         """Proximal term: grad += lam (theta - theta_anchor) for the network's weights."""
@@ -130,78 +197,73 @@ class CCPLoss(MetricLoss):
     def on_validation_end(self, trainer, metrics: dict) -> None:
         if self.schedule != "plateau":
             return
-        value = metrics.get("val_map_at_r")
+        value = metrics.get(f"val_{self.metric}")
         if value is None:
             return
         if value > self.state["best"] + self.min_delta:
             self.state.update(
                 best=value,
                 bad=0,
-                best_proxies=self.proxies.detach().clone(),
+                best_proxies=[b.vectors.detach().clone() for b in self.driven],
                 best_weights={n: p.detach().clone() for n, p in trainer.model.named_parameters()},
             )
             return
         self.state["bad"] += 1
         if self.state["bad"] >= self.patience:
             self.state["anchor"] = self.state["best_weights"]
-            self.reinitialise(trainer, record=metrics, seed_proxies=self.state["best_proxies"])
+            self.reinitialise(trainer, self.state["best_proxies"], reason=f"val_{self.metric} plateau")
 
     def on_epoch_end(self, trainer, record: dict) -> None:
-        if self._pending:
-            record.update(self._pending)
-            self._pending = {}
+        """The fixed schedule: a new instance after epochs interval, 2 interval, ... (not after the last)."""
         if (
             self.schedule == "fixed"
-            and trainer.epoch + 1 < trainer.settings["epochs"]
-            and (trainer.epoch + 1) % self.interval == 0
+            and trainer.epoch % self.interval == 0
+            and trainer.epoch < trainer.settings["epochs"]
         ):
             self.state["anchor"] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-            self.reinitialise(trainer, record=record, seed_proxies=self.proxies.detach().clone())
+            self.reinitialise(trainer, [b.vectors.detach().clone() for b in self.driven], reason="fixed schedule")
 
-    def reinitialise(self, trainer, record: dict | None, seed_proxies: Tensor | None = None) -> None:
-        """A new instance: new proxies picked from a freshly embedded pool."""
+    def reinitialise(self, trainer, previous: list[Tensor], reason: str = "start") -> None:
+        """A new instance: each driven bank gets new proxies picked from a freshly embedded pool."""
         instance = self.state["instance"] + 1
-        pool = (
-            embed_pool(trainer, self.rounds, self.seed + instance) if getattr(self.init, "needs_pool", True) else None
-        )
-        if pool is not None and pool.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        previous = None if seed_proxies is None else seed_proxies.to(self.proxies.device)
-        if isinstance(self.init, GreedyKCenter):
-            picks, gaps = greedy_kcenter(pool, previous, self.k)
-            mean_gap = float(gaps.mean())
-        else:
-            picks, mean_gap = self.init(pool, self.proxies.detach() if previous is None else previous, self.k), None
-        if pool is not None and pool.is_cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        with torch.no_grad():
-            self.proxies.copy_(picks.to(self.proxies))
-        state = trainer.optimizer.state.get(self.proxies)
-        if state:  # stale optimizer moments belong to the old proxies
-            trainer.optimizer.state[self.proxies] = {}
+        info: dict[str, Any] = {}
+        for bank, prev in zip(self.driven, previous):
+            got = bank.reinitialise(trainer, self.init, rounds=self.rounds, seed=self.seed + instance, previous=prev)
+            for k, v in got.items():
+                info[k] = info.get(k, 0) + v if k != "mean_min_distance" else v
         self.state.update(instance=instance, best=-float("inf"), bad=0)
-        info = {
-            "ccp_instance": instance,
-            "ccp_pool_size": int(pool.shape[0] * pool.shape[1]) if pool is not None else 0,
-            "ccp_selection_s": seconds,
-            "ccp_mean_min_distance": mean_gap,
-        }
-        if record is not None:
-            record.update(info)
-        else:  # before the first epoch: logged with its record
-            self._pending = info
+        trainer.log_event(event="ccp_instance", instance=instance, reason=reason, **info)
+        gap = info.get("mean_min_distance")
         trainer.console.print(
-            f"ccp: instance {instance}: {self.k} proxies per class from a pool of {info['ccp_pool_size']} in "
-            f"{seconds * 1000:.1f} ms" + (f", mean min-distance {mean_gap:.4f}" if mean_gap is not None else "")
+            f"ccp: instance {instance} ({reason}, step {trainer.step}): {self.k} proxies per class from a pool of "
+            f"{info.get('pool_size', 0)} in {info.get('selection_s', 0.0) * 1000:.1f} ms"
+            + (f", mean min-distance {gap:.4f}" if gap is not None else "")
         )
+
+
+def _recommends(options: dict[str, Any]) -> dict[str, Any]:
+    """The paper's run settings: Adam with weight decay 1e-4, gradient clipping at 10, raw
+    (un-normalised) network outputs, and for the plateau schedule a class-disjoint quarter of
+    the training classes validated every 25 steps. The learning rate stays the run's: the
+    paper's 1e-5 is for a pretrained network (the pretrained backbones recommend their own)."""
+    train: dict[str, Any] = {
+        "optimizer": "adam",
+        "weight_decay": 1e-4,
+        "grad_clip": 10.0,
+        "normalize_embeddings": False,
+    }
+    if options.get("schedule") == "plateau":
+        train.update(val_fraction=0.25, val_every_steps=25)
+    return {"train": train}
 
 
 @dmlkit.hookimpl
 def register_losses(register):
     register(
         dmlkit.ComponentSpec(
-            "ccp", CCPLoss, "CCP multi-proxy wrapper with k-center re-initialisation (Gurbuz, Can, Alatan)"
+            "ccp",
+            CCPLoss,
+            "CCP multi-proxy wrapper of any loss, k-center re-initialisation (Gurbuz, Can, Alatan)",
+            recommends=_recommends,
         )
     )

@@ -38,6 +38,14 @@ class RetrievalEvaluator:
         self.ks, self.backend, self.clustering, self.per_class = tuple(ks), backend, clustering, per_class
         self.normalize, self.memory_mb, self.seed = normalize, memory_mb, seed
 
+    @property
+    def metrics(self) -> dict[str, str]:
+        """The metrics this evaluator reports, each with its direction ("max": higher is better)."""
+        names = ["precision_at_1", "r_precision", "map_at_r", *(f"recall_at_{k}" for k in self.ks)]
+        if self.clustering:
+            names += ["nmi", "ami"]
+        return dict.fromkeys(names, "max")
+
     def __call__(
         self, embeddings: Any, labels: Any, query_mask: np.ndarray | None = None, gallery_mask: np.ndarray | None = None
     ) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from dmlkit.losses import (
     pairwise_distance,
     zero_loss,
 )
+from dmlkit.proxies import ProxyBank, check_initializer
 
 
 def _check(cond: bool, message: str) -> None:
@@ -110,22 +111,30 @@ class ContrastiveLoss(MetricLoss):
         return _mean_nonzero(pos_l) + _mean_nonzero(neg_l)
 
 
+def _similarity(x: Tensor, y: Tensor, normalize: bool) -> Tensor:
+    """Cosine similarity, or with ``normalize=False`` the dot product of the vectors as they are."""
+    return cosine_similarity(x, y) if normalize else x @ y.T
+
+
 def _mean_nonzero(values: Tensor) -> Tensor:
     """Mean over the positive entries (0, still connected to the graph, when there is none)."""
     return values.sum() / (values > 0).sum().clamp_min(1)
 
 
 class CosineContrastiveLoss(MetricLoss):
-    """Contrastive loss C1 on cosine similarity: [sum_pos (1 - s) + sum_neg [s - margin]+] / n."""
+    """Contrastive loss C1 on cosine similarity: [sum_pos (1 - s) + sum_neg [s - margin]+] / n.
 
-    def __init__(self, margin: float = 0.5):
+    ``normalize=False`` uses the dot product of the vectors as they are (CCP's unit ball).
+    """
+
+    def __init__(self, margin: float = 0.5, normalize: bool = True):
         super().__init__()
         _check(-1 <= margin <= 1, f"margin is a cosine similarity, in [-1, 1]; got {margin}")
-        self.margin = margin
+        self.margin, self.normalize = margin, normalize
 
     def compute(self, emb, labels, ref, ref_labels, indices):
         other = emb if ref is None else ref
-        sim = cosine_similarity(emb, other)
+        sim = _similarity(emb, other, self.normalize)
         pos, neg = _pair_masks(labels, ref_labels, indices, len(emb), len(other), emb.device)
         total = (1 - sim)[pos].sum() + (sim - self.margin).clamp_min(0)[neg].sum()
         return total / len(emb)
@@ -136,16 +145,17 @@ class MultiSimilarityLoss(MetricLoss):
     """Multi-Similarity loss (Wang et al., CVPR 2019), cosine similarity, mean over anchors.
 
     Pair mining (the paper's epsilon rule) is the ``multi_similarity`` miner.
+    ``normalize=False`` uses the dot product of the vectors as they are (CCP's unit ball).
     """
 
-    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5):
+    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, normalize: bool = True):
         super().__init__()
         _check(alpha > 0 and beta > 0, f"alpha and beta must be > 0; got {alpha}, {beta}")
-        self.alpha, self.beta, self.base = alpha, beta, base
+        self.alpha, self.beta, self.base, self.normalize = alpha, beta, base, normalize
 
     def compute(self, emb, labels, ref, ref_labels, indices):
         other = emb if ref is None else ref
-        sim = cosine_similarity(emb, other)
+        sim = _similarity(emb, other, self.normalize)
         pos, neg = _pair_masks(labels, ref_labels, indices, len(emb), len(other), emb.device)
         pos_term = _masked_logsumexp1p(-self.alpha * (sim - self.base), pos) / self.alpha
         neg_term = _masked_logsumexp1p(self.beta * (sim - self.base), neg) / self.beta
@@ -192,10 +202,17 @@ def _weighted_mean(v: Tensor, mask: Tensor, t: float) -> Tensor:
 
 # ------------------------------------------------------------------------------------- proxy base
 class ProxyLoss(MetricLoss):
-    """A loss with learnable proxies (``proxies`` [C*K, D], ``proxy_labels`` [C*K]).
+    """A loss with learnable proxies held in a core :class:`dmlkit.proxies.ProxyBank` (``bank``).
 
-    Given a reference set, the call uses it in place of the proxies.
+    Given a reference set, the call uses it in place of the proxies. ``proxy_init`` names a
+    proxy initializer (or ``{name = ..., option = ...}``) applied to ``pool_rounds`` embedded
+    training samples per class when training starts; empty keeps the random proxies.
     """
+
+    @staticmethod
+    def validate_options(options: dict) -> None:
+        """The proxy initializer and its options exist (checked before any data loads)."""
+        check_initializer(options.get("proxy_init", ""))
 
     def __init__(
         self,
@@ -203,47 +220,48 @@ class ProxyLoss(MetricLoss):
         embedding_size: int,
         proxies_per_class: int = 1,
         init_std: float | None = None,
-        proxy_init: str = "",
+        proxy_init: str | dict = "",
         pool_rounds: int = 8,
+        proxy_lr_multiplier: float = 1.0,
     ):
         super().__init__()
         _check(num_classes >= 1, f"num_classes must be >= 1; got {num_classes}")
-        _check(pool_rounds >= proxies_per_class, f"pool_rounds must be >= proxies_per_class; got {pool_rounds}")
-        # a registered proxy initializer, applied from embedded training samples when training starts
-        self.proxy_init = dmlkit.get_registry().build("proxy_initializer", proxy_init) if proxy_init else None
-        self.pool_rounds = pool_rounds
         _check(embedding_size >= 1, f"embedding_size must be >= 1; got {embedding_size}")
         _check(proxies_per_class >= 1, f"proxies_per_class must be >= 1; got {proxies_per_class}")
-        self.num_classes, self.proxies_per_class = num_classes, proxies_per_class
-        p = torch.empty(num_classes * proxies_per_class, embedding_size)
-        if init_std is None:
-            nn.init.kaiming_normal_(p, mode="fan_out")
-        else:
-            nn.init.normal_(p, std=init_std)
-        self.proxies = nn.Parameter(p)
-        self.register_buffer("proxy_labels", torch.arange(num_classes).repeat_interleave(proxies_per_class))
+        self.bank = ProxyBank(
+            num_classes,
+            proxies_per_class,
+            embedding_size,
+            lr_multiplier=proxy_lr_multiplier,
+            proxy_init=proxy_init,
+            pool_rounds=pool_rounds,
+            init="kaiming" if init_std is None else "normal",
+            std=1.0 if init_std is None else init_std,
+        )
+        self.num_classes = num_classes
+
+    @property
+    def proxies_per_class(self) -> int:
+        return self.bank.per_class
+
+    @property
+    def proxies(self) -> Tensor:
+        """All proxies, flattened: [C*K, D] (a view of ``bank.vectors``)."""
+        return self.bank.vectors.reshape(-1, self.bank.dim)
+
+    @property
+    def proxy_labels(self) -> Tensor:
+        """The class of each flattened proxy: [C*K]."""
+        return self.bank.labels()
 
     def compute(self, emb, labels, ref, ref_labels, indices):
+        self._own_proxies = ref is None  # the bank's proxies: row c is class c
         if ref is None:
-            ref, ref_labels = self.proxies.float(), self.proxy_labels
+            ref, ref_labels = self.bank.reference()
         return self.proxy_loss(emb, labels, ref, ref_labels)
 
     def proxy_loss(self, emb: Tensor, labels: Tensor, proxies: Tensor, proxy_labels: Tensor) -> Tensor:
         raise NotImplementedError
-
-    def on_train_start(self, trainer) -> None:
-        """With ``proxy_init``: set the proxies from the current network's embeddings of training samples."""
-        if self.proxy_init is None:
-            return
-        from dmlkit_plugins.proxies import embed_pool
-
-        pool = (
-            embed_pool(trainer, self.pool_rounds, seed=trainer.settings["seed"]) if self.proxy_init.needs_pool else None
-        )
-        current = self.proxies.detach().reshape(self.num_classes, self.proxies_per_class, -1)
-        new = self.proxy_init(pool, current, self.proxies_per_class)
-        with torch.no_grad():
-            self.proxies.copy_(new.reshape_as(self.proxies))
 
 
 class ProxyNCALoss(ProxyLoss):
@@ -266,18 +284,19 @@ class ProxyNCALoss(ProxyLoss):
         proxies_per_class: int = 1,
         exclude_positive: bool = False,
         proxy_lr_multiplier: float = 100.0,
-        proxy_init: str = "",
+        proxy_init: str | dict = "",
         pool_rounds: int = 8,
     ):
-        super().__init__(num_classes, embedding_size, proxies_per_class, 1.0, proxy_init, pool_rounds)
+        super().__init__(
+            num_classes, embedding_size, proxies_per_class, 1.0, proxy_init, pool_rounds, proxy_lr_multiplier
+        )
         _check(scale > 0, f"scale must be > 0; got {scale}")
         self.scale, self.exclude_positive = scale, exclude_positive
-        self.lr_multipliers = {"proxies": proxy_lr_multiplier}
 
     def proxy_loss(self, emb, labels, proxies, proxy_labels):
         # for unit vectors -|s x - s p|^2 = 2 s^2 cos(x, p) - 2 s^2; the constant cancels in the loss
         logits = (2 * self.scale**2) * cosine_similarity(emb, proxies)
-        if self.proxies_per_class == 1 and proxy_labels is self.proxy_labels and not self.exclude_positive:
+        if self.proxies_per_class == 1 and self._own_proxies and not self.exclude_positive:
             return nn.functional.cross_entropy(logits, labels)  # static assignment: proxy c is class c
         same = labels[:, None] == proxy_labels[None, :]
         # the positive: the nearest proxy of the class
@@ -303,13 +322,14 @@ class ProxyAnchorLoss(ProxyLoss):
         delta: float = 0.1,
         proxies_per_class: int = 1,
         proxy_lr_multiplier: float = 100.0,
-        proxy_init: str = "",
+        proxy_init: str | dict = "",
         pool_rounds: int = 8,
     ):
-        super().__init__(num_classes, embedding_size, proxies_per_class, None, proxy_init, pool_rounds)
+        super().__init__(
+            num_classes, embedding_size, proxies_per_class, None, proxy_init, pool_rounds, proxy_lr_multiplier
+        )
         _check(alpha > 0, f"alpha must be > 0; got {alpha}")
         self.alpha, self.delta = alpha, delta
-        self.lr_multipliers = {"proxies": proxy_lr_multiplier}
 
     def proxy_loss(self, emb, labels, proxies, proxy_labels):
         sim = cosine_similarity(emb, proxies)  # [n, P]

@@ -1,21 +1,21 @@
 """Proxy initializers: greedy k-center (CCP), random samples, class means, normal.
 
-An initializer is called as ``init(pool, previous, k)``: ``pool`` [C, b, D] holds b embedded
-training samples per class (None for data-free initializers), ``previous`` [C, K, D] the
-current proxies (or None), and it returns new proxies [C, k, D].
+An initializer is called as ``init(pool, previous, k)`` by :class:`dmlkit.proxies.ProxyBank`:
+``pool`` [C, b, D] holds b embedded training samples per class (None for data-free
+initializers), ``previous`` [C, K, D] the current proxies (or None), and it returns new
+proxies [C, k, D].
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
 
 import dmlkit
 from dmlkit.errors import OptionError
+from dmlkit.proxies import embed_pool as core_embed_pool
 
 
 def greedy_kcenter(pool: Tensor, previous: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
@@ -43,12 +43,26 @@ def greedy_kcenter(pool: Tensor, previous: Tensor | None, k: int) -> tuple[Tenso
 
 
 class GreedyKCenter:
-    """Greedy k-center (farthest-first) selection from the pool, seeded by the previous proxies."""
+    """Greedy k-center (farthest-first) selection from the pool, seeded by the previous proxies.
+
+    ``seed_with_previous``: start each pool point's min-distance from its distance to the
+    class's previous proxies (CCP's rule); off, from the origin (the first pick is the
+    largest-norm sample).
+    """
 
     needs_pool = True
 
+    def __init__(self, seed_with_previous: bool = True):
+        self.seed_with_previous = seed_with_previous
+        self._gaps: Tensor | None = None
+
     def __call__(self, pool: Tensor, previous: Tensor | None, k: int) -> Tensor:
-        return greedy_kcenter(pool, previous, k)[0]
+        picks, self._gaps = greedy_kcenter(pool, previous if self.seed_with_previous else None, k)
+        return picks
+
+    def stats(self) -> dict[str, float]:
+        """The mean min-distance of the picks when they were picked (the k-center radius, on average)."""
+        return {} if self._gaps is None else {"mean_min_distance": float(self._gaps.mean())}
 
 
 class RandomSamples:
@@ -95,31 +109,14 @@ class NormalInit:
         return self.std * torch.randn(ref.shape[0], k, ref.shape[2], generator=self.gen).to(ref)
 
 
-@torch.no_grad()
 def embed_pool(trainer: Any, rounds: int, seed: int) -> Tensor:
-    """[C, rounds, D]: per round one random training image of every class (without replacement
-    within a class until it is exhausted), with training augmentation, embedded by the current
-    network in inference mode."""
-    labels = trainer.train_split.labels
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    idx = np.empty((len(classes), rounds), dtype=np.int64)
-    for c in classes:  # index bookkeeping only; the embedding below is batched
-        items = np.flatnonzero(labels == c)
-        order = np.concatenate([rng.permutation(items) for _ in range(-(-rounds // len(items)))])
-        idx[c] = order[:rounds]
-    flat = idx.reshape(-1)
-    loader = DataLoader(
-        Subset(trainer.train_split, flat.tolist()), batch_size=trainer.settings["eval_batch_size"], num_workers=0
+    """Deprecated: use :func:`dmlkit.proxies.embed_pool` (the core proxy service)."""
+    import warnings
+
+    warnings.warn(
+        "dmlkit_plugins.proxies.embed_pool moved to dmlkit.proxies.embed_pool", DeprecationWarning, stacklevel=2
     )
-    was = trainer.model.training
-    trainer.model.eval()
-    out = []
-    for x, _ in loader:
-        with trainer.autocast():
-            out.append(trainer.model(x.to(trainer.device)).float())
-    trainer.model.train(was)
-    return torch.cat(out).reshape(len(classes), rounds, -1)
+    return core_embed_pool(trainer, rounds, seed)
 
 
 @dmlkit.hookimpl

@@ -22,7 +22,7 @@ def test_show_gives_signature_defaults_and_owner(cli):
     code, out, _ = cli("show", "loss", "ms", "--json")  # by alias
     info = json.loads(out)
     assert info["name"] == "multi_similarity" and info["plugin"] == "losses" and info["distribution"] == "dmlkit"
-    assert info["options"] == {"alpha": 2.0, "beta": 50.0, "base": 0.5}
+    assert info["options"] == {"alpha": 2.0, "beta": 50.0, "base": 0.5, "normalize": True}
     code, out, _ = cli("show", "loss", "proxynca", "--json")
     assert json.loads(out)["required"] == ["num_classes", "embedding_size"]
 

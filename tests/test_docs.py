@@ -117,7 +117,8 @@ def test_tutorial_plugin_installs_and_trains(cli, tmp_path, add_site, monkeypatc
     circle = next(p for p in json.loads(out) if p["name"] == "circle")
     assert circle["distribution"] == "dmlkit-circle" and circle["components"] == 1 and not circle["errors"]
     rows = [json.loads(x) for x in (tmp_path / "runs" / "circle" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and rows[-1]["precision_at_1"] > 0.8
+    results = json.loads((tmp_path / "runs" / "circle" / "results.json").read_text())
+    assert len(rows) == 2 and results["test_last"]["precision_at_1"] > 0.8
 
 
 def test_circle_loss_matches_pml():

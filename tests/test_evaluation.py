@@ -177,7 +177,7 @@ def test_evaluate_command_json(cli, tmp_path):
     np.save(tmp_path / "x.npy", emb)
     np.save(tmp_path / "y.npy", labels)
     code, out, err = cli(
-        "evaluate", "--embeddings", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--json"
+        "evaluate", "--embeddings", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--json", "--clustering"
     )
     assert code == 0, err
     got = json.loads(out)

@@ -283,7 +283,7 @@ def test_proxy_gradients_reach_the_proxies():
     emb, labels = batch(seed=13)
     for loss in (ProxyNCALoss(6, 8), ProxyAnchorLoss(6, 8)):
         loss(emb, labels).backward()
-        assert loss.proxies.grad is not None and loss.proxies.grad.abs().sum() > 0
+        assert loss.bank.vectors.grad is not None and loss.bank.vectors.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize(

@@ -89,7 +89,7 @@ def test_builtin_components_build_with_defaults():
     reg = get_registry()
     loss = reg.build("loss", "proxynca", context={"num_classes": 4, "embedding_size": 8})
     assert loss.proxies.shape == (4, 8)
-    assert loss.lr_multipliers == {"proxies": 100.0}
+    assert loss.bank.lr_multiplier == 100.0
     miner = reg.build("miner", "semihard")
     a, p, n = miner(torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     assert len(a) == 8  # one triplet per positive pair

@@ -15,9 +15,11 @@ def test_report_compares_runs_and_draws_figures(cli, tmp_path, monkeypatch):
     assert code == 0, err
     rows = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert [r["run"] for r in rows] == ["a", "b"] and [r["loss"] for r in rows] == ["proxynca", "triplet"]
-    metrics_b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    best = max(metrics_b, key=lambda h: h["map_at_r"])
-    assert rows[1]["map_at_r"] == best["map_at_r"] and rows[1]["best_epoch"] == best["epoch"]
+    # each run at the epoch its validation chose, with the test metrics read there (results.json)
+    results_b = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert rows[1]["map_at_r"] == results_b["test"]["map_at_r"] and rows[1]["best_epoch"] == results_b["best_epoch"]
+    assert rows[1]["selected_by"] == "best by validation map_at_r"
+    assert cli("report", "a", "--best-metric", "map_at_r", "--no-grid")[0] == 1  # test-set selection is gone
     for name in ("metric_curves.png", "recall_at_k.png", "retrieval_a.png", "retrieval_b.png"):
         with Image.open(tmp_path / "rep" / name) as img:
             assert img.size[0] > 200 and img.size[1] > 150

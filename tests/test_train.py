@@ -20,25 +20,36 @@ def read_metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def read_results(run):
+    """Test metrics at the chosen epoch (``test``) and at the last (``test_last``), read once at the end."""
+    return json.loads((run / "results.json").read_text())
+
+
 def test_digits_default_run_learns_and_fills_the_run_directory(cli, tmp_path):
     run = tmp_path / "run"
     code, out, err = cli("train", "--epochs", "3", "--run-dir", str(run))
     assert code == 0, err
-    for name in ("config.toml", "metrics.jsonl", "last.pt", "best.pt", "loss.png", "metrics.png"):
+    for name in ("config.toml", "metrics.jsonl", "last.pt", "best.pt", "loss.png", "metrics.png", "results.json"):
         assert (run / name).is_file(), name
     rows = read_metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
-    assert rows[-1]["precision_at_1"] > 0.85 and rows[-1]["loss"] < rows[0]["loss"]
+    # validation (held-out images of the training digits) every epoch; the test set is not read per epoch
+    assert all("val_map_at_r" in r and "map_at_r" not in r for r in rows)
+    results = read_results(run)
+    best = max(rows, key=lambda r: r["val_map_at_r"])
+    assert results["best_epoch"] == best["epoch"] and results["selection_split"] == "val"
+    assert results["test_last"]["precision_at_1"] > 0.85 and rows[-1]["loss"] < rows[0]["loss"]
+    assert "epoch" in out and "chosen (best by validation map_at_r" in out and "higher is better" in out
     ckpt = load_checkpoint(run)
     assert ckpt["epoch"] == 3 and ckpt["config"]["dataset"]["name"] == "digits"
     # the proxies were trained: they are in the optimizer with their multiplier
     groups = ckpt["optimizer"]["param_groups"]
-    assert any(g["name"] == "loss.proxies" and g["lr_multiplier"] == 100.0 for g in groups)
+    assert any(g["name"] == "loss.bank.vectors" and g["lr_multiplier"] == 100.0 for g in groups)
     # the saved config reproduces the run
     run2 = tmp_path / "run2"
     code, _, err = cli("train", "--config", str(run / "config.toml"), "--run-dir", str(run2))
     assert code == 0, err
-    assert read_metrics(run2)[-1]["map_at_r"] == pytest.approx(rows[-1]["map_at_r"], abs=1e-6)
+    assert read_results(run2)["test"]["map_at_r"] == pytest.approx(results["test"]["map_at_r"], abs=1e-6)
     # a run directory is never overwritten
     code, _, err = cli("train", "--run-dir", str(run))
     assert code == 1 and "already holds a run" in err
@@ -65,8 +76,10 @@ def test_killed_run_resumes_to_the_same_metrics(cli, tmp_path):
     assert code == 0, err
     a, b = read_metrics(full), read_metrics(killed)
     assert [r["epoch"] for r in b] == [1, 2, 3, 4]
-    for key in ("loss", "precision_at_1", "map_at_r"):
+    for key in ("loss", "val_precision_at_1", "val_map_at_r"):
         assert b[-1][key] == pytest.approx(a[-1][key], abs=1e-6), key
+    for key in ("precision_at_1", "map_at_r"):
+        assert read_results(killed)["test"][key] == pytest.approx(read_results(full)["test"][key], abs=1e-6), key
 
 
 @pytest.mark.parametrize(
@@ -180,7 +193,9 @@ def test_embed_and_evaluate_a_run(cli, tmp_path):
     from_files = json.loads(out)
     code, out, err = cli("evaluate", str(run), "--json", "--no-clustering")
     assert json.loads(out)["map_at_r"] == pytest.approx(from_files["map_at_r"], abs=1e-6)
-    assert from_files["map_at_r"] == pytest.approx(read_metrics(run)[-1]["map_at_r"], abs=1e-6)
+    assert from_files["map_at_r"] == pytest.approx(read_results(run)["test"]["map_at_r"], abs=1e-6)
+    code, out, err = cli("evaluate", str(run))
+    assert code == 0 and "best.pt: epoch 1 (best by validation map_at_r)" in out
 
 
 def test_ddp_two_cpu_processes_with_gloo(tmp_path):
@@ -211,9 +226,13 @@ def test_ddp_two_cpu_processes_with_gloo(tmp_path):
     rows = read_metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2]
     # each rank took half of the epoch's batches
-    single_steps = 901 // 64
+    from dmlkit.config import resolve
+    from dmlkit.train import Trainer
+
+    cfg, _ = resolve({}, get_host().registry)
+    single_steps = len(Trainer(cfg, get_host().registry, tmp_path / "unused").sampler)
     assert rows[0]["step"] == single_steps // 2
-    assert rows[-1]["precision_at_1"] > 0.8
+    assert read_results(run)["test_last"]["precision_at_1"] > 0.8
     assert out.stdout.count("run directory:") == 1  # only rank 0 speaks
 
 
@@ -253,18 +272,18 @@ def test_components_recommend_settings_and_the_user_wins(cli, tmp_path):
     from dmlkit.config import resolve
 
     reg = get_host().registry
-    cfg, applied = resolve({}, reg)  # digits has 5 training classes: it asks for 4 classes x 16
-    assert cfg["sampler"]["m"] == 16 and applied == {"sampler": {"m": 16}}
+    cfg, applied = resolve({}, reg)  # digits has 5 training classes: 4 classes x 16, validation on held-out images
+    assert cfg["sampler"]["m"] == 16 and applied == {"sampler": {"m": 16}, "train": {"val_split": "samples"}}
     cfg, applied = resolve({"sampler": {"m": 8}}, reg)
-    assert cfg["sampler"]["m"] == 8 and applied == {}
+    assert cfg["sampler"]["m"] == 8 and "sampler" not in applied
     cfg, applied = resolve({"sampler": {"name": "random"}}, reg)
-    assert "m" not in cfg["sampler"] and applied == {}
+    assert "m" not in cfg["sampler"] and "sampler" not in applied
     cfg, applied = resolve({"dataset": {"name": "omniglot", "root": str(tmp_path)}}, reg)
     assert cfg["sampler"]["m"] == 4 and applied == {}  # omniglot recommends nothing
     # the run says what it took, and saves it in its config
     code, out, err = cli("train", "--epochs", "1", "--run-dir", str(tmp_path / "r"))
     assert code == 0, err
-    assert "recommended settings in use (yours win): sampler.m=16" in out
+    assert "recommended settings in use (yours win): sampler.m=16, train.val_split=\"samples\"" in out
     assert "m = 16" in (tmp_path / "r" / "config.toml").read_text()
     code, out, _ = cli("show", "dataset", "digits")
     assert code == 0 and "sampler.m=16" in out
@@ -292,7 +311,7 @@ def test_pretrained_backbone_recommends_the_fine_tuning_recipe():
     assert "proxy_init" not in cfg["loss"] and "loss" not in applied
     # trained from scratch, nothing to preserve: no recipe
     cfg, applied = resolve({"backbone": {"name": "efficientnet_lite0", "pretrained": False}}, reg)
-    assert "train" not in applied and cfg["train"]["embedding_size"] == 128
+    assert set(applied.get("train", {})) <= {"val_split"} and cfg["train"]["embedding_size"] == 128
 
 
 def test_eval_at_start_records_the_untrained_model_as_epoch_0(cli, tmp_path):
@@ -308,9 +327,10 @@ def test_eval_at_start_records_the_untrained_model_as_epoch_0(cli, tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1, 2] and rows[0]["loss"] is None
     # epoch 0 is the model as built, before any step: an independent trainer, same seed, no training
     cfg, _ = resolve({}, get_host().registry)
-    untrained = Trainer(cfg, get_host().registry, tmp_path / "u").evaluate()
-    assert rows[0]["map_at_r"] == pytest.approx(untrained["map_at_r"], abs=1e-6)
-    assert all(abs(r["map_at_r"] - rows[0]["map_at_r"]) > 1e-3 for r in rows[1:])  # not a trained epoch
+    fresh = Trainer(cfg, get_host().registry, tmp_path / "u")
+    untrained = fresh.evaluate(fresh.val_split)
+    assert rows[0]["val_map_at_r"] == pytest.approx(untrained["map_at_r"], abs=1e-6)
+    assert all(abs(r["val_map_at_r"] - rows[0]["val_map_at_r"]) > 1e-3 for r in rows[1:])  # not a trained epoch
 
 
 def test_identity_head_starts_at_the_pooled_features():
