@@ -29,6 +29,10 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "head_init": "random",
     "normalize_embeddings": True,
     "freeze_bn": False,
+    "freeze_backbone": False,
+    "feature_cache": False,
+    "cache_views": 1,
+    "cache_dir": "",
     "seed": 0,
     "device": "auto",
     "amp": True,
@@ -57,7 +61,7 @@ CHOICES = {
     "selection": ("validation", "last", "test_set_biased"),
     "val_split": ("classes", "samples"),
 }
-POSITIVE = ("epochs", "batch_size", "lr", "eval_every", "eval_batch_size")
+POSITIVE = ("epochs", "batch_size", "lr", "eval_every", "eval_batch_size", "cache_views")
 NON_NEGATIVE = (
     "embedding_size",
     "weight_decay",
@@ -233,6 +237,11 @@ def validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
     if train["folds"] < 0 or train["folds"] == 1 or not 0 <= train["fold"] < max(train["folds"], 1):
         raise OptionError(
             f"need folds = 0 or >= 2 and 0 <= fold < folds; got folds {train['folds']}, fold {train['fold']}"
+        )
+    if train["feature_cache"] and not train["freeze_backbone"]:
+        raise OptionError(
+            "train.feature_cache needs a frozen backbone: set freeze_backbone=true (features of a backbone "
+            "that trains change every step)"
         )
     if train["folds"] and train["val_fraction"]:
         raise OptionError("set either val_fraction or folds/fold for the validation split, not both")

@@ -78,14 +78,24 @@ class EmbeddingModel(nn.Module):
         super().__init__()
         self.backbone, self.head, self.freeze_bn = backbone, head, freeze_bn
         self.backbone_frozen = False  # warm-up: the backbone runs without gradients
+        self.backbone_fixed = False  # frozen for the whole run: no gradients, inference mode (BN, dropout)
         if freeze_bn:
             for m in backbone.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     for p in m.parameters():
                         p.requires_grad_(False)
 
+    def freeze_backbone(self) -> None:
+        """Freeze the backbone for good: its parameters leave the optimizer and it runs in inference mode."""
+        self.backbone_fixed = self.backbone_frozen = True
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.backbone.eval()
+
     def train(self, mode: bool = True) -> EmbeddingModel:
         super().train(mode)
+        if self.backbone_fixed:
+            self.backbone.eval()
         if self.freeze_bn:
             for m in self.backbone.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):

@@ -241,6 +241,15 @@ def embed_pool(trainer: Any, rounds: int, seed: int, class_ids: np.ndarray | Non
             raise OptionError(f"class {c} has no training sample to initialise its proxies from")
         order = np.concatenate([rng.permutation(items) for _ in range(-(-rounds // len(items)))])
         idx[row] = order[:rounds]
+    cache = getattr(trainer, "features", None)
+    if cache is not None:  # the frozen-backbone fast path: cached augmented views through the head
+        was = trainer.model.training
+        trainer.model.eval()
+        with torch.no_grad():
+            feats = cache.train_items(idx.reshape(-1), seed).to(trainer.device)
+            out = torch.cat([trainer.model.head(f).float() for f in feats.split(trainer.settings["eval_batch_size"])])
+        trainer.model.train(was)
+        return out.reshape(len(classes), rounds, -1)
     loader = DataLoader(
         Subset(trainer.train_split, idx.reshape(-1).tolist()),
         batch_size=trainer.settings["eval_batch_size"],

@@ -112,10 +112,13 @@ class Trainer:
         self.test_split: Split = data.test
         self.val_split: Split | None = None
         self.val_note = "no validation: best = last epoch"
+        self.full_train_split = data.train
+        self.train_index = self.val_index = None  # into full_train_split
         if t["folds"] or (t["val_fraction"] > 0 and t["val_split"] == "classes"):
-            self.train_split, self.val_split = class_disjoint_split(
-                self.train_split, t["val_fraction"], t["seed"], folds=t["folds"], fold=t["fold"]
+            self.train_index, self.val_index = class_disjoint_index(
+                data.train.labels, t["val_fraction"], t["seed"], folds=t["folds"], fold=t["fold"]
             )
+            self.train_split, self.val_split = data.train.subset(self.train_index), data.train.subset(self.val_index)
             n_val = self.val_split.num_classes
             self.val_note = f"validation: {n_val} held-out training classes ({len(self.val_split)} images)"
             if n_val < 2:
@@ -124,7 +127,8 @@ class Trainer:
                     "MAP@R is 1.0 whatever the model; use more classes (val_fraction) or --set val_split=samples[/yellow]"
                 )
         elif t["val_fraction"] > 0:
-            self.train_split, self.val_split = sample_disjoint_split(self.train_split, t["val_fraction"], t["seed"])
+            self.train_index, self.val_index = sample_disjoint_index(data.train.labels, t["val_fraction"], t["seed"])
+            self.train_split, self.val_split = data.train.subset(self.train_index), data.train.subset(self.val_index)
             self.val_note = (
                 f"validation: {len(self.val_split)} held-out images of the {self.val_split.num_classes} training "
                 "classes (sample-disjoint: the same classes, unseen images)"
@@ -140,10 +144,20 @@ class Trainer:
             t["head_init"],
         )
         self.model = EmbeddingModel(self.backbone, head, freeze_bn=t["freeze_bn"]).to(self.device)
+        if t["freeze_backbone"]:
+            self.model.freeze_backbone()
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.embedding_size = head.out_features
         self.net: nn.Module = self.model  # what a training step calls: the model, or its DDP wrapper
+        self.features = None  # the frozen-backbone fast path
+        if t["feature_cache"]:
+            if self.world_size > 1:
+                raise DmlkitError("train.feature_cache runs in one process; run it without torchrun")
+            from dmlkit.features import FeatureCache
+
+            self.features = FeatureCache(self)
+            self.net = self.model.head  # cached pooled features go straight to the head
         if self.world_size > 1:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model,
@@ -241,11 +255,16 @@ class Trainer:
             f = lambda e: 1.0  # noqa: E731
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, f)
 
+    def loader_workers(self, split: Split) -> int:
+        """``train.num_workers``, or for -1 (auto): none for arrays, up to 8 for image files."""
+        workers = self.settings["num_workers"]
+        if workers < 0:
+            workers = 0 if not split.items or not isinstance(split.items[0], str) else min(8, os.cpu_count() or 1)
+        return workers
+
     def loader(self, split: Split, train: bool) -> DataLoader:
         t = self.settings
-        workers = t["num_workers"]
-        if workers < 0:  # auto: arrays need no workers; image files do
-            workers = 0 if not split.items or not isinstance(split.items[0], str) else min(8, os.cpu_count() or 1)
+        workers = self.loader_workers(split)
         common = {"num_workers": workers, "pin_memory": self.device.type == "cuda", "persistent_workers": False}
         if workers:
             common["worker_init_fn"] = _worker_init
@@ -286,6 +305,13 @@ class Trainer:
         was = self.model.training
         self.model.eval()
         outs = []
+        if self.features is not None:
+            feats = self.features.eval_features(split)
+            for f in feats.split(self.settings["eval_batch_size"]):
+                with self.autocast():
+                    outs.append(self.model.head(f.to(self.device)).float().cpu())
+            self.model.train(was)
+            return torch.cat(outs).numpy(), split.labels
         for x, _ in self.loader(split, train=False):
             x = x.to(self.device, non_blocking=True)
             if self.device.type == "cuda":
@@ -349,7 +375,7 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and x.ndim == 4:
             x = x.to(memory_format=torch.channels_last)
         with self.autocast():
             emb = self._guarded("backbone", self.net, x)
@@ -514,7 +540,7 @@ class Trainer:
         # every epoch is seeded from (seed, epoch): a resumed run draws the same batches and augmentations
         seed_everything(t["seed"] * 100_003 + epoch)
         self.sampler.set_epoch(epoch)
-        self.model.backbone_frozen = epoch <= t["warmup_epochs"]
+        self.model.backbone_frozen = self.model.backbone_fixed or epoch <= t["warmup_epochs"]
         self.model.train()
         self._in_epoch = True
         self.emit("on_epoch_start")
@@ -522,7 +548,8 @@ class Trainer:
         losses, seen, start, waited = [], 0, time.perf_counter(), 0.0
         val_steps: list[dict[str, Any]] = []
         fetched = start
-        for x, y in self.loader(self.train_split, train=True):
+        batches = self.features.train_batches(epoch) if self.features else self.loader(self.train_split, train=True)
+        for x, y in batches:
             waited += time.perf_counter() - fetched  # time the step waited for its batch: the data bound
             try:
                 value = self.train_step(x, y)
@@ -686,6 +713,13 @@ def write_json(path: Path, obj: Any) -> None:
 def sample_disjoint_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """Hold out ``fraction`` of the images of every training class (at least one, and at least
     one left for training) for validation: the same classes, unseen images."""
+    keep, held = sample_disjoint_index(split.labels, fraction, seed)
+    return split.subset(keep), split.subset(held)
+
+
+def sample_disjoint_index(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The indices of :func:`sample_disjoint_split`: (kept for training, held out)."""
+    split = Split(list(range(len(labels))), labels)
     rng = np.random.default_rng(seed)
     is_val = np.zeros(len(split.labels), bool)
     for c in np.unique(split.labels):
@@ -696,7 +730,7 @@ def sample_disjoint_split(split: Split, fraction: float, seed: int) -> tuple[Spl
         is_val[items[:n_val]] = True
     if not is_val.any():
         raise DmlkitError("val_split=samples needs classes with at least 2 training images")
-    return split.subset(np.flatnonzero(~is_val)), split.subset(np.flatnonzero(is_val))
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
 def class_disjoint_split(
@@ -704,7 +738,15 @@ def class_disjoint_split(
 ) -> tuple[Split, Split]:
     """Hold out classes of ``split`` for validation: ``fraction`` of them (at least one), or,
     with ``folds``, fold number ``fold`` of a seeded partition of the classes into ``folds``."""
-    classes = np.random.default_rng(seed).permutation(np.unique(split.labels))
+    keep, held = class_disjoint_index(split.labels, fraction, seed, folds, fold)
+    return split.subset(keep), split.subset(held)
+
+
+def class_disjoint_index(
+    labels: np.ndarray, fraction: float, seed: int, folds: int = 0, fold: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The indices of :func:`class_disjoint_split`: (kept for training, held out)."""
+    classes = np.random.default_rng(seed).permutation(np.unique(labels))
     if folds:
         if folds > len(classes):
             raise DmlkitError(f"{folds} folds need at least {folds} training classes; there are {len(classes)}")
@@ -714,8 +756,8 @@ def class_disjoint_split(
         if n_val >= len(classes):
             raise DmlkitError(f"val_fraction {fraction} leaves no training class ({len(classes)} classes)")
         val_classes = classes[:n_val]
-    is_val = np.isin(split.labels, val_classes)
-    return split.subset(np.flatnonzero(~is_val)), split.subset(np.flatnonzero(is_val))
+    is_val = np.isin(labels, val_classes)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
 def plot_history(history: list[dict[str, Any]], run_dir: Path) -> None:

@@ -357,3 +357,35 @@ def test_a_broken_recommendation_names_its_component():
     reg.add("backbone", ComponentSpec("oops", lambda: torch.nn.Identity(), recommends=lambda opts: 1 / 0), "p1")
     with pytest.raises(DmlkitError, match="'oops' \\(plugin 'p1'\\) failed to give its recommended settings: Zero"):
         resolve({"backbone": {"name": "oops"}}, reg)
+
+
+def test_feature_cache_trains_exactly_as_the_uncached_frozen_backbone(cli, tmp_path):
+    """The frozen-backbone fast path: same losses, validation and test metrics as running the frozen
+    backbone every step (digits has no augmentation), and its files are reused by another run."""
+    cache = tmp_path / "cache"
+    common = ["--epochs", "3", "--set", "freeze_backbone=true"]
+    assert cli("train", *common, "--run-dir", str(tmp_path / "plain"))[0] == 0
+    code, out, err = cli(
+        "train", *common, "--set", "feature_cache=true", "--set", f"cache_dir={cache}", "--run-dir", str(tmp_path / "c")
+    )
+    assert code == 0, err
+    a, b = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "c")
+    for key in ("loss", "val_map_at_r"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], abs=1e-6), key
+    for key in ("precision_at_1", "map_at_r"):
+        assert read_results(tmp_path / "c")["test"][key] == pytest.approx(read_results(tmp_path / "plain")["test"][key])
+    files = sorted(cache.iterdir())
+    assert len(files) == 3  # training view, training images for validation, test
+    stamps = [f.stat().st_mtime_ns for f in files]
+    # another validation split (and, for a pretrained backbone, another seed): the same files, not recomputed
+    code, _, err = cli(
+        "train", *common, "--set", "val_fraction=0.3", "--set", "feature_cache=true", "--set", f"cache_dir={cache}",
+        "--run-dir", str(tmp_path / "c1"),
+    )  # fmt: skip
+    assert code == 0, err
+    assert sorted(cache.iterdir()) == files and [f.stat().st_mtime_ns for f in files] == stamps
+    # the backbone is frozen: it is not in the optimizer
+    groups = load_checkpoint(tmp_path / "c")["optimizer"]["param_groups"]
+    assert not any(g["name"] == "backbone" for g in groups)
+    code, _, err = cli("train", "--set", "feature_cache=true", "--run-dir", str(tmp_path / "x"))
+    assert code == 1 and "needs a frozen backbone" in err

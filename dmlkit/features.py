@@ -1,0 +1,183 @@
+"""The frozen-backbone fast path: a frozen backbone's pooled features, computed once and cached.
+
+With ``train.freeze_backbone`` the backbone never changes, so its pooled features of an
+image depend only on the image, its augmentation and the backbone. ``train.feature_cache``
+computes them once per augmentation view (``train.cache_views`` views of every training
+image, and one test-transform view of every image that is evaluated), stores them under
+``train.cache_dir`` keyed by dataset, backbone, weights, transform and view, and trains the
+head and loss on them: any backbone and loss, unchanged, at thousands of steps per second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dmlkit.data import Split
+from dmlkit.errors import DmlkitError
+
+FORMAT = 1
+
+
+def cache_dir(setting: str) -> Path:
+    """``train.cache_dir``, else $DMLKIT_CACHE, else ~/.cache/dmlkit/features."""
+    if setting:
+        return Path(setting)
+    if os.environ.get("DMLKIT_CACHE"):
+        return Path(os.environ["DMLKIT_CACHE"])
+    return Path.home() / ".cache" / "dmlkit" / "features"
+
+
+def _weights_digest(backbone: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(backbone.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _items_digest(split: Split) -> str:
+    h = hashlib.sha256()
+    h.update(np.asarray(split.labels).tobytes())
+    for item in split.items:
+        if isinstance(item, str | Path):
+            h.update(str(item).encode())
+        else:
+            h.update(torch.as_tensor(item).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class FeatureCache:
+    """Pooled features of a frozen backbone, per split and view, in memory and on disk."""
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+        t = trainer.settings
+        self.dir = cache_dir(t["cache_dir"])
+        self.views = t["cache_views"]
+        self._weights = _weights_digest(trainer.model.backbone)
+        self._memory: dict[str, Tensor] = {}
+
+    def key(self, split: Split, view: int | None) -> str:
+        cfg = self.trainer.cfg
+        parts = {
+            "format": FORMAT,
+            "dataset": cfg["dataset"],
+            "backbone": cfg["backbone"],
+            "weights": self._weights,
+            "pooling": cfg["train"]["pooling"],
+            "transform": repr(split.transform),
+            "items": _items_digest(split),
+            "view": view,  # None: the evaluation transform, no randomness
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def features(self, split: Split, view: int | None, what: str) -> Tensor:
+        """[N, F] pooled features of ``split`` (augmentation view ``view``, or None), computed once."""
+        key = self.key(split, view)
+        if key in self._memory:
+            return self._memory[key]
+        path = self.dir / f"{key}.pt"
+        feats = None
+        if path.is_file():
+            try:
+                feats = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:
+                feats = None  # a damaged cache file is recomputed
+            if feats is not None and (feats.ndim != 2 or len(feats) != len(split)):
+                feats = None
+        if feats is None:
+            feats = self._compute(split, view, what)
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+                torch.save(feats, tmp)
+                os.replace(tmp, path)
+            except OSError as exc:
+                self.trainer.console.print(f"[yellow]warning: cannot write the feature cache {path}: {exc}[/yellow]")
+        self._memory[key] = feats
+        return feats
+
+    @torch.no_grad()
+    def _compute(self, split: Split, view: int | None, what: str) -> Tensor:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from torch.utils.data import DataLoader
+
+        from dmlkit.train import seed_everything
+
+        tr = self.trainer
+        seed_everything(10_007 + (view if view is not None else -1))  # each view its own, run-independent draw
+        loader = DataLoader(
+            split,
+            batch_size=tr.settings["eval_batch_size"],
+            shuffle=False,
+            num_workers=tr.loader_workers(split),
+            worker_init_fn=None,
+        )
+        model = tr.model
+        model.backbone.eval()
+        progress = Progress(
+            TextColumn(f"feature cache: {what}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=tr.console,
+            transient=True,
+            disable=not tr.console.is_terminal,
+        )
+        out = []
+        with progress:
+            task = progress.add_task("cache", total=len(split))
+            for x, _ in loader:
+                x = x.to(tr.device)
+                if tr.device.type == "cuda":
+                    x = x.to(memory_format=torch.channels_last)
+                with tr.autocast():
+                    out.append(model.head.pool(model.backbone(x)).float().cpu())
+                progress.advance(task, len(x))
+        if not out:
+            raise DmlkitError(f"the {what} split is empty: nothing to cache")
+        return torch.cat(out)
+
+    def train_views(self) -> Tensor:
+        """[views, N, F] the training split's features (the whole dataset's training split is cached,
+        so that every validation split and seed reuses the same files)."""
+        tr = self.trainer
+        full = tr.full_train_split
+        views = [self.features(full, v, f"training view {v + 1}/{self.views}") for v in range(self.views)]
+        stacked = torch.stack(views)
+        return stacked if tr.train_index is None else stacked[:, torch.as_tensor(tr.train_index)]
+
+    def eval_features(self, split: Split) -> Tensor:
+        """[N, F] features of ``split`` under the evaluation transform."""
+        tr = self.trainer
+        if split is tr.val_split and tr.val_index is not None:
+            full = tr.full_train_split.with_transform(tr.test_split.transform)
+            return self.features(full, None, "training images, evaluation transform")[torch.as_tensor(tr.val_index)]
+        return self.features(split, None, "test" if split is tr.test_split else "evaluation")
+
+    def train_batches(self, epoch: int):
+        """(features, labels) batches of one epoch: the sampler's batches, each item in one of the
+        cached views drawn from (seed, epoch)."""
+        tr = self.trainer
+        stacked = self.train_views()
+        labels = torch.as_tensor(tr.train_split.labels)
+        rng = np.random.default_rng([tr.settings["seed"], epoch])
+        pick = torch.as_tensor(rng.integers(0, self.views, stacked.shape[1]))
+        for batch in tr.sampler:
+            idx = torch.as_tensor(batch)
+            yield stacked[pick[idx], idx], labels[idx]
+
+    def train_items(self, index: np.ndarray, seed: int) -> Tensor:
+        """Features of training items ``index``, each in a view drawn from ``seed`` (augmented samples)."""
+        stacked = self.train_views()
+        idx = torch.as_tensor(index)
+        pick = torch.as_tensor(np.random.default_rng(seed).integers(0, self.views, len(idx)))
+        return stacked[pick, idx]
