@@ -87,17 +87,17 @@ def main() -> None:
             for seed in seeds:
                 over = _merge(base, LOSSES[name])
                 over["train"] = {**over.get("train", {}), "seed": seed}
-                if dataset == "digits" and name.endswith("CCP"):
-                    over["train"]["batch_size"] = 48  # 3 of the 5 digit classes remain for training
-                history, wall = train(over, Path(tmp) / f"{name}-{seed}".replace(" ", "_"))
-                last = history[-1]
+                history, wall, results = train(over, Path(tmp) / f"{name}-{seed}".replace(" ", "_"))
+                chosen = results["test"]  # at the epoch the validation chose (never the test set)
                 runs.append(
                     {
                         "seed": seed,
                         "wall_s": round(wall, 1),
+                        "best_epoch": results["best_epoch"],
+                        "selected_by": results["selected_by"],
                         **{
-                            k: last[k]
-                            for k in last
+                            k: chosen[k]
+                            for k in chosen
                             if k.startswith(("recall_at_", "map_at_r", "precision_at_1", "nmi"))
                         },
                     }

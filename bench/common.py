@@ -28,14 +28,17 @@ def machine() -> dict[str, Any]:
     }
 
 
-def train(overrides: dict[str, Any], run_dir: Path, quiet: bool = True) -> tuple[list[dict[str, Any]], float]:
+def train(
+    overrides: dict[str, Any], run_dir: Path, quiet: bool = True
+) -> tuple[list[dict[str, Any]], float, dict[str, Any]]:
     """Train one run from defaults, the chosen components' recommendations and ``overrides``;
-    returns its per-epoch records and wall time."""
+    returns its per-epoch records, wall time, and results (test metrics at the epoch its
+    validation chose, and at the last epoch)."""
     cfg, _ = resolve(overrides, get_registry())
     trainer = Trainer(cfg, get_registry(), run_dir, console=Console(quiet=quiet))
     start = time.perf_counter()
     trainer.fit()
-    return trainer.history, time.perf_counter() - start
+    return trainer.history, time.perf_counter() - start, trainer.results
 
 
 def save(result: dict[str, Any], out: str) -> None:

@@ -57,13 +57,14 @@ def main() -> None:
     threshold = 0.92 if args.quick and args.threshold == 0.80 else args.threshold
     base = _merge(
         {"dataset": {"name": dataset, **({"root": args.data_root} if args.data_root else {})}, **SETUPS[dataset]},
-        {"train": {"epochs": epochs, "seed": args.seed}},
+        # a convergence curve reads the test set after every epoch: logged, never used to choose anything
+        {"train": {"epochs": epochs, "seed": args.seed, "test_every_epoch": True}},
     )
     result = {**machine(), "dataset": dataset, "threshold": threshold, "curves": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in chosen:
             over = VARIANTS[name]
-            history, _ = train(_merge(base, over), Path(tmp) / str(len(result["curves"])))
+            history, _, _ = train(_merge(base, over), Path(tmp) / str(len(result["curves"])))
             epoch, seconds = first_reaching(history, threshold)
             result["curves"][name] = {
                 "p_at_1": [h["precision_at_1"] for h in history],

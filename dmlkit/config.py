@@ -44,6 +44,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "selection": "validation",
     "test_every_epoch": False,
     "nonfinite": "stop",
+    "sync_every": 25,
     "val_fraction": 0.2,
     "val_split": "classes",
     "val_every_steps": 0,
@@ -61,7 +62,7 @@ CHOICES = {
     "selection": ("validation", "last", "test_set_biased"),
     "val_split": ("classes", "samples"),
 }
-POSITIVE = ("epochs", "batch_size", "lr", "eval_every", "eval_batch_size", "cache_views")
+POSITIVE = ("epochs", "batch_size", "lr", "eval_every", "eval_batch_size", "cache_views", "sync_every")
 NON_NEGATIVE = (
     "embedding_size",
     "weight_decay",

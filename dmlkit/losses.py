@@ -3,6 +3,8 @@
 Conventions:
 - a loss is called as ``loss(embeddings, labels, ref_embeddings=None, ref_labels=None, indices=None)``;
   without a reference set the batch is compared with itself (an item is never its own pair);
+  ``loss(embeddings, labels, miner(embeddings, labels))``, pytorch-metric-learning's positional
+  form, passes the mined indices;
 - a miner is called the same way (without ``indices``) and returns either triplets
   ``(anchor, positive, negative)`` or pairs ``(anchor1, positive, anchor2, negative)``, index
   tensors whose anchors index the batch and whose other entries index the reference set.
@@ -82,6 +84,9 @@ class MetricLoss(nn.Module):
         ref_labels: Tensor | None = None,
         indices: Indices | None = None,
     ) -> Tensor:
+        if isinstance(ref_embeddings, tuple) and ref_labels is None and indices is None:
+            # PML's positional convention: loss(embeddings, labels, miner(embeddings, labels))
+            ref_embeddings, indices = None, ref_embeddings
         if (ref_embeddings is None) != (ref_labels is None):
             raise ValueError("pass both ref_embeddings and ref_labels, or neither")
         with torch.autocast(device_type=embeddings.device.type, enabled=False):

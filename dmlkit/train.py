@@ -204,6 +204,7 @@ class Trainer:
         self._val_values: list[float] = []
         self.results: dict[str, Any] = {}
         self._in_epoch = False
+        self._bad_step: torch.Tensor | None = None  # device-side: the first step with a non-finite value
         self.stop_requested = False
         self.extra_state: dict[str, Any] = {}  # components may keep resumable state here
 
@@ -372,7 +373,28 @@ class Trainer:
             atomic_save(state, self.run_dir / "best.pt")
 
     # -- the loop ----------------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
+    def _checks_each_step(self) -> bool:
+        """Whether the finiteness checks may synchronise with the device at every step: on a CPU
+        (where it costs nothing), with ``nonfinite=skip`` (a bad step must be skipped), or when
+        ``train.sync_every`` is 1. Otherwise they run on the device and are read every
+        ``sync_every`` steps, keeping the host off the critical path."""
+        return self.device.type == "cpu" or self.settings["nonfinite"] == "skip" or self.settings["sync_every"] <= 1
+
+    def check_deferred(self) -> None:
+        """Read the device-side finiteness flag (one synchronisation); stop if a step went bad."""
+        if self._bad_step is None:
+            return
+        bad = int(self._bad_step)
+        if bad >= 0:
+            self._bad_step = None
+            raise TrainingError(
+                f"non-finite loss or gradient at epoch {self.epoch + 1}, step {bad}; likely causes: learning rate "
+                f"too high (now {self.settings['lr']}), a loss scale/temperature too large, or bad input data. The "
+                f"last good checkpoint is in {self.run_dir}; lower the lr or set train.nonfinite=skip"
+            )
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """One optimisation step; returns the detached loss (on the device), None for a skipped step."""
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         if self.device.type == "cuda" and x.ndim == 4:
@@ -385,7 +407,8 @@ class Trainer:
         loss = self._guarded("loss", self.loss, emb, y, indices=indices)
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             raise TrainingError(f"{self._describe('loss')} must return a scalar tensor; got {type(loss).__name__}")
-        if not torch.isfinite(loss):
+        each = self._checks_each_step()
+        if each and not torch.isfinite(loss):
             return self._nonfinite("loss", loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -395,11 +418,23 @@ class Trainer:
             norm = nn.utils.clip_grad_norm_(params, self.settings["grad_clip"])
         else:
             norm = nn.utils.get_total_norm([p.grad for p in params]) if params else None  # fused, one sync
-        if norm is not None and not torch.isfinite(norm):
-            return self._nonfinite("gradient", norm)
+        if each:
+            if norm is not None and not torch.isfinite(norm):
+                return self._nonfinite("gradient", norm)
+        else:  # on the device: remember the first bad step, read every sync_every steps
+            bad = (
+                ~torch.isfinite(loss.detach())
+                if norm is None
+                else ~(torch.isfinite(loss.detach()) & torch.isfinite(norm))
+            )
+            if self._bad_step is None:
+                self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._bad_step = torch.where((self._bad_step < 0) & bad, self.step + 1, self._bad_step)
         self.optimizer.step()
         self.step += 1
-        return float(loss.detach())
+        if not each and self.step % self.settings["sync_every"] == 0:
+            self.check_deferred()
+        return loss.detach()
 
     def _describe(self, kind: str, name: str | None = None) -> str:
         """``kind 'name' (plugin 'p')`` for error messages; ``name`` defaults to the run's component of ``kind``."""
@@ -563,12 +598,16 @@ class Trainer:
                 losses.append(value)
             seen += len(y)
             ips = seen / max(time.perf_counter() - start, 1e-9)
-            progress.update(task, advance=1, loss=float(np.mean(losses)) if losses else 0.0, ips=ips)
+            shown = {}
+            if losses and (self.device.type == "cpu" or self.step % self.settings["sync_every"] == 0):
+                shown["loss"] = float(torch.stack(losses[-50:]).mean())  # the running loss: one sync at most
+            progress.update(task, advance=1, ips=ips, **shown)
             if t["val_every_steps"] and self.val_split is not None and self.step % t["val_every_steps"] == 0:
                 val_steps.append(self.validate())
                 self.model.train()
             fetched = time.perf_counter()
         progress.remove_task(task)
+        self.check_deferred()
         elapsed = time.perf_counter() - start
         self.scheduler.step()
         self.epoch = epoch
@@ -576,7 +615,7 @@ class Trainer:
         record: dict[str, Any] = {
             "epoch": epoch,
             "step": self.step,
-            "loss": float(np.mean(losses)) if losses else None,
+            "loss": float(torch.stack(losses).float().mean()) if losses else None,
             "lr": self.optimizer.param_groups[0]["lr"],
             "images_per_s": seen / max(elapsed, 1e-9),
             "epoch_time_s": elapsed,

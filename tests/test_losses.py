@@ -316,3 +316,15 @@ def test_losses_compute_in_float32_under_bf16_autocast():
             v = loss(half, labels)
         assert v.dtype == torch.float32
         assert float(v) == pytest.approx(float(loss(half.float(), labels)), rel=1e-6)
+
+
+def test_pml_positional_call_with_mined_indices():
+    """loss(emb, labels, miner(emb, labels)): the call every PML user knows."""
+    from dmlkit import get_registry
+
+    reg = get_registry()
+    loss, miner = reg.build("loss", "triplet"), reg.build("miner", "semihard")
+    emb, labels = torch.randn(12, 6), torch.arange(12) % 3
+    mined = miner(emb, labels)
+    assert float(loss(emb, labels, mined)) == pytest.approx(float(loss(emb, labels, indices=mined)))
+    assert float(loss(emb, labels, mined)) != pytest.approx(float(loss(emb, labels)))

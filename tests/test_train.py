@@ -138,6 +138,34 @@ def test_non_finite_loss_stops_with_a_clear_message(cli, tmp_path):
     assert code == 0 and "step skipped" in out
 
 
+def test_deferred_finiteness_check_names_the_first_bad_step(cli, tmp_path, monkeypatch):
+    """On a GPU the checks run on the device and are read every sync_every steps (forced here on the CPU)."""
+    from dmlkit.train import Trainer
+
+    plugin = types.ModuleType("latenan")
+
+    class LateNan(torch.nn.Module):
+        """Finite for 3 steps, then NaN."""
+
+        calls = 0
+
+        def forward(self, emb, labels, indices=None):
+            LateNan.calls += 1
+            return emb.square().mean() * (float("nan") if LateNan.calls > 3 else 1.0)
+
+    @dmlkit.hookimpl
+    def register_losses(register):
+        register(dmlkit.ComponentSpec("late_nan", LateNan))
+
+    plugin.register_losses = register_losses
+    get_host().add_plugin(plugin, "latenan")
+    monkeypatch.setattr(Trainer, "_checks_each_step", lambda self: False)
+    code, _, err = cli(
+        "train", "--loss", "late_nan", "--epochs", "1", "--set", "sync_every=5", "--run-dir", str(tmp_path / "r")
+    )
+    assert code == 1 and "non-finite loss or gradient at epoch 1, step 4" in err
+
+
 def test_failing_callback_names_its_plugin(cli, tmp_path):
     plugin = types.ModuleType("cbplugin")
 
@@ -283,7 +311,7 @@ def test_components_recommend_settings_and_the_user_wins(cli, tmp_path):
     # the run says what it took, and saves it in its config
     code, out, err = cli("train", "--epochs", "1", "--run-dir", str(tmp_path / "r"))
     assert code == 0, err
-    assert "recommended settings in use (yours win): sampler.m=16, train.val_split=\"samples\"" in out
+    assert 'recommended settings in use (yours win): sampler.m=16, train.val_split="samples"' in out
     assert "m = 16" in (tmp_path / "r" / "config.toml").read_text()
     code, out, _ = cli("show", "dataset", "digits")
     assert code == 0 and "sampler.m=16" in out
