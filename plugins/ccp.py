@@ -129,6 +129,11 @@ class CCPLoss(MetricLoss):
         self.pair_based = not self.driven
         if self.driven:  # a proxy-based base: CCP drives its banks
             for bank in self.driven:
+                if not bank.vectors.requires_grad:
+                    raise OptionError(
+                        f"ccp cannot drive loss '{base}': its proxies are fixed (a ProxyBank with trainable=False, "
+                        "e.g. DeViSE's class vectors), so they cannot be re-initialised from the data"
+                    )
                 bank.resize(proxies_per_class)
         else:
             takes = inspect.signature(self.base.forward).parameters

@@ -367,3 +367,8 @@ def test_plateau_schedule_needs_validation_data(cli, tmp_path):
         "train", "--loss", "ccp", "--set", "val_fraction=0", "--epochs", "1", "--run-dir", str(tmp_path / "r")
     )
     assert code == 1 and "needs validation data" in err and "val_fraction" in err
+
+
+def test_fixed_class_vectors_cannot_be_driven():
+    with pytest.raises(OptionError, match="its proxies are fixed"):
+        CCPLoss(num_classes=3, embedding_size=4, base="devise", base_options={"vector_size": 4})
