@@ -341,6 +341,75 @@ class ProxyAnchorLoss(ProxyLoss):
         return pos_term + neg_sum.mean()
 
 
+# -------------------------------------------------------------------------------------- combined
+class CombinedLoss(MetricLoss):
+    """A weighted sum of registered losses (GDT: Huang, Qiu, Calderbank, Sapiro, "Geometry-aware
+    Deep Transform", 2015: a classification and a metric objective; here any losses).
+
+    ``terms`` names the losses, ``weights`` their weights (default 1 each). Each term's options
+    are a table named after it (``triplet = {margin = 0.1}``, on the command line
+    ``--loss "triplet+0.5*softmax" --loss-opt triplet.margin=0.1``); a table may name a
+    ``miner`` (and ``miner_options``) for that term alone. Each term keeps its own parameters
+    (proxies, classifiers) and is logged apart in metrics.jsonl (``loss_terms``).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        terms: list = ("triplet", "softmax"),
+        weights: list | None = None,
+        **term_options: dict,
+    ):
+        super().__init__()
+        self.validate_options({"terms": terms, "weights": weights, **term_options})
+        reg = dmlkit.get_registry()
+        ctx = {"num_classes": num_classes, "embedding_size": embedding_size}
+        self.names = [reg.get("loss", t).name for t in terms]
+        self.weights = [float(w) for w in (weights or [1.0] * len(terms))]
+        self.terms, self.miners = nn.ModuleList(), nn.ModuleList()
+        self.has_miner = []
+        for given, name in zip(terms, self.names):
+            opts = dict(term_options.get(given, term_options.get(name, {})))
+            miner, miner_opts = opts.pop("miner", ""), opts.pop("miner_options", {})
+            self.terms.append(reg.build("loss", name, context=ctx, **opts))
+            self.miners.append(reg.build("miner", miner, context=ctx, **miner_opts) if miner else nn.Identity())
+            self.has_miner.append(bool(miner))
+        self.last_terms: dict[str, Tensor] = {}
+
+    @staticmethod
+    def validate_options(options: dict) -> None:
+        reg = dmlkit.get_registry()
+        terms, weights = list(options.get("terms") or []), options.get("weights")
+        _check(len(terms) >= 1, "combined needs at least one term, e.g. terms = [\"triplet\", \"softmax\"]")
+        names = [reg.get("loss", t).name for t in terms]  # unknown names fail here, with suggestions
+        _check("combined" not in names, "a combined loss cannot hold another combined loss")
+        _check(len(set(names)) == len(names), f"each loss may appear once in a combination; got {terms}")
+        _check(
+            weights is None or (len(weights) == len(terms) and all(isinstance(w, int | float) for w in weights)),
+            f"weights must be {len(terms)} numbers, one per term; got {weights}",
+        )
+        for key, table in options.items():
+            if key in ("terms", "weights", "num_classes", "embedding_size"):
+                continue
+            _check(key in terms or key in names, f"combined has no term '{key}'; its terms: {', '.join(terms)}")
+            _check(isinstance(table, dict), f"the options of term '{key}' must be a table; got {table!r}")
+            opts = {k: v for k, v in table.items() if k not in ("miner", "miner_options")}
+            reg.resolve_options("loss", key, opts)
+            if table.get("miner"):
+                reg.resolve_options("miner", table["miner"], table.get("miner_options", {}))
+
+    def compute(self, emb, labels, ref, ref_labels, indices):
+        total, parts = 0.0, {}
+        for name, weight, term, miner, mined in zip(self.names, self.weights, self.terms, self.miners, self.has_miner):
+            idx = miner(emb, labels, ref, ref_labels) if mined else indices
+            value = term(emb, labels, ref, ref_labels, indices=idx)
+            parts[name] = value.detach()
+            total = total + weight * value
+        self.last_terms = parts
+        return total
+
+
 @dmlkit.hookimpl
 def register_losses(register):
     from dmlkit import ComponentSpec
@@ -379,3 +448,8 @@ def register_losses(register):
     )
     register(ComponentSpec("ranked_list", RankedListLoss, "Ranked List Loss (Wang et al. 2019)", aliases=("rll",)))
     register(ComponentSpec("proxy_anchor", ProxyAnchorLoss, "Proxy Anchor loss (Kim et al. 2020)"))
+    register(
+        ComponentSpec(
+            "combined", CombinedLoss, "Weighted sum of losses, e.g. --loss triplet+softmax (GDT, Huang et al. 2015)"
+        )
+    )
