@@ -48,6 +48,8 @@ def steps(data: Path | None, smoke: bool) -> list[dict]:
              "script": "accuracy_bench.py", "args": ["--quick", "--losses", "proxynca,C2-CCP", "--epochs", "1"]},
             {"name": "ccp_protocol", "what": "CCP vs its base at equal budget", "script": "ccp_protocol.py",
              "args": ["--dataset", "digits", "--bases", "contrastive", "--seeds", "0", "--steps", "30"]},
+            {"name": "oneshot", "what": "N-way 1-shot accuracy per loss", "script": "oneshot_bench.py",
+             "args": ["--quick", "--losses", "proxynca,siamese", "--episodes", "100"]},
         ]  # fmt: skip
     return [
         {"name": "eval", "what": "retrieval at SOP size beside PML, D 64-1024, GEMM bound", "script": "eval_bench.py",
@@ -64,6 +66,8 @@ def steps(data: Path | None, smoke: bool) -> list[dict]:
          "args": ["--dataset", "omniglot", "--data-root", omni, "--epochs", "10", "--seeds", "0"], "needs": omni},
         {"name": "ccp_protocol", "what": "CCP vs its base, fine-tuned, 3 seeds", "script": "ccp_protocol.py",
          "args": ["--data-root", cub, "--full", "--steps", "3000"], "needs": cub},
+        {"name": "oneshot", "what": "Omniglot 20-way 1-shot per loss (siamese paper: ~92 %)", "script":
+         "oneshot_bench.py", "args": ["--data-root", omni, "--epochs", "10"], "needs": omni},
     ]  # fmt: skip
 
 
