@@ -6,6 +6,8 @@ plugins of the dmlkit distribution), ``none``, or a comma-separated list of plug
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import traceback
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ class PluginInfo:
     hooks: list[str] = field(default_factory=list)
     components: int = 0
     errors: list[str] = field(default_factory=list)
+    replaces: list[str] = field(default_factory=list)  # "loss 'x' of plugin 'p'": built-ins it took over
 
     @property
     def builtin(self) -> bool:
@@ -49,6 +52,7 @@ class PluginInfo:
             "hooks": self.hooks,
             "components": self.components,
             "errors": self.errors,
+            "replaces": self.replaces,
         }
 
 
@@ -80,13 +84,14 @@ class PluginHost:
                 self.plugins[f"{ep.name} ({dist})"] = info
                 continue
             try:
-                obj = ep.load()
-            except Exception as exc:  # a broken plugin must not break dmlkit
+                obj = _quietly(ep.load)
+            except (Exception, SystemExit) as exc:  # a broken plugin must not break dmlkit (argparse exits)
                 info.errors.append(f"import failed: {_one_line(exc)}")
                 self.plugins[ep.name] = info
                 continue
             self._register(obj, info)
         self._collect_components()
+        self.registry.broken = {n: i.errors[0] for n, i in self.plugins.items() if i.errors}
 
     def add_plugin(self, obj: Any, name: str, distribution: str = "", version: str = "") -> PluginInfo:
         """Register a module or object as a plugin directly (tests, notebooks)."""
@@ -95,6 +100,8 @@ class PluginHost:
         )
         self._register(obj, info)
         self._collect_components(only=name)
+        if info.errors:
+            self.registry.broken[name] = info.errors[0]
         return info
 
     def _register(self, obj: Any, info: PluginInfo) -> None:
@@ -121,14 +128,17 @@ class PluginHost:
                 info = self.plugins[impl.plugin_name]
                 specs: list[ComponentSpec] = []
                 try:
-                    impl.function(**_args(impl, register=specs.append))
-                except Exception as exc:
+                    _quietly(impl.function, **_args(impl, register=specs.append))
+                except (Exception, SystemExit) as exc:
                     info.errors.append(f"{hook_name} raised {_one_line(exc)}")
                     continue
                 for spec in specs:
                     try:
                         self.registry.add(kind, spec, plugin=info.name, distribution=info.distribution)
                         info.components += 1
+                        added = self.registry.get(kind, spec.name)
+                        if added.replaced_plugin:
+                            info.replaces.append(f"{kind} '{added.replaces}' of plugin '{added.replaced_plugin}'")
                     except ClashError as exc:
                         self.registry.mark_clash(kind, spec.name, str(exc))
                         info.errors.append(str(exc))
@@ -139,12 +149,19 @@ class PluginHost:
         """Let each plugin add its CLI subcommands; a failure is recorded on that plugin."""
         for impl in self.pm.hook.register_commands.get_hookimpls():
             try:
-                impl.function(**_args(impl, app=app))
-            except Exception as exc:
+                _quietly(impl.function, **_args(impl, app=app))
+            except (Exception, SystemExit) as exc:
                 self.plugins[impl.plugin_name].errors.append(f"register_commands raised {_one_line(exc)}")
 
     def plugin_of(self, kind: str, name: str) -> PluginInfo | None:
         return self.plugins.get(self.registry.get(kind, name).plugin)
+
+
+def _quietly(fn: Any, **kwargs: Any) -> Any:
+    """Call plugin code with its prints held back: what a plugin writes while loading (argparse's
+    usage text before it exits, say) must not end up in the output of every dmlkit command."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return fn(**kwargs)
 
 
 def _args(impl: Any, **available: Any) -> dict[str, Any]:

@@ -33,7 +33,9 @@ class ComponentSpec:
     ``recommends`` holds run settings that suit the component, as a partial config
     (``{"train": {"freeze_bn": True}}``), or a function of the component's resolved options
     that returns one; a run that picks the component starts from them, and the user's own
-    settings win. ``plugin`` and ``distribution`` are filled in by the registry.
+    settings win. ``plugin`` and ``distribution`` are filled in by the registry, and so is
+    ``replaced_plugin``: the plugin whose component this one replaced (shown by ``dmlkit plugins``,
+    ``list``, ``show``, the train banner and, as a comment, the run's config.toml).
     """
 
     name: str
@@ -45,6 +47,7 @@ class ComponentSpec:
     recommends: Mapping[str, Any] | Callable[[dict[str, Any]], Mapping[str, Any]] = field(default_factory=dict)
     plugin: str = ""
     distribution: str = ""
+    replaced_plugin: str = ""
 
     @property
     def summary(self) -> str:
@@ -154,6 +157,8 @@ class Registry:
         self._specs: dict[str, dict[str, ComponentSpec]] = {k: {} for k in KINDS}
         self._aliases: dict[str, dict[str, str]] = {k: {} for k in KINDS}
         self._clashes: dict[str, dict[str, str]] = {k: {} for k in KINDS}
+        self._replaced: dict[str, dict[str, str]] = {k: {} for k in KINDS}  # old name -> the new one
+        self.broken: dict[str, str] = {}  # plugins that failed to load -> their first error
 
     # -- registration -------------------------------------------------------------------
     def add(self, kind: str, spec: ComponentSpec, plugin: str = "", distribution: str = "") -> None:
@@ -166,7 +171,7 @@ class Registry:
             )
         if not spec.name or not spec.name.replace("_", "").replace("-", "").isalnum():
             raise DmlkitError(f"plugin '{plugin}': invalid {kind} name {spec.name!r} (letters, digits, _ and -)")
-        spec = replace(spec, plugin=plugin, distribution=distribution)
+        spec = replace(spec, plugin=plugin, distribution=distribution, replaced_plugin="")
         specs, aliases = self._specs[kind], self._aliases[kind]
         if spec.replaces is not None:
             old = specs.get(spec.replaces)
@@ -174,6 +179,9 @@ class Registry:
                 raise DmlkitError(
                     f"plugin '{plugin}': {kind} '{spec.name}' replaces '{spec.replaces}', which no plugin registered"
                 )
+            spec = replace(spec, replaced_plugin=old.plugin)
+            if spec.name != spec.replaces:
+                self._replaced[kind][spec.replaces] = spec.name
             del specs[spec.replaces]
             for a in [a for a, n in aliases.items() if n == spec.replaces]:
                 del aliases[a]
@@ -212,20 +220,32 @@ class Registry:
 
     def __contains__(self, item: tuple[str, str]) -> bool:
         kind, name = item
-        return kind in KINDS and (name in self._specs[kind] or name in self._aliases[kind])
+        return kind in KINDS and isinstance(name, str) and (name in self._specs[kind] or name in self._aliases[kind])
 
     def get(self, kind: str, name: str) -> ComponentSpec:
         """The spec for ``name`` (or an alias); unknown names fail with the closest valid ones."""
         self._check_kind(kind)
+        if not isinstance(name, str):
+            raise UnknownComponentError(f"a {kind} name must be a string; got {name!r}")
         name = self._aliases[kind].get(name, name)
         if name in self._clashes[kind]:
             raise ClashError(self._clashes[kind][name])
         try:
             return self._specs[kind][name]
         except KeyError:
+            new = self._replaced[kind].get(name)
+            if new in self._specs[kind]:
+                spec = self._specs[kind][new]
+                raise UnknownComponentError(
+                    f"{kind} '{name}' was replaced by {kind} '{new}' of plugin '{spec.plugin}'; use '{new}'"
+                ) from None
             valid = list(self._specs[kind]) + list(self._aliases[kind])
+            broken = "".join(
+                f"; note: plugin '{p}' failed to load ({err}), see `dmlkit plugins`"
+                for p, err in sorted(self.broken.items())[:2]
+            )
             raise UnknownComponentError(
-                f"unknown {kind} '{name}'{_suggest(name, valid)}; `dmlkit list {kind}` shows all"
+                f"unknown {kind} '{name}'{_suggest(name, valid)}; `dmlkit list {kind}` shows all{broken}"
             ) from None
 
     # -- building -----------------------------------------------------------------------
