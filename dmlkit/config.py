@@ -73,6 +73,18 @@ NON_NEGATIVE = (
     "seed",
     "val_every_steps",
 )
+#: Upper bounds: beyond them a value is a typo or a unit mistake, and would fail later (an
+#: allocation of terabytes, a seed that overflows the generators) or train a broken model silently.
+MAXIMUM = {
+    "lr": 10.0,
+    "seed": 2**32 - 1,
+    "embedding_size": 65536,
+    "batch_size": 2**20,
+    "eval_batch_size": 2**20,
+    "epochs": 1_000_000,
+    "num_workers": 1024,
+    "cache_views": 1024,
+}
 
 #: Component sections (each named after the kind it builds) and their default component ("" = none).
 SECTIONS: dict[str, str] = {
@@ -127,9 +139,20 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise OptionError(f"config file not found: {p}")
     try:
-        return tomllib.loads(p.read_text(encoding="utf-8"))
+        cfg = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise OptionError(f"config file {p} is not valid TOML: {exc}") from None
+    check_tables(cfg)  # before command-line options are merged over it
+    return cfg
+
+
+def check_tables(cfg: dict[str, Any]) -> None:
+    """``train`` and every component section must be a table (``[loss]``, not ``loss = "x"``)."""
+    for key in ("train", *SECTIONS):
+        if key in cfg and not isinstance(cfg[key], dict):
+            example = 'name = "..."' if key in SECTIONS else "epochs = 20"
+            got = "an array of tables ([[...]])" if isinstance(cfg[key], list) else f"{cfg[key]!r}"
+            raise OptionError(f"'{key}' must be a table: write [{key}] and then {example} under it; got {got}")
 
 
 def default_config() -> dict[str, Any]:
@@ -212,11 +235,14 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 def validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
     """Check every key, type and range; returns the resolved config (component defaults filled in)."""
     known = {"train", "callbacks", *SECTIONS}
+    if not isinstance(cfg, dict):
+        raise OptionError(f"a config must be a table of sections; got {type(cfg).__name__}")
     for key in cfg:
         if key not in known:
             raise OptionError(
                 f"unknown config section '{key}'{_suggest(key, known)}; sections: {', '.join(sorted(known))}"
             )
+    check_tables(cfg)
     train = dict(TRAIN_DEFAULTS)
     for key, value in cfg.get("train", {}).items():
         if key == "best_metric" and isinstance(value, str) and value.startswith("val_"):
@@ -230,6 +256,9 @@ def validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
     for key in NON_NEGATIVE:
         if train[key] < 0:
             raise OptionError(f"train setting '{key}' must be >= 0; got {train[key]}")
+    for key, most in MAXIMUM.items():
+        if train[key] > most:
+            raise OptionError(f"train setting '{key}' must be <= {most}; got {train[key]}")
     for key, choices in CHOICES.items():
         if train[key] not in choices:
             raise OptionError(f"train setting '{key}' must be one of {', '.join(choices)}; got {train[key]!r}")
@@ -281,6 +310,8 @@ def validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
     for cb in callbacks:
         cb = dict(cb) if isinstance(cb, dict) else {"name": cb}
         name = cb.pop("name", "")
+        if not isinstance(name, str) or not name:
+            raise OptionError(f'each callback needs a name (a string, as [[callbacks]] name = "..."); got {name!r}')
         out["callbacks"].append(
             {"name": registry.get("callback", name).name, **registry.resolve_options("callback", name, cb)}
         )

@@ -133,6 +133,105 @@ def _check_inputs(embeddings: np.ndarray, labels: np.ndarray) -> None:
         )
 
 
+def validated_inputs(
+    embeddings: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    query_mask: np.ndarray | None,
+    gallery_mask: np.ndarray | None,
+    normalise: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Refuse inputs that would crash the k-NN search or give metrics silently wrong.
+
+    Complex, string or empty (N x 0) embeddings, non-finite values or values beyond float32,
+    labels that are NaN or complex, and masks that are not boolean (or 0/1 integers) are errors.
+    Before L2 normalisation each row is scaled by its largest magnitude, which leaves the
+    normalised vector unchanged but keeps 1e30 (or 1e-30) from overflowing (underflowing) to a
+    zero vector. Embeddings that are all the same direction (a collapsed model) are an error:
+    their metrics would only reflect the order of ties.
+    """
+    if isinstance(embeddings, torch.Tensor):
+        if embeddings.is_complex():
+            embeddings = embeddings.detach().cpu().numpy()
+        else:
+            embeddings = embeddings.detach().float().cpu().numpy()
+    emb = np.asarray(embeddings)
+    if emb.dtype.kind == "c":
+        raise DmlkitError(
+            "embeddings are complex: distances need real vectors; pass x.real, or np.concatenate([x.real, x.imag], 1) "
+            "to keep both parts"
+        )
+    if emb.dtype.kind not in "biuf":
+        raise DmlkitError(f"embeddings must be numbers; got an array of dtype {emb.dtype}")
+    if emb.ndim != 2:
+        raise DmlkitError(f"embeddings must be a 2-D array [N, D]; got shape {tuple(emb.shape)}")
+    n, d = emb.shape
+    if d == 0 or n < 2:
+        raise DmlkitError(f"embeddings of shape {n}x{d}: need at least 2 items of at least 1 dimension")
+    lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if lab.dtype.kind == "O":
+        try:
+            lab = np.asarray(lab.tolist())
+        except Exception:
+            pass
+    if lab.dtype.kind not in "biufUS":
+        raise DmlkitError(f"labels must be integers or strings (one class per item); got an array of dtype {lab.dtype}")
+    if lab.dtype.kind == "f" and not np.isfinite(lab).all():
+        first = int(np.flatnonzero(~np.isfinite(lab.reshape(-1)))[0])
+        raise DmlkitError(f"labels contain NaN or inf (first at item {first}); every item needs a class")
+    if emb.dtype.kind == "f":
+        finite = np.isfinite(emb).all(1)
+        if not finite.all():
+            first = int(np.flatnonzero(~finite)[0])
+            raise DmlkitError(
+                f"{int((~finite).sum())} embeddings contain NaN or inf (first at row {first}); fix the model or data"
+            )
+    big = float(np.abs(emb).max())
+    if big > float(np.finfo(np.float32).max):
+        raise DmlkitError(f"embeddings reach {big:.3g}, beyond the float32 range the search uses; rescale them")
+    if normalise:
+        if big > 1e15 or 0 < big < 1e-15:  # rows scaled by their largest entry: the same directions, no overflow
+            scale = np.abs(emb).max(1, keepdims=True).astype(np.float64)
+            emb = emb / np.where(scale > 0, scale, 1.0)
+    elif big > math.sqrt(np.finfo(np.float32).max / (4 * d)):
+        raise DmlkitError(
+            f"embeddings reach {big:.3g}: their squared distances overflow float32; rescale them (or normalise)"
+        )
+    if _all_the_same(emb, normalise):
+        raise DmlkitError(
+            f"all {n} embeddings are the same{' direction' if normalise else ''} (a collapsed model?): every "
+            "neighbour is a tie, so the metrics would be meaningless; check the learning rate and the loss"
+        )
+    masks = []
+    for what, mask in (("query mask", query_mask), ("gallery mask", gallery_mask)):
+        if mask is not None:
+            m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+            if m.dtype.kind in "iu" and np.isin(m, (0, 1)).all():
+                m = m.astype(bool)
+            if m.dtype.kind != "b":
+                raise DmlkitError(
+                    f"the {what} must be boolean (or 0/1 integers); got dtype {m.dtype}: it is not cast to bool, "
+                    "since any non-zero value would count as True; save it with .astype(bool) if that is meant"
+                )
+            mask = m
+        masks.append(mask)
+    return emb, lab, masks[0], masks[1]
+
+
+def _all_the_same(emb: np.ndarray, normalise: bool, rows: int = 65536) -> bool:
+    """Whether every row equals the first (as a direction when ``normalise``), to float32 precision."""
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300) if normalise else x
+
+    first = unit(emb[:1])
+    tol = 1e-6 * max(1.0, float(np.abs(first).max()))
+    for start in range(0, len(emb), rows):
+        if np.abs(unit(emb[start : start + rows]) - first).max() > tol:
+            return False
+    return True
+
+
 def retrieval_metrics(
     embeddings: np.ndarray | torch.Tensor,
     labels: np.ndarray | torch.Tensor,
@@ -153,6 +252,9 @@ def retrieval_metrics(
     its own neighbour. A query whose class has no other item in the gallery has no R: it is
     left out of every metric and counted in ``queries_without_match``.
     """
+    embeddings, labels, query_mask, gallery_mask = validated_inputs(
+        embeddings, labels, query_mask, gallery_mask, normalise
+    )
     emb = _as_float32(embeddings)
     lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
     _check_inputs(emb, lab)

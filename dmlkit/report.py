@@ -19,24 +19,38 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     if not metrics.is_file():
         raise DmlkitError(f"{run_dir} is not a run directory: it has no metrics.jsonl")
     history = []
-    for n, line in enumerate(metrics.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = metrics.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DmlkitError(f"{metrics} is not UTF-8 text; the file is damaged") from None
+    for n, line in enumerate(text.splitlines(), 1):
         try:
-            history.append(json.loads(line))
-        except json.JSONDecodeError:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise DmlkitError(f"{metrics} line {n} is not JSON; the file is damaged") from None
+        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+            raise DmlkitError(f"{metrics} line {n} is not an epoch record; the file is damaged")
+        history.append(row)
     if not history:
         raise DmlkitError(f"{metrics} is empty: the run finished no epoch")
     import tomllib
 
     config_file = run_dir / "config.toml"
-    config = tomllib.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    try:
+        config = tomllib.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise DmlkitError(f"{config_file} is not valid TOML ({exc}); the file is damaged") from None
+    if any(not isinstance(config.get(k, {}), dict) for k in ("dataset", "loss", "miner")):
+        raise DmlkitError(f"{config_file} is damaged: its dataset, loss and miner entries must be tables")
     results_file = run_dir / "results.json"
     results = None
     if results_file.is_file():
         try:
             results = json.loads(results_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise DmlkitError(f"{results_file} is not JSON; the file is damaged") from None
+        if not isinstance(results, dict) or not all(k in results for k in ("best_epoch", "selected_by", "test")):
+            raise DmlkitError(f"{results_file} is not a dmlkit results file; the file is damaged")
     return {"name": run_dir.name, "dir": run_dir, "config": config, "history": history, "results": results}
 
 

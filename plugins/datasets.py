@@ -248,9 +248,15 @@ def inshop(
 
 # ------------------------------------------------------------------------------------ imagefolder
 def imagefolder(
-    root: str = "", input_spec: dict | None = None, augment: bool = True, style: str = "natural", skip_bad: bool = False
+    root: str = "",
+    input_spec: dict | None = None,
+    augment: bool = True,
+    style: str = "natural",
+    skip_bad: bool = False,
+    allow_class_overlap: bool = False,
 ) -> DatasetSplits:
-    """Your own images: root/train/<class>/* and root/test/<class>/* (test classes should be unseen)."""
+    """Your own images: root/train/<class>/* and root/test/<class>/* (test classes must be unseen:
+    a class in both is refused unless ``allow_class_overlap=true``)."""
     base = _root(root, "imagefolder")
     out = []
     for part in ("train", "test"):
@@ -264,6 +270,13 @@ def imagefolder(
         if not items:
             raise DataError(f"no images under {folder}/<class>/ (suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})")
         out.append(make_split(items, labels))
+    shared = sorted(set(out[0].class_names) & set(out[1].class_names))
+    if shared and not allow_class_overlap:
+        raise DataError(
+            f"{base}: {len(shared)} class(es) are in both train/ and test/ ({', '.join(shared[:3])}"
+            f"{', ...' if len(shared) > 3 else ''}); test classes must be unseen in training: move them, or set "
+            "allow_class_overlap=true to measure retrieval of seen classes"
+        )
     return _finish(*out, input_spec, style, augment, Problems(skip_bad))
 
 
@@ -275,16 +288,22 @@ def csv_table(
     if not path:
         raise DataError("dataset 'csv' needs path=TABLE.csv")
     table = require(Path(path).expanduser(), "CSV table")
+    if not table.is_file():
+        raise DataError(f"CSV table {table} is not a file")
     base = Path(root).expanduser() if root else table.parent
     need = ("label", "path", "split")
-    with open(table, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in need if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(
-                f"{table}: missing column(s) {', '.join(missing)}; need label, path, split[, is_query, is_gallery]"
-            )
-        rows = list(reader)
+    try:  # utf-8-sig: a byte-order mark (as spreadsheet programs write) is not part of the first column's name
+        with open(table, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
+            missing = [c for c in need if c not in reader.fieldnames]
+            if missing:
+                raise DataError(
+                    f"{table}: missing column(s) {', '.join(missing)}; need label, path, split[, is_query, is_gallery]"
+                )
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{table} is not a UTF-8 CSV table: {exc}") from None
     problems = Problems(skip_bad)
     parts: dict[str, list] = {"train": [], "test": []}
     for n, r in enumerate(rows, 2):
@@ -295,6 +314,13 @@ def csv_table(
                 "bad index lines", f"{table} line {n}: need a label, a path and split train or validation; got {r}"
             )
             continue
+        if r["label"].strip().lower() in MISSING_LABELS:
+            problems.report(
+                "bad index lines",
+                f"{table} line {n}: label {r['label']!r} marks a missing value, not a class; give the item its "
+                "class or remove the row",
+            )
+            continue
         if not (base / r["path"]).is_file():
             problems.report("missing images", f"{table} line {n}: image {base / r['path']} does not exist")
             continue
@@ -303,6 +329,13 @@ def csv_table(
     for name, entries in parts.items():
         if not entries:
             raise DataError(f"{table}: no rows with split={'train' if name == 'train' else 'validation'}")
+        if name == "test" and "is_query" in entries[0][1]:
+            for col in ("is_query", "is_gallery"):
+                if not any(_truthy(r.get(col)) for _, r in entries):
+                    raise DataError(
+                        f"{table}: no validation row has {col}=1, so the test {col.removeprefix('is_')} set is "
+                        f"empty; mark some rows {col}=1 (or drop the is_query and is_gallery columns)"
+                    )
         paths = [base / r["path"] for _, r in entries]
         kw = {}
         if name == "test" and "is_query" in entries[0][1]:
@@ -312,6 +345,10 @@ def csv_table(
             }
         splits.append(make_split([str(p) for p in paths], [r["label"] for _, r in entries], **kw))
     return _finish(*splits, input_spec, "natural", augment, problems)
+
+
+#: Labels that spreadsheets and pandas write for a missing value: refused rather than made a class.
+MISSING_LABELS = {"nan", "-nan", "na", "n/a", "#n/a", "null", "none", "<na>"}
 
 
 def _truthy(v: Any) -> bool:
