@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import re
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -45,17 +48,19 @@ def plugins_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON
         print(json.dumps([i.as_dict() for i in infos], indent=2))
         return
     table = Table(title="dmlkit plugins")
-    for col in ("plugin", "distribution", "version", "hooks", "components", "errors"):
+    for col in ("plugin", "distribution", "version", "hooks", "components", "replaces", "errors"):
         table.add_column(col)
     for i in infos:
         hooks = ", ".join(h.removeprefix("register_") for h in i.hooks)
         errors = escape("\n".join(i.errors))
+        replaces = escape("\n".join(i.replaces))
         table.add_row(
             i.name,
             i.distribution or "-",
             i.version or "-",
             hooks,
             str(i.components),
+            f"[yellow]{replaces}[/yellow]" if replaces else "",
             f"[red]{errors}[/red]" if errors else "",
         )
     console.print(table)
@@ -75,6 +80,7 @@ def list_cmd(
                 "description": s.summary,
                 "aliases": list(s.aliases),
                 "plugin": s.plugin,
+                "replaces": _replaces(k, s),
                 "defaults": s.resolved_defaults(),
             }
             for s in registry.specs(k)
@@ -89,8 +95,14 @@ def list_cmd(
         for col in ("name", "aliases", "plugin", "description"):
             table.add_column(col)
         for r in rows:
-            table.add_row(r["name"], ", ".join(r["aliases"]), r["plugin"], r["description"])
+            plugin = r["plugin"] + (f" [yellow](replaces {escape(r['replaces'])})[/yellow]" if r["replaces"] else "")
+            table.add_row(r["name"], ", ".join(r["aliases"]), plugin, r["description"])
         console.print(table)
+
+
+def _replaces(kind: str, spec: Any) -> str:
+    """``"loss 'x' of plugin 'p'"`` when ``spec`` replaced another plugin's component, else ""."""
+    return f"{kind} '{spec.replaces}' of plugin '{spec.replaced_plugin}'" if spec.replaced_plugin else ""
 
 
 def show_cmd(
@@ -112,6 +124,7 @@ def show_cmd(
             "aliases": list(spec.aliases),
             "plugin": spec.plugin,
             "distribution": spec.distribution,
+            "replaces": _replaces(kind, spec),
             "description": spec.description,
             "options": {n: defaults.get(n, None) for n in params},
             "required": [n for n in params if n not in defaults],
@@ -123,6 +136,8 @@ def show_cmd(
     console.print(
         f"[bold]{kind} {spec.name}[/bold]  (plugin [cyan]{spec.plugin}[/cyan], distribution {spec.distribution or '-'})"
     )
+    if spec.replaced_plugin:
+        console.print(f"[yellow]replaces the {escape(_replaces(kind, spec))}[/yellow]")
     if spec.aliases:
         console.print(f"aliases: {', '.join(spec.aliases)}")
     if spec.description:
@@ -174,11 +189,15 @@ def train_cmd(
     from dmlkit import distributed
     from dmlkit.config import load_toml, merge, parse_assignments, resolve, validate
     from dmlkit.mlrc import run_mlrc
+    from dmlkit.rundir import check_crash_env
     from dmlkit.train import Trainer, load_checkpoint
 
+    check_crash_env()
+    if protocol not in ("single", "mlrc"):
+        raise DmlkitError(f"--protocol must be single or mlrc; got {protocol!r}")
     distributed.setup()
     host = get_host()
-    ckpt = None
+    ckpt, stamp = None, None
     if resume is not None:
         ignored = [
             name
@@ -211,9 +230,11 @@ def train_cmd(
                 f"--resume continues a run as it was configured; {ignored[0]} cannot change it "
                 "(only --epochs can extend it)"
             )
-        ckpt = load_checkpoint(resume)
-        cfg = ckpt["config"]
         out_dir = resume if resume.is_dir() else resume.parent
+        stamp = _stamp(out_dir / "last.pt")  # taken before reading: a writer in between is noticed
+        ckpt = load_checkpoint(resume)
+        _check_resume(resume, out_dir, ckpt, epochs)
+        cfg = ckpt["config"]
         if epochs is not None:
             cfg = merge(cfg, {"train": {"epochs": epochs}})
         cfg = validate(cfg, host.registry)
@@ -256,22 +277,96 @@ def train_cmd(
             raise DmlkitError(
                 f"{out_dir} already holds a run; continue it with --resume {out_dir} or pick another --run-dir"
             )
-    if protocol not in ("single", "mlrc"):
-        raise DmlkitError(f"--protocol must be single or mlrc; got {protocol!r}")
     if protocol == "mlrc":
         if ckpt is not None or distributed.world_size_from_env() > 1:
             raise DmlkitError("--protocol mlrc trains its own runs: it cannot resume, nor run under torchrun")
-        _print_mlrc(run_mlrc(cfg, host.registry, out_dir, console), out_dir)
+        with _writing(out_dir, new=True):
+            _print_mlrc(run_mlrc(cfg, host.registry, out_dir, console), out_dir)
         return
+    # everything is checked (config, data, components, the checkpoint's weights) before a file is written
     trainer = Trainer(cfg, host.registry, out_dir, console=console)
     say = trainer.console  # quiet on every rank but the first
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
-        say.print(f"resuming {out_dir} after epoch {trainer.epoch}")
-    say.print(f"run directory: {out_dir}")
-    trainer.fit()
+    with _writing(out_dir, new=ckpt is None, stamp=stamp):
+        if ckpt is not None:
+            say.print(f"resuming {out_dir} after epoch {trainer.epoch}")
+        say.print(f"run directory: {out_dir}")
+        trainer.fit()
     for line in done_lines(out_dir, trainer.results):
         say.print(line, soft_wrap=True)
+
+
+def _stamp(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.is_file() else None
+
+
+def _check_resume(resume: Path, out_dir: Path, ckpt: dict[str, Any], epochs: int | None) -> None:
+    """Resuming never destroys epochs: not from a checkpoint older than the run's last.pt, and
+    not with fewer --epochs than the run has trained."""
+    from dmlkit.train import load_checkpoint
+
+    last = out_dir / "last.pt"
+    if not resume.is_dir() and last.is_file() and resume.resolve() != last.resolve():
+        try:
+            last_epoch = load_checkpoint(last)["epoch"]
+        except DmlkitError:
+            raise DmlkitError(
+                f"{last} cannot be read, and resuming from {resume.name} would replace it; copy {resume.name} "
+                "into a new directory and resume there"
+            ) from None
+        if last_epoch > ckpt["epoch"]:
+            raise DmlkitError(
+                f"{resume} is epoch {ckpt['epoch']} but {last} holds epoch {last_epoch}: continuing from it would "
+                f"overwrite epochs {ckpt['epoch'] + 1}-{last_epoch}; continue the run with --resume {out_dir}, or "
+                f"copy {resume.name} into a new directory as last.pt and resume that"
+            )
+    if epochs is not None and epochs < ckpt["epoch"]:
+        raise DmlkitError(
+            f"the run has trained {ckpt['epoch']} epochs; --epochs {epochs} would not extend it: pass --epochs "
+            f"{ckpt['epoch'] + 1} or more, or leave it out"
+        )
+
+
+class _writing:
+    """Hold the run directory's lock while a command writes it; re-check under the lock what was
+    checked before it (no run there yet, or the same last.pt), restore best.pt after a kill, and
+    remove a new run's directory again if it fails before its first checkpoint."""
+
+    def __init__(self, out_dir: Path, new: bool, stamp: int | None = None):
+        from dmlkit import distributed
+        from dmlkit.rundir import RunLock
+
+        self.out_dir, self.new, self.stamp = out_dir, new, stamp
+        self.lock = RunLock(out_dir) if distributed.is_main() else None
+
+    def __enter__(self) -> None:
+        from dmlkit.rundir import best_checkpoint
+
+        if self.lock is None:
+            return
+        self.lock.__enter__()
+        try:
+            if self.new and any((self.out_dir / f).exists() for f in ("last.pt", "mlrc.json", "fold0/last.pt")):
+                raise DmlkitError(
+                    f"{self.out_dir} already holds a run; continue it with --resume {self.out_dir} or pick another "
+                    "--run-dir"
+                )
+            last = self.out_dir / "last.pt"
+            if not self.new and _stamp(last) != self.stamp:
+                raise DmlkitError(f"{last} changed while this command started; run it again")
+            if not self.new:
+                best_checkpoint(self.out_dir, repair=True, console=err_console)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        if self.lock is None:
+            return
+        if exc_type is not None:
+            self.lock.discard_if_empty_run()
+        self.lock.__exit__(exc_type, *rest)
 
 
 #: What the summary's metrics mean (printed under it).
@@ -403,15 +498,29 @@ def embed_cmd(
 
     if split not in ("test", "train"):
         raise DmlkitError(f"--split must be test or train; got {split!r}")
+    if out.exists() and not out.is_dir():
+        raise DmlkitError(f"--out {out} is a file; --out names a folder for embeddings.npy and labels.npy")
     trainer = _trainer_from(run, checkpoint)
     data = trainer.test_split if split == "test" else trainer.train_split.with_transform(trainer.test_split.transform)
     emb, lab = trainer.embed(data)
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "embeddings.npy", emb)
-    np.save(out / "labels.npy", lab)
+    arrays = {"embeddings": emb, "labels": lab}
     if data.query_mask is not None:
-        np.save(out / "query_mask.npy", data.query_mask)
-        np.save(out / "gallery_mask.npy", data.gallery_mask)
+        arrays.update(query_mask=data.query_mask, gallery_mask=data.gallery_mask)
+    from dmlkit.rundir import writable_error
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise writable_error(out, exc, "to folder") from None
+    for name, array in arrays.items():  # each file whole, or the old one left as it was
+        path, tmp = out / f"{name}.npy", out / f"{name}.npy.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, array)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise writable_error(path, exc, "file") from None
     console.print(f"wrote {len(emb)} embeddings of size {emb.shape[1]} to {out}/")
 
 
@@ -471,22 +580,45 @@ def _trainer_from(run: Path, which: str) -> Any:
 
     if which not in ("best", "last"):
         raise DmlkitError(f"--checkpoint must be best or last; got {which!r}")
-    path = run / f"{which}.pt" if run.is_dir() else run
-    if run.is_dir() and not path.exists() and which == "best":
-        path = run / "last.pt"
+    if run.is_file() and run.name == "best.pt" and (run.parent / "last.pt").is_file():
+        run, which = run.parent, "best"  # a run's best.pt: checked against the run's record like the directory
+    if run.is_dir():
+        path = _best_of(run) if which == "best" else run / "last.pt"
+    else:
+        path = run
     ckpt = load_checkpoint(path)
     host = get_host()
     cfg = validate(ckpt["config"], host.registry)
     trainer = Trainer(cfg, host.registry, path.parent, console=console)
     trainer.load_state_dict(ckpt)
+    trainer.checkpoint_file = path.name
     return trainer
+
+
+def _best_of(run: Path) -> Path:
+    """The checkpoint of the run's recorded best epoch; best.pt is restored from last.pt when a kill
+    fell between their writes, if the run is not being written by another process right now."""
+    from dmlkit.rundir import RunLock, best_checkpoint
+
+    path = best_checkpoint(run, repair=False)
+    if path.name == "best.pt" or not (run / "best.pt").exists():
+        return path
+    try:
+        with RunLock(run):
+            return best_checkpoint(run, repair=True, console=err_console)
+    except DmlkitError:  # in use, or read-only: read the same weights from last.pt, write nothing
+        return path
 
 
 def _checkpoint_note(trainer: Any, which: str) -> dict[str, Any]:
     """Which checkpoint was evaluated, its epoch, and how that epoch was chosen."""
     best = trainer.best
     selected_by = best.get("selected_by", "?") if which == "best" else "the last checkpoint"
-    return {"file": f"{which}.pt", "epoch": trainer.epoch, "selected_by": selected_by}
+    return {
+        "file": getattr(trainer, "checkpoint_file", f"{which}.pt"),
+        "epoch": trainer.epoch,
+        "selected_by": selected_by,
+    }
 
 
 def _load_npy(path: Path, what: str) -> Any:
@@ -495,9 +627,14 @@ def _load_npy(path: Path, what: str) -> Any:
     if not path.is_file():
         raise DmlkitError(f"{what} file not found: {path}")
     try:
-        return np.load(path, allow_pickle=False)
+        data = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise DmlkitError(f"cannot read {what} file {path} as .npy: {exc}") from None
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise DmlkitError(f"cannot read {what} file {path} as .npy: {first}") from None
+    if not isinstance(data, np.ndarray):
+        data.close()
+        raise DmlkitError(f"{what} file {path} is an .npz archive; save one array with np.save(path, array)")
+    return data
 
 
 def build_app() -> typer.Typer:
@@ -521,10 +658,33 @@ def build_app() -> typer.Typer:
     return app
 
 
+def one_line(text: str, fallback: str = "failed") -> str:
+    """An error message as one line: a DataLoader worker's re-raised traceback becomes the worker's
+    own last line, and several lines are joined."""
+    if "Original Traceback" in text:  # raised in a DataLoader worker process
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        text = re.sub(r"^[\w.]*(Error|Exception)\w*: ", "", last)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or fallback
+
+
+def _os_error(exc: OSError) -> str:
+    """``OSError`` as one line: the reason and the file (shortened when it is very long)."""
+    name = str(exc.filename) if exc.filename is not None else ""
+    if len(name) > 120:
+        name = name[:60] + "..." + name[-60:]
+    reason = exc.strerror or one_line(str(exc), type(exc).__name__)
+    return f"{reason}: {name}" if name else reason
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one red line and a non-zero exit (``--debug`` shows tracebacks)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if hasattr(signal, "SIGXFSZ"):  # over the file size limit (ulimit -f): an OSError to report, not a kill
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
     try:
         build_app()(args=argv, prog_name="dmlkit", standalone_mode=False)
     except typer.Exit as exc:
@@ -541,8 +701,28 @@ def main(argv: list[str] | None = None) -> None:
     except DmlkitError as exc:
         if debug:
             raise
-        err_console.print(f"[red]error: {escape(str(exc))}[/red]", soft_wrap=True)
+        err_console.print(f"[red]error: {escape(one_line(str(exc), type(exc).__name__))}[/red]", soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("[red]error: interrupted[/red]")
         sys.exit(130)
+    except OSError as exc:  # a path too long, a full disk, a read-only folder ...
+        if debug:
+            raise
+        err_console.print(f"[red]error: {escape(_os_error(exc))}[/red]", soft_wrap=True)
+        sys.exit(1)
+    except MemoryError:
+        if debug:
+            raise
+        err_console.print("[red]error: out of memory; use smaller settings (batch size, model, data)[/red]")
+        sys.exit(1)
+    except Exception as exc:  # a bug: one line that says so; --debug shows the traceback
+        if debug:
+            raise
+        text = escape(one_line(str(exc), ""))
+        err_console.print(
+            f"[red]error: internal error: {type(exc).__name__}{': ' + text if text else ''} (rerun with --debug "
+            "for the traceback and report it)[/red]",
+            soft_wrap=True,
+        )
+        sys.exit(1)

@@ -8,7 +8,6 @@ the four embeddings concatenated.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from rich.console import Console
 
 from dmlkit.evaluation import l2_normalise
 from dmlkit.registry import Registry
-from dmlkit.train import Trainer, load_checkpoint
+from dmlkit.train import Trainer, load_checkpoint, write_json
 
 FOLDS = 4
 
@@ -57,5 +56,5 @@ def run_mlrc(cfg: dict[str, Any], registry: Registry, out_dir: Path, console: Co
             **{k: v for k, v in together.items() if isinstance(v, int | float)},
         },
     }
-    (out_dir / "mlrc.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    write_json(out_dir / "mlrc.json", result)
     return result

@@ -22,11 +22,12 @@ from torch.utils.data import DataLoader
 
 from dmlkit import distributed
 from dmlkit.config import to_toml
-from dmlkit.data import Split
+from dmlkit.data import DatasetSplits, Split
 from dmlkit.errors import DmlkitError, TrainingError
 from dmlkit.model import EmbeddingHead, EmbeddingModel, feature_size, input_spec
 from dmlkit.proxies import banks
 from dmlkit.registry import Registry
+from dmlkit.rundir import RunLock, crash_point, writable_error, write_text
 
 #: Events a run's components (callbacks, the loss, the miner) may implement as methods taking the trainer.
 EVENTS = ("on_train_start", "on_epoch_start", "on_after_backward", "on_epoch_end", "on_validation_end", "on_train_end")
@@ -42,11 +43,24 @@ def seed_everything(seed: int) -> None:
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+        cause: BaseException | None = exc  # torch's writer reports a failed write as a RuntimeError
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, OSError):
+            raise writable_error(path, cause, "checkpoint") from None
+        raise
+
+
+#: What every dmlkit checkpoint holds (``load_checkpoint`` refuses one without them).
+CHECKPOINT_KEYS = ("config", "epoch", "step", "model", "loss", "optimizer", "scheduler", "history", "best")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -56,14 +70,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         p = p / "last.pt"
     if not p.is_file():
         raise DmlkitError(f"no checkpoint at {p}; pass a run directory or a .pt file")
+    if p.stat().st_size == 0:
+        raise DmlkitError(f"checkpoint {p} is empty (0 bytes): it was never written completely")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DmlkitError(
-            f"cannot load checkpoint {p} (corrupt, or not a dmlkit checkpoint): {str(exc).splitlines()[0]}"
-        ) from None
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise DmlkitError(f"cannot load checkpoint {p} (corrupt, or not a dmlkit checkpoint): {first}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "dmlkit" or "config" not in ckpt:
         raise DmlkitError(f"{p} is not a dmlkit checkpoint")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise DmlkitError(f"checkpoint {p} is incomplete: it has no {', '.join(missing)}")
+    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["epoch"], int) or not isinstance(ckpt["best"], dict):
+        raise DmlkitError(f"checkpoint {p} is damaged: its config, epoch or best entry has the wrong type")
     return ckpt
 
 
@@ -106,10 +126,16 @@ class Trainer:
         self.backbone = registry.build("backbone", cfg["backbone"]["name"], **_opts(cfg["backbone"]))
         spec = input_spec(self.backbone)
         data = registry.build("dataset", cfg["dataset"]["name"], context={"input_spec": spec}, **_opts(cfg["dataset"]))
+        if not isinstance(data, DatasetSplits):
+            raise DmlkitError(
+                f"{self._describe('dataset')} returned a {type(data).__name__}; a dataset must return "
+                "dmlkit.data.DatasetSplits(train, test)"
+            )
         for what, count in getattr(data, "skipped", {}).items():
             self.console.print(f"[yellow]warning: dataset skipped {count} {what} (skip_bad=true)[/yellow]")
         self.train_split: Split = data.train
         self.test_split: Split = data.test
+        check_splits(cfg["dataset"]["name"], data.train, data.test)
         self.val_split: Split | None = None
         self.val_note = "no validation: best = last epoch"
         self.full_train_split = data.train
@@ -135,15 +161,22 @@ class Trainer:
             )
         if self.val_split is not None:
             self.val_split = self.val_split.with_transform(self.test_split.transform)
-        head = EmbeddingHead(
-            feature_size(self.backbone),
-            t["embedding_size"],
-            t["pooling"],
-            t["head_norm"],
-            t["normalize_embeddings"],
-            t["head_init"],
-        )
-        self.model = EmbeddingModel(self.backbone, head, freeze_bn=t["freeze_bn"]).to(self.device)
+        try:
+            head = EmbeddingHead(
+                feature_size(self.backbone),
+                t["embedding_size"],
+                t["pooling"],
+                t["head_norm"],
+                t["normalize_embeddings"],
+                t["head_init"],
+            )
+            self.model = EmbeddingModel(self.backbone, head, freeze_bn=t["freeze_bn"]).to(self.device)
+        except (MemoryError, RuntimeError) as exc:  # an embedding size or model too large for this machine
+            if isinstance(exc, RuntimeError) and "alloc" not in str(exc).lower() and "memory" not in str(exc).lower():
+                raise
+            raise DmlkitError(
+                f"not enough memory to build the model with embedding_size {t['embedding_size']}; use a smaller one"
+            ) from None
         if t["freeze_backbone"]:
             self.model.freeze_backbone()
         if self.device.type == "cuda":
@@ -351,12 +384,21 @@ class Trainer:
         }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.loss.load_state_dict(ckpt["loss"])
-        if self.miner:
-            self.miner.load_state_dict(ckpt["miner"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.loss.load_state_dict(ckpt["loss"])
+            if self.miner:
+                self.miner.load_state_dict(ckpt.get("miner", {}))
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        except Exception as exc:  # a wrong shape, a missing or extra key: the weights do not fit the config
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise DmlkitError(
+                f"the checkpoint's weights do not fit the model its config builds ({type(exc).__name__}: "
+                f"{first[:300]}); the file is damaged or was edited"
+            ) from None
+        if not isinstance(ckpt["history"], list) or not isinstance(ckpt["step"], int):
+            raise DmlkitError("the checkpoint's history or step has the wrong type; the file is damaged")
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
         self.history, self.extra_state = ckpt["history"], ckpt.get("extra", {})
         best = dict(ckpt["best"])
@@ -368,9 +410,46 @@ class Trainer:
         if self.rank != 0:
             return
         state = self.state_dict()
+        crash_point("before", self.epoch)
         atomic_save(state, self.run_dir / "last.pt")
+        crash_point("between", self.epoch)
         if best:
             atomic_save(state, self.run_dir / "best.pt")
+        crash_point("after", self.epoch)
+
+    def write_run_files(self, resumed: bool = False) -> None:
+        """config.toml and metrics.jsonl (one row per epoch of the last checkpoint's history), each
+        replaced whole, after the checkpoints: a run that fails before its first checkpoint writes
+        neither, and a resumed run's log has exactly the epochs its checkpoint has. On resuming
+        (``resumed``), before any epoch: metrics.jsonl, and config.toml only if it is missing."""
+        if self.rank != 0:
+            return
+        files = [("metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))]
+        if not resumed or not (self.run_dir / "config.toml").exists():
+            files.insert(0, ("config.toml", self.config_comments() + to_toml(self.cfg)))
+        for name, text in files:
+            try:
+                write_text(self.run_dir / name, text)
+            except OSError as exc:
+                raise writable_error(self.run_dir / name, exc, "file") from None
+
+    def replaced_components(self) -> list[str]:
+        """One line per component of this run that a plugin put in place of another plugin's."""
+        out = []
+        sections = [(s, self.cfg[s]) for s in ("dataset", "backbone", "loss", "miner", "sampler", "evaluator")]
+        for kind, section in [*sections, *(("callback", cb) for cb in self.cfg["callbacks"])]:
+            name = section.get("name")
+            if name and (kind, name) in self.registry:
+                spec = self.registry.get(kind, name)
+                if spec.replaced_plugin:
+                    out.append(
+                        f"{kind} '{spec.name}' is plugin '{spec.plugin}''s replacement of the {kind} "
+                        f"'{spec.replaces}' of plugin '{spec.replaced_plugin}'"
+                    )
+        return out
+
+    def config_comments(self) -> str:
+        return "".join(f"# {line}\n" for line in self.replaced_components())
 
     # -- the loop ----------------------------------------------------------------------------
     def _checks_each_step(self) -> bool:
@@ -467,13 +546,24 @@ class Trainer:
         raise TrainingError(msg + "; lower the lr or set train.nonfinite=skip")
 
     def fit(self) -> dict[str, Any]:
+        """Train to ``train.epochs`` holding the run directory's lock; a new run that fails before
+        its first checkpoint leaves no run directory behind."""
+        if self.rank != 0:
+            return self._fit()
+        lock = RunLock(self.run_dir)
+        with lock:
+            try:
+                return self._fit()
+            except BaseException:
+                lock.discard_if_empty_run()
+                raise
+
+    def _fit(self) -> dict[str, Any]:
         t = self.settings
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(to_toml(self.cfg), encoding="utf-8")
-            # resumed: epochs logged after the last complete checkpoint are dropped, then re-run
-            lines = "".join(json.dumps(h) + "\n" for h in self.history)
-            (self.run_dir / "metrics.jsonl").write_text(lines, encoding="utf-8")
+        if self.history:  # resumed: the log holds exactly the checkpoint's epochs (a kill may have cut it)
+            self.write_run_files(resumed=True)
+        for line in self.replaced_components():
+            self.console.print(f"[yellow]note: {escape(line)}[/yellow]", soft_wrap=True)
         self.console.print(f"{self.val_note}; {self.best['selected_by']}")
         if self.best["split"] == "test":
             self.console.print(
@@ -551,7 +641,13 @@ class Trainer:
             at_best = at_last
         else:
             current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self.model.load_state_dict(load_checkpoint(self.run_dir / "best.pt")["model"])
+            best_ckpt = load_checkpoint(self.run_dir / "best.pt")
+            if best_ckpt["epoch"] != best_epoch:
+                raise TrainingError(
+                    f"{self.run_dir / 'best.pt'} holds epoch {best_ckpt['epoch']}, not the recorded best epoch "
+                    f"{best_epoch}; resume the run (--resume {self.run_dir}) to restore it"
+                )
+            self.model.load_state_dict(best_ckpt["model"])
             at_best = {k: v for k, v in self.evaluate().items() if _scalar(v)}
             self.model.load_state_dict(current)
         results = {
@@ -653,8 +749,7 @@ class Trainer:
         self.history.append(record)
         self.save(best=is_best)
         if self.rank == 0:
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            self.write_run_files()
             plot_history(self.history, self.run_dir)
 
     def _print_metrics(self, record: dict[str, Any]) -> None:
@@ -742,11 +837,27 @@ def check_metrics(cfg: dict[str, Any], registry: Registry, evaluator: Any) -> No
             )
 
 
+def check_splits(name: str, train: Split, test: Split) -> None:
+    """What training and the final test need of a dataset's splits, checked before any work: a test
+    query set and gallery that are not empty, and at least two items on each side."""
+    if len(train) < 2 or len(test) < 2:
+        raise DmlkitError(
+            f"dataset '{name}' has {len(train)} training and {len(test)} test items; each split needs at least 2"
+        )
+    for what, mask in (("query", test.query_mask), ("gallery", test.gallery_mask)):
+        if mask is not None and not np.asarray(mask, bool).any():
+            raise DmlkitError(
+                f"dataset '{name}': the test {what} set is empty (no test item is marked as a {what}); "
+                f"mark some items as {what} items"
+            )
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON through a temporary file and a rename: never half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        write_text(path, json.dumps(obj, indent=2))
+    except OSError as exc:
+        raise writable_error(path, exc, "file") from None
 
 
 def sample_disjoint_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
@@ -799,6 +910,17 @@ def class_disjoint_index(
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
+def _savefig(fig: Any, path: Path) -> None:
+    """Save a figure through a temporary file and a rename (a full disk leaves the old figure)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise writable_error(path, exc, "figure") from None
+
+
 def plot_history(history: list[dict[str, Any]], run_dir: Path) -> None:
     """loss.png and metrics.png over epochs in the run directory."""
     import matplotlib
@@ -812,7 +934,7 @@ def plot_history(history: list[dict[str, Any]], run_dir: Path) -> None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss")
     fig.tight_layout()
-    fig.savefig(run_dir / "loss.png", dpi=100)
+    _savefig(fig, run_dir / "loss.png")
     plt.close(fig)
     keys = ["val_precision_at_1", "val_map_at_r", "precision_at_1", "map_at_r", "r_precision"]
     drawn = False
@@ -829,5 +951,5 @@ def plot_history(history: list[dict[str, Any]], run_dir: Path) -> None:
         ax.set_ylabel("metric")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(run_dir / "metrics.png", dpi=100)
+        _savefig(fig, run_dir / "metrics.png")
         plt.close(fig)

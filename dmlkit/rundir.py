@@ -1,0 +1,208 @@
+"""A run directory's safety rules: one writer at a time, files replaced whole, best.pt that
+always holds the recorded best epoch, and a failed new run that leaves nothing behind.
+
+Test hook: ``DMLKIT_CRASH_AT=POINT:EPOCH`` makes the training process end at once
+(``os._exit(137)``, as a SIGKILL would: no clean-up runs) at one checkpoint write point of
+epoch EPOCH. POINT is ``before`` (before last.pt is written), ``between`` (last.pt written,
+best.pt not yet) or ``after`` (both written, metrics.jsonl not yet). It exists for
+``tests/test_fuzz.py``'s crash-injection test; nothing else should set it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from dmlkit.errors import DmlkitError
+
+CRASH_ENV = "DMLKIT_CRASH_AT"
+CRASH_POINTS = ("before", "between", "after")
+LOCK_NAME = ".lock"
+
+#: Run directories this process holds the lock of (resolved path -> [open lock file, depth]).
+_HELD: dict[Path, list[Any]] = {}
+
+
+def crash_point(point: str, epoch: int) -> None:
+    """End the process here if ``$DMLKIT_CRASH_AT`` names this write point and epoch (a test hook)."""
+    if os.environ.get(CRASH_ENV, "") == f"{point}:{epoch}":
+        os._exit(137)
+
+
+def check_crash_env() -> None:
+    """A malformed ``$DMLKIT_CRASH_AT`` is refused rather than silently ignored."""
+    spec = os.environ.get(CRASH_ENV, "")
+    if not spec:
+        return
+    point, _, epoch = spec.partition(":")
+    if point not in CRASH_POINTS or not epoch.isdigit():
+        raise DmlkitError(
+            f"{CRASH_ENV}={spec!r} is not POINT:EPOCH with POINT one of {', '.join(CRASH_POINTS)} (a test hook); unset it"
+        )
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` through a temporary file and a rename, and only if it differs from what is
+    there: an interrupted or failed write (full disk) leaves the old file, and an unchanged file
+    keeps its time stamp."""
+    try:
+        if path.is_file() and path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def writable_error(path: Path, exc: OSError, what: str) -> DmlkitError:
+    """A one-line error for a write that failed: full disk, file size limit, read-only, no permission."""
+    reason = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exceeded",
+        errno.EFBIG: "the file size limit (ulimit -f) is reached",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.ENAMETOOLONG: "the path is too long",
+    }.get(exc.errno, exc.strerror or type(exc).__name__)
+    return DmlkitError(f"cannot write {what} {_short(path)}: {reason}; the files written before are intact")
+
+
+def _short(path: Path | str, limit: int = 120) -> str:
+    text = str(path)
+    return text if len(text) <= limit else text[: limit // 2] + "..." + text[-limit // 2 :]
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``RUN/.lock`` for as long as the ``with`` block runs.
+
+    A second process that wants to write the run (train, --resume) is refused at once. The
+    kernel releases the lock when its holder ends, however it ends, so a crashed or killed run
+    never leaves the directory locked. The empty ``.lock`` file stays (removing it would let two
+    processes lock two different files). Taking a lock this process already holds nests.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.created_dir = self.created_lock = False
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+
+        key = self.run_dir.resolve()
+        if key in _HELD:
+            _HELD[key][1] += 1
+            return self
+        try:
+            if self.run_dir.exists() and not self.run_dir.is_dir():
+                raise DmlkitError(f"run directory {_short(self.run_dir)} is a file; pick another --run-dir")
+            if not self.run_dir.exists():
+                self.run_dir.mkdir(parents=True)
+                self.created_dir = True
+            if not os.access(self.run_dir, os.W_OK | os.X_OK):
+                read_only = os.statvfs(self.run_dir).f_flag & os.ST_RDONLY
+                raise OSError(errno.EROFS if read_only else errno.EACCES, "not writable", str(self.run_dir))
+            self.created_lock = not (self.run_dir / LOCK_NAME).exists()
+            f = open(self.run_dir / LOCK_NAME, "a")  # noqa: SIM115 (held until __exit__)
+        except OSError as exc:
+            self._remove_created()
+            raise writable_error(self.run_dir, exc, "to run directory") from None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise DmlkitError(
+                f"{_short(self.run_dir)} is in use by another dmlkit process (training or resuming it); "
+                "wait for it to end, or pick another --run-dir"
+            ) from None
+        _HELD[key] = [f, 1]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        key = self.run_dir.resolve()
+        held = _HELD.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[key]
+            held[0].close()  # releases the flock
+
+    def _remove_created(self) -> None:
+        if self.created_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.created_dir = False
+
+    def discard_if_empty_run(self) -> None:
+        """After a failure before the first checkpoint: remove what this run created, so that a
+        failed run leaves no half-made run directory (a directory that existed keeps its files)."""
+        if (self.run_dir / "last.pt").exists():
+            return
+        for name in (LOCK_NAME, "last.pt.tmp", "best.pt.tmp", "metrics.jsonl.tmp", "config.toml.tmp"):
+            if name != LOCK_NAME or self.created_lock:
+                (self.run_dir / name).unlink(missing_ok=True)
+        if self.created_dir:
+            try:
+                self.run_dir.rmdir()  # only if empty
+            except OSError:
+                pass
+
+
+def held(run_dir: Path) -> bool:
+    return Path(run_dir).resolve() in _HELD
+
+
+def best_checkpoint(run_dir: Path, repair: bool, console: Any = None) -> Path:
+    """The file that holds the run's recorded best epoch: ``best.pt`` (repaired from ``last.pt``
+    when a kill fell between their writes), or ``last.pt``.
+
+    ``last.pt`` records the best epoch. If ``best.pt`` holds another epoch and the recorded best
+    is ``last.pt``'s own epoch, the process was killed after writing last.pt and before best.pt:
+    with ``repair``, ``last.pt`` is copied over ``best.pt`` (atomically); without, ``last.pt``
+    is returned. Any other disagreement is an error that says what to do.
+    """
+    from dmlkit.train import load_checkpoint
+
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if not last_path.is_file():
+        return best_path
+    last = load_checkpoint(last_path)
+    recorded = (last.get("best") or {}).get("epoch")
+    if recorded is None:  # no epoch chosen yet (no validation so far): best.pt need not exist
+        return best_path if best_path.is_file() else last_path
+    best_epoch = load_checkpoint(best_path)["epoch"] if best_path.is_file() else None
+    if best_epoch == recorded:
+        return best_path
+    if recorded != last["epoch"]:
+        raise DmlkitError(
+            f"{_short(best_path)} holds epoch {best_epoch} but the run's recorded best epoch is {recorded}, and "
+            f"last.pt is epoch {last['epoch']}: best.pt cannot be restored; use --checkpoint last"
+        )
+    if not repair:
+        return last_path
+    tmp = best_path.with_name(best_path.name + ".tmp")
+    try:
+        shutil.copyfile(last_path, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, best_path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise writable_error(best_path, exc, "checkpoint") from None
+    if console is not None:
+        console.print(
+            f"[yellow]restored {_short(best_path)} from last.pt: epoch {recorded} is the recorded best "
+            f"(the previous run ended between the two writes; best.pt held epoch {best_epoch})[/yellow]"
+        )
+    return best_path
