@@ -191,6 +191,9 @@ def resolve(user: dict[str, Any], registry: Registry) -> tuple[dict[str, Any], d
     another loss keeps ``proxy_init`` if that loss takes one.
     """
     user = copy.deepcopy(user)
+    loss = user.get("loss")
+    if isinstance(loss, dict) and isinstance(loss.get("name"), str) and "+" in loss["name"]:
+        user["loss"] = {**loss, **parse_combination(loss["name"])}
     for section in SECTIONS:  # aliases to names, so that a recommendation meets the user's choice
         name = user.get(section, {}).get("name") if isinstance(user.get(section), dict) else None
         if isinstance(name, str) and name and (section, name) in registry:
@@ -217,6 +220,23 @@ def resolve(user: dict[str, Any], registry: Registry) -> tuple[dict[str, Any], d
         if kept:
             applied[section] = kept
     return validate(merge(merge(default_config(), recs), user), registry), applied
+
+
+def parse_combination(text: str) -> dict[str, Any]:
+    """A loss name with '+', ``"triplet+0.5*softmax"``, is shorthand for the ``combined`` loss:
+    ``{"name": "combined", "terms": ["triplet", "softmax"], "weights": [1.0, 0.5]}``."""
+    terms, weights = [], []
+    for part in text.split("+"):
+        weight, star, name = part.strip().rpartition("*")
+        try:
+            w = float(weight) if star else 1.0
+        except ValueError:
+            raise OptionError(f"loss {text!r}: {weight!r} is not a weight; write e.g. triplet+0.5*softmax") from None
+        if not name.strip():
+            raise OptionError(f"loss {text!r}: a term has no loss name; write e.g. triplet+0.5*softmax")
+        terms.append(name.strip())
+        weights.append(w)
+    return {"name": "combined", "terms": terms, "weights": weights}
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

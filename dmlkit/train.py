@@ -238,6 +238,7 @@ class Trainer:
         self.results: dict[str, Any] = {}
         self._in_epoch = False
         self._bad_step: torch.Tensor | None = None  # device-side: the first step with a non-finite value
+        self._terms: dict[str, list[torch.Tensor]] = {}  # per-term losses of the current epoch
         self.stop_requested = False
         self.extra_state: dict[str, Any] = {}  # components may keep resumable state here
 
@@ -486,6 +487,10 @@ class Trainer:
         loss = self._guarded("loss", self.loss, emb, y, indices=indices)
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             raise TrainingError(f"{self._describe('loss')} must return a scalar tensor; got {type(loss).__name__}")
+        terms = getattr(self.loss, "last_terms", None)  # a loss made of parts reports each (logged per epoch)
+        if isinstance(terms, dict):
+            for k, v in terms.items():
+                self._terms.setdefault(k, []).append(v.detach().float())
         each = self._checks_each_step()
         if each and not torch.isfinite(loss):
             return self._nonfinite("loss", loss)
@@ -719,6 +724,9 @@ class Trainer:
         }
         if val_steps:
             record["val_steps"] = val_steps
+        if self._terms:
+            record["loss_terms"] = {k: float(torch.stack(v).mean()) for k, v in self._terms.items()}
+            self._terms = {}
         self.emit("on_epoch_end", record=record)
         self._end_epoch(record)
 
