@@ -76,6 +76,7 @@ class FeatureCache:
             "transform": repr(split.transform),
             "items": _items_digest(split),
             "view": view,  # None: the evaluation transform, no randomness
+            "amp": bool(self.trainer.settings["amp"]) and self.trainer.device.type == "cuda",  # bf16 features differ
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -107,13 +108,25 @@ class FeatureCache:
 
     @torch.no_grad()
     def _compute(self, split: Split, view: int | None, what: str) -> Tensor:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-        from torch.utils.data import DataLoader
+        import random
 
         from dmlkit.train import seed_everything
 
         tr = self.trainer
-        seed_everything(10_007 + (view if view is not None else -1))  # each view its own, run-independent draw
+        # each view its own, run-independent draw; the run's own random streams are left as they were
+        states = (random.getstate(), np.random.get_state())
+        with torch.random.fork_rng(devices=[tr.device] if tr.device.type == "cuda" else []):
+            seed_everything(10_007 + (view if view is not None else -1))
+            out = self._embed(split, what)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        return out
+
+    def _embed(self, split: Split, what: str) -> Tensor:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from torch.utils.data import DataLoader
+
+        tr = self.trainer
         loader = DataLoader(
             split,
             batch_size=tr.settings["eval_batch_size"],

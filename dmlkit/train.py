@@ -487,10 +487,6 @@ class Trainer:
         loss = self._guarded("loss", self.loss, emb, y, indices=indices)
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             raise TrainingError(f"{self._describe('loss')} must return a scalar tensor; got {type(loss).__name__}")
-        terms = getattr(self.loss, "last_terms", None)  # a loss made of parts reports each (logged per epoch)
-        if isinstance(terms, dict):
-            for k, v in terms.items():
-                self._terms.setdefault(k, []).append(v.detach().float())
         each = self._checks_each_step()
         if each and not torch.isfinite(loss):
             return self._nonfinite("loss", loss)
@@ -516,6 +512,10 @@ class Trainer:
             self._bad_step = torch.where((self._bad_step < 0) & bad, self.step + 1, self._bad_step)
         self.optimizer.step()
         self.step += 1
+        terms = getattr(self.loss, "last_terms", None)  # a loss made of parts reports each (logged per epoch)
+        if isinstance(terms, dict):
+            for k, v in terms.items():
+                self._terms.setdefault(k, []).append(v.detach().float())
         if not each and self.step % self.settings["sync_every"] == 0:
             self.check_deferred()
         return loss.detach()
@@ -575,7 +575,7 @@ class Trainer:
                 "[bold red]warning: selection=test_set_biased picks the best epoch on the TEST set; its numbers are "
                 "optimistic and not comparable with validation-selected results (Musgrave et al. 2020)[/bold red]"
             )
-        if self.epoch == 0:
+        if self.epoch == 0 and not self.history:  # not when resuming from the epoch-0 checkpoint
             self.emit("on_train_start")
             if t["eval_at_start"] and not self.history:  # epoch 0: where training starts from
                 self._end_epoch({"epoch": 0, "step": 0, "loss": None, "lr": self.optimizer.param_groups[0]["lr"]})
@@ -615,6 +615,7 @@ class Trainer:
         An evaluation at the step of the previous one is reused, so each is seen once."""
         if self._last_val is not None and self._last_val[0] == self.step:
             return self._last_val[1]
+        self.check_deferred()  # a non-finite step is reported as such, before its NaNs reach the evaluator
         metrics = {f"val_{k}": v for k, v in self.evaluate(self.val_split).items() if _scalar(v)}
         metrics["step"] = self.step
         self._last_val = (self.step, metrics)
@@ -630,6 +631,8 @@ class Trainer:
         return metrics
 
     def _is_better(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
         best = self.best["value"]
         if best is None:
             return True
@@ -655,8 +658,11 @@ class Trainer:
             self.model.load_state_dict(best_ckpt["model"])
             at_best = {k: v for k, v in self.evaluate().items() if _scalar(v)}
             self.model.load_state_dict(current)
+        selected_by = self.best["selected_by"]
+        if best_epoch is None:
+            selected_by = "last epoch (no validation value was ever recorded)"
         results = {
-            "selected_by": self.best["selected_by"],
+            "selected_by": selected_by,
             "selection_split": self.best["split"],
             "best_metric": self.best["metric"],
             "best_value": self.best["value"],
@@ -703,7 +709,8 @@ class Trainer:
             if losses and (self.device.type == "cpu" or self.step % self.settings["sync_every"] == 0):
                 shown["loss"] = float(torch.stack(losses[-50:]).mean())  # the running loss: one sync at most
             progress.update(task, advance=1, ips=ips, **shown)
-            if t["val_every_steps"] and self.val_split is not None and self.step % t["val_every_steps"] == 0:
+            due = t["val_every_steps"] and self.step % t["val_every_steps"] == 0
+            if due and self.val_split is not None and (not val_steps or val_steps[-1]["step"] != self.step):
                 val_steps.append(self.validate())
                 self.model.train()
             fetched = time.perf_counter()

@@ -197,7 +197,9 @@ class CCPLoss(MetricLoss):
             return
         for name, p in trainer.model.named_parameters():
             if p.grad is not None and name in anchor:
-                p.grad.add_(p.detach() - anchor[name].to(p.device), alpha=self.lam)
+                if anchor[name].device != p.device:  # e.g. restored from a checkpoint on the CPU: move once
+                    anchor[name] = anchor[name].to(p.device)
+                p.grad.add_(p.detach() - anchor[name], alpha=self.lam)
 
     def on_validation_end(self, trainer, metrics: dict) -> None:
         if self.schedule != "plateau":
@@ -218,15 +220,14 @@ class CCPLoss(MetricLoss):
             self.state["anchor"] = self.state["best_weights"]
             self.reinitialise(trainer, self.state["best_proxies"], reason=f"val_{self.metric} plateau")
 
-    def on_epoch_end(self, trainer, record: dict) -> None:
-        """The fixed schedule: a new instance after epochs interval, 2 interval, ... (not after the last)."""
-        if (
-            self.schedule == "fixed"
-            and trainer.epoch % self.interval == 0
-            and trainer.epoch < trainer.settings["epochs"]
-        ):
+    def on_epoch_start(self, trainer) -> None:
+        """The fixed schedule: a new instance after epochs interval, 2 interval, ... (decided when the
+        next epoch starts, so never after the last one, and the same whether or not the run was resumed)."""
+        done = trainer.epoch  # epochs completed
+        if self.schedule == "fixed" and done > 0 and done % self.interval == 0:
             self.state["anchor"] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-            self.reinitialise(trainer, [b.vectors.detach().clone() for b in self.driven], reason="fixed schedule")
+            previous = [b.vectors.detach().clone() for b in self.driven]
+            self.reinitialise(trainer, previous, reason=f"fixed schedule, after epoch {done}")
 
     def reinitialise(self, trainer, previous: list[Tensor], reason: str = "start") -> None:
         """A new instance: each driven bank gets new proxies picked from a freshly embedded pool."""

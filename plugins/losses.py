@@ -376,12 +376,41 @@ class CombinedLoss(MetricLoss):
             self.miners.append(reg.build("miner", miner, context=ctx, **miner_opts) if miner else nn.Identity())
             self.has_miner.append(bool(miner))
         self.last_terms: dict[str, Tensor] = {}
+        # each term's own learning-rate multipliers, under the term's parameter names here
+        self.lr_multipliers = {
+            f"terms.{i}.{k}": v for i, t in enumerate(self.terms) for k, v in getattr(t, "lr_multipliers", {}).items()
+        }
+
+    def _forward_event(self, event: str, trainer, **kwargs) -> None:
+        for part in (*self.terms, *self.miners):
+            fn = getattr(part, event, None)
+            if fn is not None:
+                fn(trainer, **kwargs)
+
+    # training events reach every term and miner (CCP as a term, a loss with a schedule ...)
+    def on_train_start(self, trainer) -> None:
+        self._forward_event("on_train_start", trainer)
+
+    def on_epoch_start(self, trainer) -> None:
+        self._forward_event("on_epoch_start", trainer)
+
+    def on_after_backward(self, trainer) -> None:
+        self._forward_event("on_after_backward", trainer)
+
+    def on_validation_end(self, trainer, metrics) -> None:
+        self._forward_event("on_validation_end", trainer, metrics=metrics)
+
+    def on_epoch_end(self, trainer, record) -> None:
+        self._forward_event("on_epoch_end", trainer, record=record)
+
+    def on_train_end(self, trainer) -> None:
+        self._forward_event("on_train_end", trainer)
 
     @staticmethod
     def validate_options(options: dict) -> None:
         reg = dmlkit.get_registry()
         terms, weights = list(options.get("terms") or []), options.get("weights")
-        _check(len(terms) >= 1, "combined needs at least one term, e.g. terms = [\"triplet\", \"softmax\"]")
+        _check(len(terms) >= 1, 'combined needs at least one term, e.g. terms = ["triplet", "softmax"]')
         names = [reg.get("loss", t).name for t in terms]  # unknown names fail here, with suggestions
         _check("combined" not in names, "a combined loss cannot hold another combined loss")
         _check(len(set(names)) == len(names), f"each loss may appear once in a combination; got {terms}")

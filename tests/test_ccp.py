@@ -317,8 +317,8 @@ def test_fixed_schedule_fires_after_every_interval_epochs(interval, epochs, expe
     events = ccp_events(read(tmp_path))
     assert [e["instance"] for e in events] == list(range(1, len(expected) + 2))  # one entry per instance
     assert events[0]["reason"] == "start" and events[0]["step"] == 0
-    assert [e["epoch"] for e in events[1:]] == expected
-    assert all(e["reason"] == "fixed schedule" for e in events[1:])
+    assert [e["reason"] for e in events[1:]] == [f"fixed schedule, after epoch {n}" for n in expected]
+    assert [e["epoch"] for e in events[1:]] == [n + 1 for n in expected]  # logged with the epoch it starts
 
 
 def validations(rows):

@@ -59,3 +59,18 @@ def test_a_combined_run_trains_and_logs_each_term(cli, tmp_path):
         assert set(terms) == {"triplet", "softmax"}
         assert r["loss"] == pytest.approx(terms["triplet"] + 0.5 * terms["softmax"], rel=1e-5)
     assert rows[1]["loss_terms"]["softmax"] < rows[0]["loss_terms"]["softmax"]
+
+
+def test_training_events_reach_the_terms(tmp_path):
+    """CCP as a term of a combination still initialises its proxies and keeps its schedule."""
+    from dmlkit.train import Trainer
+
+    cfg, _ = resolve(
+        {"loss": {"name": "ccp+softmax", "ccp": {"proxies_per_class": 2, "pool_rounds": 3}}, "train": {"epochs": 1}},
+        get_registry(),
+    )
+    trainer = Trainer(cfg, get_registry(), tmp_path)
+    ccp = trainer.loss.terms[0]
+    before = ccp.proxy_bank.vectors.detach().clone()
+    trainer.emit("on_train_start")
+    assert ccp.state["instance"] == 1 and not torch.equal(before, ccp.proxy_bank.vectors.detach())
