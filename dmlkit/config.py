@@ -293,11 +293,8 @@ def validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
             "train.feature_cache needs a frozen backbone: set freeze_backbone=true (features of a backbone "
             "that trains change every step)"
         )
-    if train["folds"] and train["val_fraction"]:
-        given = cfg.get("train", {})
-        if "val_fraction" in given and given["val_fraction"]:
-            raise OptionError("set either val_fraction or folds/fold for the validation split, not both")
-        train["val_fraction"] = 0.0  # the folds define the validation split; the default fraction steps aside
+    if train["folds"]:
+        train["val_fraction"] = 0.0  # the folds define the validation split (val_fraction is then not used)
     if any(isinstance(v, float) and not math.isfinite(v) for v in train.values()):
         raise OptionError("train settings must be finite numbers")
     out: dict[str, Any] = {"train": train}
