@@ -102,7 +102,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--batches", default="128,256")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=0, help="timed steps (default 30; --quick 3)")
     ap.add_argument("--data-root", default="")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--out", default="")
@@ -110,7 +110,7 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     arch, size = ("resnet18", 64) if args.quick else ("resnet50", 224)
     batches = [16] if args.quick else [int(b) for b in args.batches.split(",")]
-    steps, warmup = (3, 1) if args.quick else (args.steps, 10)
+    steps, warmup = (args.steps or 3, 1) if args.quick else (args.steps or 30, 10)
     result = {**machine(), "arch": arch, "image_size": size, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         for batch in batches:
