@@ -67,7 +67,7 @@ def config(args: argparse.Namespace, loss: dict, seed: int) -> dict:
     return {
         "dataset": data,
         "backbone": backbone,
-        "sampler": {"name": "m_per_class", "m": 4},
+        "sampler": {"name": "m_per_class", "m": 8 if args.dataset == "digits" else 4},  # digits: 5 classes
         "loss": loss,
         "train": train,
     }
