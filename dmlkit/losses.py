@@ -53,6 +53,18 @@ def indices_to_masks(indices: Indices, n: int, m: int, device: torch.device) -> 
     return pos, negm
 
 
+def pair_masks(
+    labels: Tensor, ref_labels: Tensor | None, indices: Indices | None, n: int, m: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Positive and negative [n, m] masks (as :func:`label_masks`), restricted to the mined pairs
+    or triplets when ``indices`` are given."""
+    pos, neg = label_masks(labels, ref_labels)
+    if indices is not None:
+        mpos, mneg = indices_to_masks(indices, n, m, device)
+        pos, neg = pos & mpos, neg & mneg
+    return pos, neg
+
+
 def triplets_to_pairs(indices: Indices) -> Indices:
     a, p, n = indices
     return a, p, a, n

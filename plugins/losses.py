@@ -10,11 +10,10 @@ from torch import Tensor, nn
 import dmlkit
 from dmlkit.errors import OptionError
 from dmlkit.losses import (
-    Indices,
     MetricLoss,
     cosine_similarity,
-    indices_to_masks,
     label_masks,
+    pair_masks,
     pairs_to_triplets,
     pairwise_distance,
     zero_loss,
@@ -25,14 +24,6 @@ from dmlkit.proxies import ProxyBank, check_initializer
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise OptionError(message)
-
-
-def _pair_masks(labels: Tensor, ref_labels: Tensor | None, indices: Indices | None, n: int, m: int, device):
-    pos, neg = label_masks(labels, ref_labels)
-    if indices is not None:
-        mpos, mneg = indices_to_masks(indices, n, m, device)
-        pos, neg = pos & mpos, neg & mneg
-    return pos, neg
 
 
 def _masked_logsumexp1p(x: Tensor, mask: Tensor) -> Tensor:
@@ -104,7 +95,7 @@ class ContrastiveLoss(MetricLoss):
             ref = None if ref is None else nn.functional.normalize(ref, dim=1)
         other = emb if ref is None else ref
         dist = pairwise_distance(emb, other)
-        pos, neg = _pair_masks(labels, ref_labels, indices, len(emb), len(other), emb.device)
+        pos, neg = pair_masks(labels, ref_labels, indices, len(emb), len(other), emb.device)
         # masked sums rather than boolean indexing: the same numbers, fewer gathers
         pos_l = (dist - self.pos_margin).clamp_min(0) * pos
         neg_l = (self.neg_margin - dist).clamp_min(0) * neg
@@ -135,7 +126,7 @@ class CosineContrastiveLoss(MetricLoss):
     def compute(self, emb, labels, ref, ref_labels, indices):
         other = emb if ref is None else ref
         sim = _similarity(emb, other, self.normalize)
-        pos, neg = _pair_masks(labels, ref_labels, indices, len(emb), len(other), emb.device)
+        pos, neg = pair_masks(labels, ref_labels, indices, len(emb), len(other), emb.device)
         total = (1 - sim)[pos].sum() + (sim - self.margin).clamp_min(0)[neg].sum()
         return total / len(emb)
 
@@ -156,7 +147,7 @@ class MultiSimilarityLoss(MetricLoss):
     def compute(self, emb, labels, ref, ref_labels, indices):
         other = emb if ref is None else ref
         sim = _similarity(emb, other, self.normalize)
-        pos, neg = _pair_masks(labels, ref_labels, indices, len(emb), len(other), emb.device)
+        pos, neg = pair_masks(labels, ref_labels, indices, len(emb), len(other), emb.device)
         pos_term = _masked_logsumexp1p(-self.alpha * (sim - self.base), pos) / self.alpha
         neg_term = _masked_logsumexp1p(self.beta * (sim - self.base), neg) / self.beta
         return (pos_term + neg_term).mean()
@@ -183,7 +174,7 @@ class RankedListLoss(MetricLoss):
         emb = nn.functional.normalize(emb, dim=1)
         other = emb if ref is None else nn.functional.normalize(ref, dim=1)
         dist = pairwise_distance(emb, other)
-        pos, neg = _pair_masks(labels, ref_labels, indices, len(emb), len(other), emb.device)
+        pos, neg = pair_masks(labels, ref_labels, indices, len(emb), len(other), emb.device)
         pos_v = dist - (self.alpha - self.margin)
         neg_v = self.alpha - dist
         pos = pos & (pos_v > 0)

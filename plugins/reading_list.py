@@ -22,10 +22,9 @@ import dmlkit
 from dmlkit.errors import OptionError
 from dmlkit.evaluation import BACKENDS, l2_normalise, retrieval_metrics
 from dmlkit.losses import (
-    Indices,
     MetricLoss,
-    indices_to_masks,
     label_masks,
+    pair_masks,
     pairs_to_triplets,
     pairwise_distance,
     zero_loss,
@@ -38,15 +37,6 @@ F = nn.functional
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise OptionError(message)
-
-
-def _pair_masks(labels: Tensor, ref_labels: Tensor | None, indices: Indices | None, n: int, m: int, device):
-    """Positive and negative [n, m] masks, restricted to mined pairs when ``indices`` are given."""
-    pos, neg = label_masks(labels, ref_labels)
-    if indices is not None:
-        mpos, mneg = indices_to_masks(indices, n, m, device)
-        pos, neg = pos & mpos, neg & mneg
-    return pos, neg
 
 
 def _loss_graph(module: nn.Module, *tensors: Tensor) -> Tensor:
@@ -86,7 +76,7 @@ class SiameseLoss(MetricLoss):
 
     def compute(self, emb, labels, ref, ref_labels, indices):
         other = emb if ref is None else ref
-        pos, neg = _pair_masks(labels, ref_labels, indices, len(emb), len(other), emb.device)
+        pos, neg = pair_masks(labels, ref_labels, indices, len(emb), len(other), emb.device)
         if not bool((pos | neg).any()):
             return _loss_graph(self, emb, other)
         logits = self.logits(emb, other)
@@ -306,7 +296,7 @@ class PDDMLoss(MetricLoss):
         r = x if ref is None else F.normalize(ref, dim=1)
         r_labels = labels if ref_labels is None else ref_labels
         s = self.scores(x, r)  # [n, m]
-        pos, neg = _pair_masks(labels, ref_labels, indices, len(x), len(r), x.device)
+        pos, neg = pair_masks(labels, ref_labels, indices, len(x), len(r), x.device)
         # negatives of the second member j (a reference item): other-class reference items
         neg_r = neg if ref is None else r_labels[:, None] != r_labels[None, :]
         with torch.no_grad():
