@@ -80,6 +80,80 @@ def test_backends_give_the_same_neighbours():
     assert not (a.indices == np.arange(500)[:, None]).any()  # never itself
 
 
+def _well_separated_rows(emb, gallery, k, gap=1e-5):
+    """Rows whose k + 1 nearest (float64) have no two distances within ``gap``: their order is
+    the same whatever the float32 blocking."""
+    g = emb if gallery is None else gallery
+    d = ((emb[:, None, :].astype(np.float64) - g[None].astype(np.float64)) ** 2).sum(-1)
+    if gallery is None:
+        np.fill_diagonal(d, np.inf)
+    first = np.sort(d, axis=1)[:, : k + 1]
+    return np.diff(first, axis=1).min(1) > gap, np.argsort(d, axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("with_gallery", [False, True])
+def test_chunked_equals_unchunked(backend, with_gallery, monkeypatch):
+    """Every chunk shape gives the neighbours of one unchunked search: query chunks that cut
+    the leave-one-out diagonal anywhere, gallery tiles with a remainder of columns, the grouped
+    selection (small k) and the plain top-k (large k)."""
+    import dmlkit.evaluation as ev
+
+    rng = np.random.default_rng(11)
+    emb = rng.normal(size=(1203, 6)).astype(np.float32)
+    gallery = rng.normal(size=(1011, 6)).astype(np.float32) if with_gallery else None
+    for k in (1, 7, 60):
+        whole = knn(emb, gallery, k, backend=backend, memory_mb=1e4)
+        ok, ref = _well_separated_rows(emb, gallery, k)
+        assert ok.mean() > 0.5
+        np.testing.assert_array_equal(whole.indices[ok], ref[ok])
+        if backend == "faiss":
+            shapes = [(1,), (37,), (500,), (1203,)]
+            target = "_faiss_rows"
+        else:
+            shapes = [(1, 1203), (37, 1024), (500, 999), (1203, 16 * 33 + 5), (64, 1011)]
+            target = "_tile_shape"
+        for shape in shapes:
+            monkeypatch.setattr(ev, target, lambda *a, shape=shape: shape if len(shape) > 1 else shape[0])
+            got = knn(emb, gallery, k, backend=backend)
+            np.testing.assert_array_equal(got.indices[ok], whole.indices[ok], err_msg=f"k={k} chunk {shape}")
+            np.testing.assert_allclose(got.distances, whole.distances, rtol=1e-5, atol=1e-5)
+            if gallery is None:
+                assert not (got.indices == np.arange(len(emb))[:, None]).any()  # never itself
+        monkeypatch.undo()
+
+
+def test_grouped_selection_is_exact_with_ties():
+    """The grouped top-k returns the k smallest values of every row even when many are equal."""
+    from dmlkit.evaluation import GROUP, _tile_nearest
+
+    rng = np.random.default_rng(12)
+    for k in (1, 3, 10):
+        tile = torch.from_numpy(rng.integers(0, 40, size=(50, GROUP * 4 * k + 9)).astype(np.float32))
+        d, i = _tile_nearest(tile, k)
+        np.testing.assert_array_equal(torch.gather(tile, 1, i).numpy(), d.numpy())  # values match indices
+        best = torch.topk(d, k, dim=1, largest=False).values
+        np.testing.assert_array_equal(best.numpy(), torch.sort(tile, 1).values[:, :k].numpy())
+        assert all(len(set(row)) == len(row) for row in i.tolist())  # no column twice
+
+
+def test_chunk_rules_keep_faiss_on_its_blas_path_and_tiles_in_budget():
+    import faiss
+
+    from dmlkit.evaluation import _faiss_rows, _tile_shape
+
+    # the issue: N = 60,000, D = 128, 512 MiB gave 729-row faiss calls, below faiss's BLAS threshold
+    for d in (16, 64, 128, 512, 1024):
+        rows = _faiss_rows(60000, d, 14, 512)
+        assert rows * d >= faiss.cvar.distance_compute_blas_threshold and rows >= 4096
+    assert _faiss_rows(100, 128, 5, 512) == 100
+    rows, cols = _tile_shape(60502, 60502, 512)
+    assert (rows, cols) == (4096, 16384) and rows * cols * 8 <= 512 * 2**20
+    rows, cols = _tile_shape(60502, 60502, 4096)
+    assert cols == 60502 and rows >= 4096 and rows * cols * 8 <= 4096 * 2**20
+    assert _tile_shape(150, 150, 0.01) == (8, 150)  # a tiny budget: narrow chunks of the whole gallery
+
+
 def test_singleton_class_is_left_out_and_counted():
     emb, labels = data(seed=5)
     labels = labels.copy()
