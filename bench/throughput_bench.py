@@ -1,6 +1,11 @@
 """Training images/s: dmlkit's training step against a bare PyTorch loop on the same synthetic
 input (the GPU bound), and dmlkit's JPEG loader on real images (the data bound).
 
+Two bare loops: the classifier below (what an image-classification loop reaches), and a loop
+over dmlkit's own model, loss and optimizer without the trainer (``trainer_ratio``: the
+trainer's own cost, its checks, events and bookkeeping). The three alternate in ``--rounds``
+timed rounds and medians are reported, so that drift in the machine's speed hits all alike.
+
     python bench/throughput_bench.py --quick                       # CPU, resnet18, 64 px
     python bench/throughput_bench.py                               # GPU, resnet50, 224 px, batch 128 and 256, bf16
     python bench/throughput_bench.py --data-root ../shared/data/CUB_200_2011 --workers 14
@@ -14,6 +19,7 @@ events and optimizer included).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -43,7 +49,7 @@ def timed_steps(step, steps: int, warmup: int, batch: int, device: torch.device)
     return steps * batch / (time.perf_counter() - start)
 
 
-def bare_loop(arch: str, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int) -> float:
+def bare_loop(arch: str, x: torch.Tensor, y: torch.Tensor):
     net = getattr(torchvision.models, arch)(weights=None).to(x.device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
 
@@ -54,10 +60,10 @@ def bare_loop(arch: str, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: i
         loss.backward()
         opt.step()
 
-    return timed_steps(step, steps, warmup, len(x), x.device)
+    return step
 
 
-def dmlkit_step(arch: str, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int, run_dir: Path) -> float:
+def dmlkit_step(arch: str, x: torch.Tensor, y: torch.Tensor, run_dir: Path):
     cfg = merge(
         default_config(),
         {
@@ -73,7 +79,16 @@ def dmlkit_step(arch: str, x: torch.Tensor, y: torch.Tensor, steps: int, warmup:
     trainer.loss.to(x.device)
     trainer.optimizer = trainer._make_optimizer()
     trainer.model.train()
-    return timed_steps(lambda: trainer.train_step(x, y), steps, warmup, len(x), x.device)
+
+    def bare_same():  # the same model, loss and optimizer without the trainer: its own cost
+        with trainer.autocast():
+            emb = trainer.net(x)
+        loss = trainer.loss(emb, y)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        trainer.optimizer.step()
+
+    return (lambda: trainer.train_step(x, y)), bare_same
 
 
 def jpeg_loader(data_root: str, workers: int, batch: int, batches: int, run_dir: Path) -> dict[str, float]:
@@ -101,29 +116,41 @@ def jpeg_loader(data_root: str, workers: int, batch: int, batches: int, run_dir:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--batches", default="128,256")
+    ap.add_argument("--batches", default="", help="comma-separated (default 128,256; --quick 16)")
     ap.add_argument("--steps", type=int, default=0, help="timed steps (default 30; --quick 3)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating timed rounds; medians reported")
     ap.add_argument("--data-root", default="")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     arch, size = ("resnet18", 64) if args.quick else ("resnet50", 224)
-    batches = [16] if args.quick else [int(b) for b in args.batches.split(",")]
+    batches = [int(b) for b in (args.batches or ("16" if args.quick else "128,256")).split(",")]
     steps, warmup = (args.steps or 3, 1) if args.quick else (args.steps or 30, 10)
     result = {**machine(), "arch": arch, "image_size": size, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         for batch in batches:
             x = torch.randn(batch, 3, size, size, device=dev).to(memory_format=torch.channels_last)
             y = torch.randint(0, 1000, (batch,), device=dev)
-            bare = bare_loop(arch, x, y, steps, warmup)
-            ours = dmlkit_step(arch, x, y, steps, warmup, Path(tmp) / f"b{batch}")
+            bare_step = bare_loop(arch, x, y)
+            our_step, same_step = dmlkit_step(arch, x, y, Path(tmp) / f"b{batch}")
+            # alternate the three in rounds so that drift in the machine's speed hits all alike
+            bares, sames, ours_ = [], [], []
+            for r in range(args.rounds):
+                w = warmup if r == 0 else 0
+                bares.append(timed_steps(bare_step, steps, w, batch, dev))
+                sames.append(timed_steps(same_step, steps, w, batch, dev))
+                ours_.append(timed_steps(our_step, steps, w, batch, dev))
+            bare, same, ours = statistics.median(bares), statistics.median(sames), statistics.median(ours_)
             row = {
                 "batch": batch,
                 "device": str(dev),
                 "bare_images_per_s": round(bare, 1),
                 "dmlkit_images_per_s": round(ours, 1),
                 "ratio": round(ours / bare, 3),
+                "same_model_bare_images_per_s": round(same, 1),
+                "trainer_ratio": round(ours / same, 3),
+                "trainer_round_ratios": [round(o / b, 3) for o, b in zip(ours_, sames)],
             }
             result["rows"].append(row)
             print(row, flush=True)
