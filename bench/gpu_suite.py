@@ -43,7 +43,7 @@ def steps(data: Path | None, smoke: bool) -> list[dict]:
             {"name": "ccp_selection", "what": "greedy k-center selection", "script": "ccp_bench.py",
              "args": ["--classes", "300", "--device", "cpu"]},
             {"name": "throughput", "what": "trainer vs bare loop", "script": "throughput_bench.py",
-             "args": ["--quick", "--steps", "2", "--batches", "8"]},
+             "args": ["--quick", "--steps", "2", "--batches", "8", "--rounds", "1"]},
             {"name": "accuracy", "what": "losses trained, test at the validation-chosen epoch",
              "script": "accuracy_bench.py", "args": ["--quick", "--losses", "proxynca,C2-CCP", "--epochs", "1"]},
             {"name": "ccp_protocol", "what": "CCP vs its base at equal budget", "script": "ccp_protocol.py",

@@ -26,3 +26,4 @@ def test_gpu_suite_smoke_runs_every_step(tmp_path):
     ccp = steps["ccp_protocol"]["result"]
     assert {r["loss"] for r in ccp["runs"]} == {"contrastive", "ccp"} and all(r["map_at_r"] > 0 for r in ccp["runs"])
     assert steps["throughput"]["result"]["rows"][0]["ratio"] > 0
+    assert steps["throughput"]["result"]["rows"][0]["trainer_ratio"] > 0
