@@ -41,28 +41,26 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
 
 
 def plugins_cmd(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """List loaded plugins, their hooks, components and load errors."""
+    """List loaded plugins, the components and commands each provides, and load errors."""
     host = get_host()
+    provided: dict[str, dict[str, list[str]]] = {}
+    for kind, spec in host.registry:
+        provided.setdefault(spec.plugin, {}).setdefault(kind, []).append(spec.name)
     infos = list(host.plugins.values())
     if as_json:
-        print(json.dumps([i.as_dict() for i in infos], indent=2))
+        print(json.dumps([{**i.as_dict(), "provides": provided.get(i.name, {})} for i in infos], indent=2))
         return
-    table = Table(title="dmlkit plugins")
-    for col in ("plugin", "distribution", "version", "hooks", "components", "replaces", "errors"):
-        table.add_column(col)
+    table = Table(title="dmlkit plugins", show_lines=True)
+    for col in ("plugin", "from", "provides", "notes"):
+        table.add_column(col, overflow="fold")
     for i in infos:
-        hooks = ", ".join(h.removeprefix("register_") for h in i.hooks)
-        errors = escape("\n".join(i.errors))
-        replaces = escape("\n".join(i.replaces))
-        table.add_row(
-            i.name,
-            i.distribution or "-",
-            i.version or "-",
-            hooks,
-            str(i.components),
-            f"[yellow]{replaces}[/yellow]" if replaces else "",
-            f"[red]{errors}[/red]" if errors else "",
-        )
+        lines = [f"{kind}: {', '.join(names)}" for kind, names in provided.get(i.name, {}).items()]
+        if i.commands:
+            lines.append(f"commands: {', '.join(i.commands)}")
+        notes = [f"[yellow]replaces {escape(r)}[/yellow]" for r in i.replaces]
+        notes += [f"[red]{escape(e)}[/red]" for e in i.errors]
+        source = f"{i.distribution} {i.version}".strip() or i.module
+        table.add_row(i.name, escape(source), escape("\n".join(lines)) or "-", "\n".join(notes))
     console.print(table)
 
 

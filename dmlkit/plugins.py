@@ -37,6 +37,7 @@ class PluginInfo:
     components: int = 0
     errors: list[str] = field(default_factory=list)
     replaces: list[str] = field(default_factory=list)  # "loss 'x' of plugin 'p'": built-ins it took over
+    commands: list[str] = field(default_factory=list)  # CLI subcommands it added
 
     @property
     def builtin(self) -> bool:
@@ -53,6 +54,7 @@ class PluginInfo:
             "components": self.components,
             "errors": self.errors,
             "replaces": self.replaces,
+            "commands": self.commands,
         }
 
 
@@ -148,13 +150,26 @@ class PluginHost:
     def add_commands(self, app: Any) -> None:
         """Let each plugin add its CLI subcommands; a failure is recorded on that plugin."""
         for impl in self.pm.hook.register_commands.get_hookimpls():
+            before = _command_names(app)
             try:
                 _quietly(impl.function, **_args(impl, app=app))
             except (Exception, SystemExit) as exc:
                 self.plugins[impl.plugin_name].errors.append(f"register_commands raised {_one_line(exc)}")
+            self.plugins[impl.plugin_name].commands = [c for c in _command_names(app) if c not in before]
 
     def plugin_of(self, kind: str, name: str) -> PluginInfo | None:
         return self.plugins.get(self.registry.get(kind, name).plugin)
+
+
+def _command_names(app: Any) -> list[str]:
+    """The names of a Typer app's subcommands and command groups, as a user types them."""
+    names = []
+    for info in [*getattr(app, "registered_commands", []), *getattr(app, "registered_groups", [])]:
+        name = info.name or (getattr(info, "typer_instance", None) and info.typer_instance.info.name)
+        if not name and getattr(info, "callback", None) is not None:
+            name = info.callback.__name__.replace("_", "-")
+        names.append(str(name))
+    return names
 
 
 def _quietly(fn: Any, **kwargs: Any) -> Any:

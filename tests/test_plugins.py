@@ -35,6 +35,26 @@ def test_installed_third_party_plugin_is_listed_and_usable(tmp_path, add_site, c
     assert code == 0 and out.strip() == "hello dml"
 
 
+def test_plugins_lists_what_each_plugin_provides(tmp_path, add_site, cli, monkeypatch):
+    import dmlkit.cli
+
+    monkeypatch.setattr(dmlkit.cli.console, "width", 250)
+    add_site(pip_install(ROOT / "tests" / "fixtures" / "dmlkit-hello", tmp_path / "site"))
+    code, out, _ = cli("plugins", "--json")
+    by_name = {p["name"]: p for p in json.loads(out)}
+    assert by_name["hello"]["provides"] == {"loss": ["hello_center"]}
+    assert by_name["hello"]["commands"] == ["hello"]
+    # every registered component appears under exactly the plugin that registered it
+    code, listed, _ = cli("list", "--json")
+    for kind, rows in json.loads(listed).items():
+        for row in rows:
+            assert row["name"] in by_name[row["plugin"]]["provides"][kind]
+    code, out, _ = cli("plugins")
+    row = next(line for line in out.splitlines() if "hello" in line and "dmlkit-hello" in line)
+    assert "loss: hello_center" in row and "commands: hello" in out
+    assert "miner: batch_all, batch_hard, multi_similarity, semihard" in out
+
+
 def test_broken_plugin_is_reported_and_builtins_still_work(tmp_path, add_site, cli, monkeypatch):
     import dmlkit.cli
 
