@@ -153,25 +153,34 @@ def show_cmd(
         console.print(doc, soft_wrap=True)
 
 
-Opts = Annotated[list[str] | None, typer.Option(help="key=value, repeatable.")]
+def _complete(kind: str) -> Any:
+    """Shell completion of a component option: the registered names of ``kind`` (plugins included)."""
+
+    def names(incomplete: str) -> list[str]:
+        return [n for n in get_host().registry.names(kind) if n.startswith(incomplete)]
+
+    return names
+
+
+Opts = Annotated[list[str] | None, typer.Option(help="key=value, repeatable.", metavar="KEY=VALUE")]
 
 
 def train_cmd(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML run configuration.")] = None,
-    dataset: Annotated[str | None, typer.Option(help="Dataset name (default digits).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset name (default digits).", autocompletion=_complete("dataset"))] = None,
     data_root: Annotated[str | None, typer.Option(help="Dataset folder (sets the dataset's root option).")] = None,
-    backbone: Annotated[str | None, typer.Option(help="Backbone name (default smallcnn).")] = None,
-    loss: Annotated[str | None, typer.Option(help="Loss name (default proxynca).")] = None,
-    miner: Annotated[str | None, typer.Option(help="Miner name; 'none' for none.")] = None,
-    sampler: Annotated[str | None, typer.Option(help="Sampler name (default m_per_class).")] = None,
-    evaluator: Annotated[str | None, typer.Option(help="Evaluator name (default retrieval).")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Backbone name (default smallcnn).", autocompletion=_complete("backbone"))] = None,
+    loss: Annotated[str | None, typer.Option(help="Loss name (default proxynca).", autocompletion=_complete("loss"))] = None,
+    miner: Annotated[str | None, typer.Option(help="Miner name; 'none' for none.", autocompletion=_complete("miner"))] = None,
+    sampler: Annotated[str | None, typer.Option(help="Sampler name (default m_per_class).", autocompletion=_complete("sampler"))] = None,
+    evaluator: Annotated[str | None, typer.Option(help="Evaluator name (default retrieval).", autocompletion=_complete("evaluator"))] = None,
     dataset_opt: Opts = None,
     backbone_opt: Opts = None,
     loss_opt: Opts = None,
     miner_opt: Opts = None,
     sampler_opt: Opts = None,
     evaluator_opt: Opts = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Train setting key=value, repeatable.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Train setting key=value, repeatable.", metavar="KEY=VALUE")] = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
     lr: Annotated[float | None, typer.Option(help="Base learning rate.")] = None,
@@ -642,7 +651,6 @@ def build_app() -> typer.Typer:
         help="Deep metric learning from components that plugins provide.",
         no_args_is_help=True,
         pretty_exceptions_enable=False,
-        add_completion=False,
     )
     app.callback()(_root)
     app.command("plugins")(plugins_cmd)
@@ -674,6 +682,17 @@ def _os_error(exc: OSError) -> str:
     return f"{reason}: {name}" if name else reason
 
 
+def _plain_flags(command: Any) -> None:
+    """On/off flags (``--json``, ``--help``) show no ``<bool>`` value in ``--help``: they take none."""
+    import typer._click as click
+
+    for param in [*command.params, command.get_help_option(click.Context(command))]:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _plain_flags(sub)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one red line and a non-zero exit (``--debug`` shows tracebacks)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -684,7 +703,9 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError:  # not the main thread
             pass
     try:
-        build_app()(args=argv, prog_name="dmlkit", standalone_mode=False)
+        command = typer.main.get_command(build_app())
+        _plain_flags(command)
+        command.main(args=argv, prog_name="dmlkit", standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

@@ -65,3 +65,35 @@ def test_python_dash_m_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "dmlkit", "list", "sampler", "--json"], capture_output=True, text=True)
     assert out.returncode == 0
     assert {c["name"] for c in json.loads(out.stdout)["sampler"]} == {"m_per_class", "random", "one_per_class"}
+
+
+def test_help_shows_no_value_for_flags_and_key_value_for_options(cli):
+    code, out, _ = cli("evaluate", "--help")
+    assert code == 0 and "--json" in out and "<bool>" not in out
+    code, out, _ = cli("train", "--help")
+    assert "<bool>" not in out and "<list[str]>" not in out and "KEY=VALUE" in out
+
+
+def test_shell_completion_names_commands_and_components(tmp_path):
+    """The completion script installs, and completing runs the real CLI: command names and the
+    registered component names of the option being completed."""
+    import os
+    import subprocess
+    import sys
+
+    code = subprocess.run(
+        [sys.executable, "-m", "dmlkit", "--show-completion", "bash"], capture_output=True, text=True, timeout=120
+    )
+    assert code.returncode == 0 and "_DMLKIT_COMPLETE=complete_bash" in code.stdout
+
+    def complete(words, cword):
+        env = {**os.environ, "_DMLKIT_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
+        proc = subprocess.run([sys.executable, "-m", "dmlkit"], env=env, capture_output=True, text=True, timeout=120)
+        return proc.stdout.split()
+
+    assert complete("dmlkit tr", 1) == ["train"]
+    from dmlkit import get_registry
+
+    losses = get_registry().names("loss")
+    assert complete("dmlkit train --loss pro", 3) == sorted(n for n in losses if n.startswith("pro"))
+    assert set(complete("dmlkit train --miner ", 3)) == set(get_registry().names("miner"))
