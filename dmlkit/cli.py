@@ -406,9 +406,11 @@ def done_lines(out_dir: Path, results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _num(v: Any) -> str:
-    """A metric as printed everywhere: 4 decimals (or '-')."""
-    return f"{v:.4f}" if isinstance(v, int | float) else "-"
+def _num(v: Any, key: str = "metric") -> str:
+    """A value as printed everywhere (:func:`dmlkit.train.fmt`): metrics to 4 decimals, '-' if missing."""
+    from dmlkit.train import fmt
+
+    return fmt(key, float(v)) if isinstance(v, int | float) and not isinstance(v, bool) else "-"
 
 
 def _settings_text(settings: dict[str, Any]) -> str:
@@ -466,11 +468,13 @@ def evaluate_cmd(
         emb, lab = _load_npy(embeddings, "embeddings"), _load_npy(labels, "labels")
         qm = _load_npy(query_mask, "query mask") if query_mask else None
         gm = _load_npy(gallery_mask, "gallery mask") if gallery_mask else None
-        metrics = evaluator(emb, lab, qm, gm)
+        with console.status(f"evaluating {len(lab):,} embeddings"):
+            metrics = evaluator(emb, lab, qm, gm)
     elif run is not None:
         trainer = _trainer_from(run, checkpoint)
-        emb, lab = trainer.embed(trainer.test_split)
-        metrics = evaluator(emb, lab, trainer.test_split.query_mask, trainer.test_split.gallery_mask)
+        emb, lab = trainer.embed(trainer.test_split, "embedding the test images")
+        with console.status(f"evaluating {len(lab):,} test embeddings"):
+            metrics = evaluator(emb, lab, trainer.test_split.query_mask, trainer.test_split.gallery_mask)
         chosen = _checkpoint_note(trainer, checkpoint)
         if as_json:
             metrics = {**metrics, "checkpoint": chosen}
@@ -489,7 +493,7 @@ def evaluate_cmd(
     table.add_column("value", justify="right")
     for k, v in metrics.items():
         if k != "checkpoint":
-            table.add_row(k, _num(v) if isinstance(v, float) else str(v))
+            table.add_row(k, _num(v, k) if isinstance(v, float) else str(v))
     console.print(table)
     console.print(f"[dim]{LEGEND}[/dim]", soft_wrap=True)
 
@@ -576,7 +580,7 @@ def report_cmd(
     for c in cols:
         table.add_column(names[c], justify="left" if c in ("run", "loss", "miner", "selected_by") else "right")
     for row in rows:
-        table.add_row(*[f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols])
+        table.add_row(*[_num(row[c], c) if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols])
     console.print(table)
     console.print(f"wrote {', '.join(str(f) for f in figures)} and {out / 'report.json'}")
 

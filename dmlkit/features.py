@@ -123,8 +123,9 @@ class FeatureCache:
         return out
 
     def _embed(self, split: Split, what: str) -> Tensor:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
         from torch.utils.data import DataLoader
+
+        from dmlkit.train import progress_bar
 
         tr = self.trainer
         loader = DataLoader(
@@ -136,15 +137,7 @@ class FeatureCache:
         )
         model = tr.model
         model.backbone.eval()
-        progress = Progress(
-            TextColumn(f"feature cache: {what}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=tr.console,
-            transient=True,
-            disable=not tr.console.is_terminal,
-        )
+        progress = progress_bar(tr.console, f"feature cache: {what}")
         out = []
         with progress:
             task = progress.add_task("cache", total=len(split))

@@ -228,8 +228,9 @@ def embed_pool(trainer: Any, rounds: int, seed: int, class_ids: np.ndarray | Non
     (default: all training classes, in label order), without replacement within a class until
     it is exhausted, with training augmentation, embedded by the current network in inference
     mode (raw outputs of the model, as the run's head gives them). Shows progress."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from torch.utils.data import DataLoader, Subset
+
+    from dmlkit.train import progress_bar
 
     labels = np.asarray(trainer.train_split.labels)
     classes = np.unique(labels) if class_ids is None else np.asarray(class_ids)
@@ -255,16 +256,7 @@ def embed_pool(trainer: Any, rounds: int, seed: int, class_ids: np.ndarray | Non
         batch_size=trainer.settings["eval_batch_size"],
         num_workers=0,
     )
-    console = trainer.console
-    progress = Progress(
-        TextColumn("proxy pool"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    )
+    progress = progress_bar(trainer.console, "embedding the proxy pool")
     was = trainer.model.training
     trainer.model.eval()
     out = []

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -335,8 +336,9 @@ class Trainer:
 
     # -- embedding and evaluation ------------------------------------------------------------
     @torch.no_grad()
-    def embed(self, split: Split) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings (float32, normalised) and labels of ``split``, model in eval mode."""
+    def embed(self, split: Split, what: str = "embedding") -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings (float32, normalised) and labels of ``split``, model in eval mode; a progress
+        bar labelled ``what`` in a terminal."""
         was = self.model.training
         self.model.eval()
         outs = []
@@ -347,19 +349,23 @@ class Trainer:
                     outs.append(self.model.head(f.to(self.device)).float().cpu())
             self.model.train(was)
             return torch.cat(outs).numpy(), split.labels
-        for x, _ in self.loader(split, train=False):
-            x = x.to(self.device, non_blocking=True)
-            if self.device.type == "cuda":
-                x = x.to(memory_format=torch.channels_last)
-            with self.autocast():
-                outs.append(self.model(x).float().cpu())
+        with progress_bar(self.console, what) as bar:
+            task = bar.add_task(what, total=len(split))
+            for x, _ in self.loader(split, train=False):
+                x = x.to(self.device, non_blocking=True)
+                if self.device.type == "cuda":
+                    x = x.to(memory_format=torch.channels_last)
+                with self.autocast():
+                    outs.append(self.model(x).float().cpu())
+                bar.advance(task, len(x))
         self.model.train(was)
         return torch.cat(outs).numpy(), split.labels
 
-    def evaluate(self, split: Split | None = None) -> dict[str, Any]:
+    def evaluate(self, split: Split | None = None, what: str = "test") -> dict[str, Any]:
         split = split or self.test_split
-        emb, labels = self.embed(split)
-        return self.evaluator(emb, labels, split.query_mask, split.gallery_mask)
+        emb, labels = self.embed(split, f"embedding the {what} images")
+        with self.console.status(f"evaluating: {len(labels):,} {what} embeddings ({self.cfg['evaluator']['name']})"):
+            return self.evaluator(emb, labels, split.query_mask, split.gallery_mask)
 
     def autocast(self):
         """bf16 autocast on CUDA when train.amp is on; a no-op context elsewhere."""
@@ -583,7 +589,7 @@ class Trainer:
             TextColumn("epoch {task.fields[epoch]}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[ips]:.0f} img/s"),
+            TextColumn("loss {task.fields[loss]}  {task.fields[ips]} img/s"),
             TimeRemainingColumn(),
             console=self.console,
             transient=True,
@@ -616,7 +622,7 @@ class Trainer:
         if self._last_val is not None and self._last_val[0] == self.step:
             return self._last_val[1]
         self.check_deferred()  # a non-finite step is reported as such, before its NaNs reach the evaluator
-        metrics = {f"val_{k}": v for k, v in self.evaluate(self.val_split).items() if _scalar(v)}
+        metrics = {f"val_{k}": v for k, v in self.evaluate(self.val_split, "validation").items() if _scalar(v)}
         metrics["step"] = self.step
         self._last_val = (self.step, metrics)
         key = f"val_{self.best['metric']}"
@@ -686,7 +692,7 @@ class Trainer:
         self.model.train()
         self._in_epoch = True
         self.emit("on_epoch_start")
-        task = progress.add_task("train", total=len(self.sampler), epoch=epoch, loss=0.0, ips=0.0)
+        task = progress.add_task("train", total=len(self.sampler), epoch=epoch, loss="-", ips="-")
         losses, seen, start, waited = [], 0, time.perf_counter(), 0.0
         val_steps: list[dict[str, Any]] = []
         fetched = start
@@ -707,8 +713,9 @@ class Trainer:
             ips = seen / max(time.perf_counter() - start, 1e-9)
             shown = {}
             if losses and (self.device.type == "cpu" or self.step % self.settings["sync_every"] == 0):
-                shown["loss"] = float(torch.stack(losses[-50:]).mean())  # the running loss: one sync at most
-            progress.update(task, advance=1, ips=ips, **shown)
+                # the running loss: one sync at most
+                shown["loss"] = fmt("loss", float(torch.stack(losses[-50:]).mean()))
+            progress.update(task, advance=1, ips=fmt("images_per_s", ips), **shown)
             due = t["val_every_steps"] and self.step % t["val_every_steps"] == 0
             if due and self.val_split is not None and (not val_steps or val_steps[-1]["step"] != self.step):
                 val_steps.append(self.validate())
@@ -749,7 +756,7 @@ class Trainer:
                 record.update({k: v for k, v in self.evaluate().items() if _scalar(v)})
             self._print_metrics(record)
         else:
-            self.console.print(f"epoch {epoch}: loss {_fmt(record['loss'])}")
+            self.console.print(f"epoch {epoch}: loss {fmt('loss', record['loss'])}")
         key = {"val": f"val_{sel['metric']}", "test": sel["metric"], "train": "loss"}.get(sel["split"])
         if sel["split"] == "last":
             is_best = True
@@ -773,7 +780,7 @@ class Trainer:
         cols += [(k, k.replace("recall_at_", "R@")) for k in record if k.startswith("recall_at_")]
         for _, label in cols:
             table.add_column(label, justify="right")
-        table.add_row(*[_fmt(record[k]) for k, _ in cols])
+        table.add_row(*[fmt(k, record[k]) for k, _ in cols])
         self.console.print(table)
 
 
@@ -790,12 +797,43 @@ SHORT_NAMES = {
 }
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.1f}" if abs(v) >= 100 else f"{v:.4f}"
-    return str(v)
+class _Rate(ProgressColumn):
+    """Items per second as a whole number; '-' until it is known."""
+
+    def render(self, task: Any) -> Text:
+        return Text(f"{fmt('items_per_s', task.speed)}/s")
+
+
+def progress_bar(console: Console, label: str) -> Progress:
+    """The progress bar of a phase (embedding a split, filling a cache, a proxy pool): count, items/s
+    and time left, shown only in a terminal and gone when the phase ends."""
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _Rate(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+
+
+def fmt(key: str, v: Any) -> str:
+    """A logged value as dmlkit prints it everywhere (tables, progress bars, summaries, reports), in a
+    terminal or not: rates (``*_per_s``) as whole numbers, times (``*_s``) to 0.1 s, losses to 4
+    significant digits, other numbers (metrics in [0, 1]) to 4 decimals, missing as ``-``."""
+    if v is None or isinstance(v, bool) or not isinstance(v, int | float):
+        return "-" if v is None else str(v)
+    if isinstance(v, int):
+        return str(v)
+    if key.endswith("_per_s"):
+        return f"{v:.0f}"
+    if key.endswith("_s"):
+        return f"{v:.1f}"
+    if key == "loss" or key.startswith("loss_") or key.endswith("_loss") or abs(v) > 1:
+        return f"{v:.4g}"
+    return f"{v:.4f}"
 
 
 def _scalar(v: Any) -> bool:

@@ -417,3 +417,38 @@ def test_feature_cache_trains_exactly_as_the_uncached_frozen_backbone(cli, tmp_p
     assert not any(g["name"] == "backbone" for g in groups)
     code, _, err = cli("train", "--set", "feature_cache=true", "--run-dir", str(tmp_path / "x"))
     assert code == 1 and "needs a frozen backbone" in err
+
+
+def test_printed_numbers_have_one_format_in_and_out_of_a_terminal(tmp_path):
+    """The epoch table, the progress bar and the summaries print each value the same way whether
+    or not the output is a terminal; the progress bar shows '-' (not 0) before the first step."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from dmlkit.train import Trainer, fmt
+
+    assert [fmt("images_per_s", 3950.7), fmt("epoch_time_s", 2.345), fmt("loss", 0.80544)] == ["3951", "2.3", "0.8054"]
+    assert [fmt("loss", 1234.5), fmt("loss", 1.5e-5), fmt("map_at_r", 0.91614), fmt("x", None)] == [
+        "1234", "1.5e-05", "0.9161", "-",
+    ]  # fmt: skip
+    outputs = {}
+    for terminal in (True, False):
+        buf = io.StringIO()
+        from dmlkit.config import resolve
+
+        cfg, _ = resolve({"train": {"epochs": 1}}, get_host().registry)
+        trainer = Trainer(cfg, get_host().registry, tmp_path / f"t{terminal}",
+                          console=Console(file=buf, force_terminal=terminal, width=200))  # fmt: skip
+        trainer.fit()
+        text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", buf.getvalue())
+        outputs[terminal] = text
+        record = trainer.history[-1]
+        row = rf"│\s*{fmt('loss', record['loss'])} │\s*{fmt('images_per_s', record['images_per_s'])} │"
+        assert re.search(row, text), text
+    assert "loss -  - img/s" in outputs[True] and " 0 img/s" not in outputs[True]
+    assert "img/s" not in outputs[False].split("epoch 1")[0]  # no progress bar when not a terminal
+    # every phase that can take a while has its own bar in a terminal: validation, the test read
+    for phase in ("embedding the validation images", "embedding the test images", "test embeddings (retrieval)"):
+        assert phase in outputs[True] and phase not in outputs[False]
