@@ -586,39 +586,9 @@ def report_cmd(
 
 
 def _trainer_from(run: Path, which: str) -> Any:
-    from dmlkit.config import validate
-    from dmlkit.train import Trainer, load_checkpoint
+    from dmlkit.train import load_run
 
-    if which not in ("best", "last"):
-        raise DmlkitError(f"--checkpoint must be best or last; got {which!r}")
-    if run.is_file() and run.name == "best.pt" and (run.parent / "last.pt").is_file():
-        run, which = run.parent, "best"  # a run's best.pt: checked against the run's record like the directory
-    if run.is_dir():
-        path = _best_of(run) if which == "best" else run / "last.pt"
-    else:
-        path = run
-    ckpt = load_checkpoint(path)
-    host = get_host()
-    cfg = validate(ckpt["config"], host.registry)
-    trainer = Trainer(cfg, host.registry, path.parent, console=console)
-    trainer.load_state_dict(ckpt)
-    trainer.checkpoint_file = path.name
-    return trainer
-
-
-def _best_of(run: Path) -> Path:
-    """The checkpoint of the run's recorded best epoch; best.pt is restored from last.pt when a kill
-    fell between their writes, if the run is not being written by another process right now."""
-    from dmlkit.rundir import RunLock, best_checkpoint
-
-    path = best_checkpoint(run, repair=False)
-    if path.name == "best.pt" or not (run / "best.pt").exists():
-        return path
-    try:
-        with RunLock(run):
-            return best_checkpoint(run, repair=True, console=err_console)
-    except DmlkitError:  # in use, or read-only: read the same weights from last.pt, write nothing
-        return path
+    return load_run(run, which, console=console, err_console=err_console)
 
 
 def _checkpoint_note(trainer: Any, which: str) -> dict[str, Any]:

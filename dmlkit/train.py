@@ -64,6 +64,41 @@ def atomic_save(obj: Any, path: Path) -> None:
 CHECKPOINT_KEYS = ("config", "epoch", "step", "model", "loss", "optimizer", "scheduler", "history", "best")
 
 
+def load_run(
+    run: str | Path, which: str = "best", console: Console | None = None, err_console: Console | None = None
+) -> Trainer:
+    """The trainer of a finished (or running) run with the weights of its ``best`` or ``last``
+    checkpoint, ready for :meth:`Trainer.embed` and :meth:`Trainer.evaluate`. ``run`` is a run
+    directory or a checkpoint file. ``best`` is the recorded best epoch's checkpoint; when a kill
+    fell between writing ``last.pt`` and ``best.pt``, ``best.pt`` is restored from ``last.pt`` if no
+    other process holds the run (otherwise the same weights are read from ``last.pt``)."""
+    from dmlkit.config import validate
+    from dmlkit.plugins import get_host
+    from dmlkit.rundir import best_checkpoint
+
+    run = Path(run)
+    if which not in ("best", "last"):
+        raise DmlkitError(f"--checkpoint must be best or last; got {which!r}")
+    if run.is_file() and run.name == "best.pt" and (run.parent / "last.pt").is_file():
+        run, which = run.parent, "best"  # a run's best.pt: checked against the run's record like the directory
+    if run.is_dir() and which == "best":
+        path = best_checkpoint(run, repair=False)
+        if path.name != "best.pt" and (run / "best.pt").exists():
+            try:
+                with RunLock(run):
+                    path = best_checkpoint(run, repair=True, console=err_console)
+            except DmlkitError:  # in use, or read-only: read the same weights from last.pt, write nothing
+                pass
+    else:
+        path = run / "last.pt" if run.is_dir() else run
+    ckpt = load_checkpoint(path)
+    registry = get_host().registry
+    trainer = Trainer(validate(ckpt["config"], registry), registry, path.parent, console=console)
+    trainer.load_state_dict(ckpt)
+    trainer.checkpoint_file = path.name
+    return trainer
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint without running code in it (``weights_only=True``)."""
     p = Path(path)
