@@ -259,8 +259,8 @@ class Registry:
             if unknown:
                 valid = sorted(params)
                 raise OptionError(
-                    f"{kind} '{spec.name}' has no option '{unknown[0]}'{_suggest(unknown[0], valid)}; "
-                    f"valid options: {', '.join(valid) or '(none)'}"
+                    f"{kind} '{spec.name}' has no option '{unknown[0]}'{_suggest(unknown[0], valid)} "
+                    f"(valid options: {', '.join(valid) or 'none'})"
                 )
         merged = spec.resolved_defaults()
         for key, value in options.items():

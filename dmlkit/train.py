@@ -31,7 +31,16 @@ from dmlkit.registry import Registry
 from dmlkit.rundir import RunLock, crash_point, writable_error, write_text
 
 #: Events a run's components (callbacks, the loss, the miner) may implement as methods taking the trainer.
-EVENTS = ("on_train_start", "on_epoch_start", "on_after_backward", "on_epoch_end", "on_validation_end", "on_train_end")
+EVENTS = (
+    "on_train_start",
+    "on_epoch_start",
+    "on_after_backward",
+    "on_epoch_end",
+    "on_validation_end",
+    "on_epoch_logged",
+    "on_train_end",
+    "on_test_end",
+)
 CHECKPOINT_VERSION = 1
 
 
@@ -142,10 +151,10 @@ class Trainer:
         self,
         cfg: dict[str, Any],
         registry: Registry,
-        run_dir: Path,
+        run_dir: str | Path,
         console: Console | None = None,
     ):
-        self.cfg, self.registry, self.run_dir = cfg, registry, run_dir
+        self.cfg, self.registry, self.run_dir = cfg, registry, Path(run_dir)
         t = self.settings = cfg["train"]
         self.rank, self.world_size, local_rank = distributed.setup()
         self.console = console or Console()
@@ -635,6 +644,8 @@ class Trainer:
                 self._run_epoch(progress)
         self.emit("on_train_end")
         self.results = self.final_test()
+        if self.results:
+            self.emit("on_test_end", results=self.results)  # results.json is written: trackers log the run's files
         return self.history[-1] if self.history else {}
 
     # -- model selection ---------------------------------------------------------------------
@@ -808,6 +819,7 @@ class Trainer:
         if self.rank == 0:
             self.write_run_files()
             plot_history(self.history, self.run_dir)
+        self.emit("on_epoch_logged", record=record)  # the complete record, as metrics.jsonl has it
 
     def _print_metrics(self, record: dict[str, Any]) -> None:
         table = Table(title=f"epoch {record['epoch']}", title_justify="left")

@@ -79,14 +79,23 @@ def test_generated_component_pages_list_every_builtin_with_defaults():
     assert "--loss-opt" in gen.expand("<!-- dmlkit:cli train -->")
 
 
-@pytest.mark.parametrize("page", ["hooks.md", "tutorial.md", "index.md"])
+@pytest.mark.parametrize("page", ["hooks.md", "tutorial.md", "index.md", "api.md"])
 def test_python_blocks_run(page, tmp_path, monkeypatch):
+    """A page's blocks run in order in one namespace, as a reader would paste them."""
     monkeypatch.chdir(tmp_path)
     sys.path.insert(0, str(DOCS / "examples" / "dmlkit-circle"))
+    namespace = {"__name__": f"doc_{page}"}
+    ran = 0
     for body in blocks(DOCS / page, "python"):
         if body.startswith(NOT_RUN) or body.lstrip().startswith("--8<--"):
             continue
-        exec(compile(body, f"{page} block", "exec"), {"__name__": f"doc_{page}"})
+        exec(compile(body, f"{page} block", "exec"), namespace)
+        ran += 1
+    assert ran >= {"api.md": 7, "hooks.md": 1, "tutorial.md": 1}.get(page, 0)
+    if page == "api.md":  # the page's run exists and its files are those of a CLI run
+        assert {"best.pt", "last.pt", "results.json", "metrics.jsonl"} <= {
+            p.name for p in (tmp_path / "runs" / "api-example").iterdir()
+        }
 
 
 def test_toml_blocks_are_valid_run_configs():
