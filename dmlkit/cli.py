@@ -180,6 +180,15 @@ def train_cmd(
     miner_opt: Opts = None,
     sampler_opt: Opts = None,
     evaluator_opt: Opts = None,
+    callback: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--callback",
+            help="Callback NAME, or NAME:KEY=VALUE,KEY=VALUE (e.g. tensorboard, mlflow); repeatable.",
+            metavar="NAME[:KEY=VALUE,...]",
+            autocompletion=_complete("callback"),
+        ),
+    ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Train setting key=value, repeatable.", metavar="KEY=VALUE")] = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
@@ -194,7 +203,7 @@ def train_cmd(
 ) -> None:
     """Train an embedding model composed from registry components; with no options, the digits default."""
     from dmlkit import distributed
-    from dmlkit.config import load_toml, merge, parse_assignments, resolve, validate
+    from dmlkit.config import load_toml, merge, parse_assignments, parse_callback, resolve, validate
     from dmlkit.mlrc import run_mlrc
     from dmlkit.rundir import check_crash_env
     from dmlkit.train import Trainer, load_checkpoint
@@ -223,6 +232,7 @@ def train_cmd(
                 ("--miner-opt", miner_opt),
                 ("--sampler-opt", sampler_opt),
                 ("--evaluator-opt", evaluator_opt),
+                ("--callback", callback),
                 ("--set", set_),
                 ("--batch-size", batch_size),
                 ("--lr", lr),
@@ -276,6 +286,9 @@ def train_cmd(
                 train[key] = value
         if train:
             cli["train"] = train
+        if callback:  # after the config file's [[callbacks]]
+            listed = user.get("callbacks", [])
+            cli["callbacks"] = [*listed, *(parse_callback(c) for c in callback)] if isinstance(listed, list) else listed
         cfg, recommended = resolve(merge(user, cli), host.registry)
         if recommended and distributed.is_main():
             console.print(f"[dim]recommended settings in use (yours win): {escape(_settings_text(recommended))}[/dim]")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,19 @@ def parse_assignments(pairs: list[str], where: str) -> dict[str, Any]:
             target = node
         target[parts[-1]] = parse_value(value.strip())
     return out
+
+
+def parse_callback(text: str) -> dict[str, Any]:
+    """``--callback`` text, ``NAME`` or ``NAME:KEY=VALUE,KEY=VALUE``, as a ``[[callbacks]]`` table.
+
+    A comma starts a new option only before ``KEY=``, so values may hold commas (``[1, 2]``)
+    and colons (``tracking_uri=sqlite:///runs/mlflow.db``).
+    """
+    name, _, opts = text.partition(":")
+    if not name.strip():
+        raise OptionError(f"--callback: expected NAME or NAME:KEY=VALUE,..., got {text!r}")
+    pairs = [p for p in re.split(r",(?=\s*[A-Za-z_][\w.]*\s*=)", opts) if p.strip()] if opts.strip() else []
+    return {"name": name.strip(), **parse_assignments(pairs, f"--callback {name.strip()}")}
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -133,20 +133,27 @@ class Problems:
 def image_transforms(spec: dict[str, Any], train: bool, style: str = "natural", augment: bool = True) -> Callable:
     """torchvision transforms for a backbone's input spec.
 
-    ``natural``: RandomResizedCrop + flip for training, Resize(size*8/7) + CenterCrop for test.
+    ``natural``: RandomResizedCrop + flip for training, Resize(size / crop_pct) + CenterCrop for test.
     ``glyph``: small grayscale images: Resize, random shifts of up to 10 % for training.
+    The spec's optional ``interpolation`` (bilinear, bicubic, nearest ...) and ``crop_pct`` (the
+    test crop's share of the resized image, default 224/256) are a backbone's own (timm's config).
     """
     from torchvision import transforms as T
 
     size = int(spec["image_size"])
     norm = T.Normalize(spec["mean"], spec["std"])
+    try:
+        mode = T.InterpolationMode(str(spec.get("interpolation") or "bilinear"))
+    except ValueError:  # e.g. timm's "random": bilinear
+        mode = T.InterpolationMode.BILINEAR
     if style == "glyph":
-        steps = [T.Resize((size, size))]
+        steps = [T.Resize((size, size), interpolation=mode)]
         if train and augment:
             steps.append(T.RandomAffine(0, translate=(0.1, 0.1), fill=255))
         return T.Compose([*steps, T.ToTensor(), norm])
     if train and augment:
-        steps = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+        steps = [T.RandomResizedCrop(size, interpolation=mode), T.RandomHorizontalFlip()]
     else:
-        steps = [T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size)]
+        scale = 1 / float(spec["crop_pct"]) if spec.get("crop_pct") else 256 / 224
+        steps = [T.Resize(int(round(size * scale)), interpolation=mode), T.CenterCrop(size)]
     return T.Compose([*steps, T.ToTensor(), norm])
