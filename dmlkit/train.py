@@ -77,7 +77,8 @@ def load_run(
     run: str | Path, which: str = "best", console: Console | None = None, err_console: Console | None = None
 ) -> Trainer:
     """The trainer of a finished (or running) run with the weights of its ``best`` or ``last``
-    checkpoint, ready for :meth:`Trainer.embed` and :meth:`Trainer.evaluate`. ``run`` is a run
+    checkpoint, ready for :meth:`Trainer.embed` and :meth:`Trainer.evaluate` (without the run's
+    callbacks). ``run`` is a run
     directory or a checkpoint file. ``best`` is the recorded best epoch's checkpoint; when a kill
     fell between writing ``last.pt`` and ``best.pt``, ``best.pt`` is restored from ``last.pt`` if no
     other process holds the run (otherwise the same weights are read from ``last.pt``)."""
@@ -102,7 +103,9 @@ def load_run(
         path = run / "last.pt" if run.is_dir() else run
     ckpt = load_checkpoint(path)
     registry = get_host().registry
-    trainer = Trainer(validate(ckpt["config"], registry), registry, path.parent, console=console)
+    cfg = validate(ckpt["config"], registry)
+    # reading a run trains nothing: its callbacks (trackers ...) are not built, nor their packages needed
+    trainer = Trainer({**cfg, "callbacks": []}, registry, path.parent, console=console)
     trainer.load_state_dict(ckpt)
     trainer.checkpoint_file = path.name
     return trainer

@@ -160,3 +160,19 @@ def test_trackers_page_commands_run(cli, tmp_path, monkeypatch):
     assert run_dmlkit_lines(ROOT / "docs" / "trackers.md", cli) >= 2
     assert list((tmp_path / "runs" / "tb").glob("tensorboard/events.out.tfevents.*"))
     assert (tmp_path / "runs" / "ml" / "mlruns").is_dir()
+
+
+def test_reading_a_tracked_run_needs_no_tracker(cli, monkeypatch, tmp_path):
+    """evaluate and embed read a run trained with a tracker where the tracker's package is gone:
+    reading trains nothing, so the run's callbacks are not built."""
+    run = tmp_path / "tb"
+    code, _, err = cli("train", "--epochs", "1", "--callback", "tensorboard", "--run-dir", str(run))
+    assert code == 0, err
+    events = sorted(p.name for p in (run / "tensorboard").rglob("*"))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    code, out, err = cli("evaluate", str(run), "--json")
+    assert code == 0, err
+    assert json.loads(out)["precision_at_1"] == pytest.approx(
+        json.loads((run / "results.json").read_text())["test"]["precision_at_1"], abs=1e-6
+    )
+    assert sorted(p.name for p in (run / "tensorboard").rglob("*")) == events  # nothing logged by reading
