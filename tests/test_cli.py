@@ -81,9 +81,13 @@ def test_shell_completion_names_commands_and_components(tmp_path):
     import subprocess
     import sys
 
+    # typer detects the user's shell from the process tree; under a test runner there is none to find, so
+    # the shell is named (typer's own switch for that)
+    env = {**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
     code = subprocess.run(
-        [sys.executable, "-m", "dmlkit", "--show-completion", "bash"], capture_output=True, text=True, timeout=120
-    )
+        [sys.executable, "-m", "dmlkit", "--show-completion", "bash"], capture_output=True, text=True, timeout=120,
+        env=env,
+    )  # fmt: skip
     assert code.returncode == 0 and "_DMLKIT_COMPLETE=complete_bash" in code.stdout
 
     def complete(words, cword):
