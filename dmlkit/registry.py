@@ -73,6 +73,26 @@ class ComponentSpec:
         out.update(self.defaults)
         return out
 
+    def default_problems(self) -> dict[str, str]:
+        """``{option: line}`` for each default that its option's annotation rejects (``samples: int =
+        "three"``), the line naming component, plugin, option, annotation and default; ``None``
+        defaults (unset) pass."""
+        hints = _type_hints(self.factory)
+        out = {}
+        for key, value in self.resolved_defaults().items():
+            types = _expected_types(hints.get(key), inspect.Parameter.empty) if key in hints else None
+            if value is None or types is None:
+                continue
+            try:
+                _coerce("", key, value, types)
+            except OptionError:
+                wanted = " or ".join(sorted({t.__name__ for t in types}))
+                out[key] = (
+                    f"'{self.name}' (plugin '{self.plugin or '?'}'): the default of option '{key}' is {value!r} "
+                    f"({type(value).__name__}) but its annotation says {wanted}; fix the default or the annotation"
+                )
+        return out
+
     def recommended(self, options: dict[str, Any]) -> dict[str, Any]:
         """The settings this component recommends, given its resolved ``options``."""
         try:
@@ -263,6 +283,9 @@ class Registry:
                     f"(valid options: {', '.join(valid) or 'none'})"
                 )
         merged = spec.resolved_defaults()
+        bad = [line for key, line in spec.default_problems().items() if key not in options]
+        if bad:  # a wrong default fails here, before any data loads, not deep inside training
+            raise OptionError(f"{kind} {bad[0]}")
         for key, value in options.items():
             p = params.get(key)
             default = p.default if p is not None else inspect.Parameter.empty
@@ -291,7 +314,12 @@ class Registry:
             raise
         except Exception as exc:
             owner = f" (plugin '{spec.plugin}')" if spec.plugin else ""
-            raise DmlkitError(f"{kind} '{spec.name}'{owner} failed to build: {type(exc).__name__}: {exc}") from exc
+            hint = ""
+            if "Module.__init__() call" in str(exc) or "_modules" in str(exc) or "_parameters" in str(exc):
+                hint = "; a torch.nn.Module (losses and miners are) must call super().__init__() first in __init__"
+            raise DmlkitError(
+                f"{kind} '{spec.name}'{owner} failed to build: {type(exc).__name__}: {exc}{hint}"
+            ) from exc
 
 
 def _suggest(word: str, valid: Any) -> str:

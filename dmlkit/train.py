@@ -246,9 +246,9 @@ class Trainer:
                 find_unused_parameters=t["warmup_epochs"] > 0,
             )
         ctx = {"num_classes": self.train_split.num_classes, "embedding_size": self.embedding_size}
-        self.loss = registry.build("loss", cfg["loss"]["name"], context=ctx, **_opts(cfg["loss"])).to(self.device)
+        self.loss = self._module("loss", registry.build("loss", cfg["loss"]["name"], context=ctx, **_opts(cfg["loss"])))
         self.miner = (
-            registry.build("miner", cfg["miner"]["name"], context=ctx, **_opts(cfg["miner"])).to(self.device)
+            self._module("miner", registry.build("miner", cfg["miner"]["name"], context=ctx, **_opts(cfg["miner"])))
             if cfg["miner"]["name"]
             else None
         )
@@ -537,7 +537,10 @@ class Trainer:
         if self.world_size > 1:  # losses and miners see the whole global batch
             emb, y = distributed.gather_batch(emb, y)
         indices = self._guarded("miner", self.miner, emb, y) if self.miner is not None else None
-        loss = self._guarded("loss", self.loss, emb, y, indices=indices)
+        # without a miner, the plain call: a loss that takes no indices works as well
+        loss = self._guarded("loss", self.loss, emb, y) if indices is None else self._guarded(
+            "loss", self.loss, emb, y, indices=indices
+        )
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             raise TrainingError(f"{self._describe('loss')} must return a scalar tensor; got {type(loss).__name__}")
         each = self._checks_each_step()
@@ -572,6 +575,15 @@ class Trainer:
         if not each and self.step % self.settings["sync_every"] == 0:
             self.check_deferred()
         return loss.detach()
+
+    def _module(self, kind: str, part: Any) -> Any:
+        """A built loss or miner on the run's device; one that is no initialised ``nn.Module`` is named."""
+        if not isinstance(part, nn.Module) or "_modules" not in vars(part):  # .to() would fail obscurely
+            raise DmlkitError(
+                f"{self._describe(kind)} must be a torch.nn.Module that ran nn.Module.__init__: subclass "
+                f"dmlkit.losses.{'MetricLoss' if kind == 'loss' else 'Miner'} and call super().__init__() first"
+            )
+        return part.to(self.device)
 
     def _describe(self, kind: str, name: str | None = None) -> str:
         """``kind 'name' (plugin 'p')`` for error messages; ``name`` defaults to the run's component of ``kind``."""
