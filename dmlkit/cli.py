@@ -104,17 +104,21 @@ def _replaces(kind: str, spec: Any) -> str:
 
 
 def show_cmd(
-    kind: Annotated[str, typer.Argument(help="Component kind.")],
+    kind: Annotated[str, typer.Argument(help="Component kind.", autocompletion=lambda incomplete: [
+        k for k in KINDS if k.startswith(incomplete)])],  # fmt: skip
     name: Annotated[str, typer.Argument(help="Component name or alias.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Show one component: signature, defaults, description, owning plugin."""
+    """Show one component: its options (type, default, help), nested components' options, docstring, plugin."""
+    from rich.text import Text
+
     host = get_host()
     kind = normalise_kind(kind)
     spec = host.registry.get(kind, name)
-    params = spec.parameters()
     defaults = spec.resolved_defaults()
     doc = inspect.getdoc(spec.factory) or ""
+    rows = _option_rows(spec, defaults)
+    nested = _nested_rows(kind, spec, defaults)
     if as_json:
         out = {
             "kind": kind,
@@ -124,33 +128,89 @@ def show_cmd(
             "distribution": spec.distribution,
             "replaces": _replaces(kind, spec),
             "description": spec.description,
-            "options": {n: defaults.get(n, None) for n in params},
-            "required": [n for n in params if n not in defaults],
+            "options": {r["name"]: r["default"] for r in rows},
+            "option_info": {r["name"]: r for r in rows},
+            "nested": nested,
+            "required": [r["name"] for r in rows if r["required"]],
+            "problems": list(spec.default_problems().values()),
             "recommends": spec.recommended(defaults),
             "doc": doc,
         }
         print(json.dumps(out, indent=2, default=repr))
         return
     console.print(
-        f"[bold]{kind} {spec.name}[/bold]  (plugin [cyan]{spec.plugin}[/cyan], distribution {spec.distribution or '-'})"
+        f"[bold]{kind} {escape(spec.name)}[/bold]  (plugin [cyan]{escape(spec.plugin)}[/cyan], "
+        f"distribution {escape(spec.distribution or '-')})"
     )
     if spec.replaced_plugin:
         console.print(f"[yellow]replaces the {escape(_replaces(kind, spec))}[/yellow]")
     if spec.aliases:
-        console.print(f"aliases: {', '.join(spec.aliases)}")
+        console.print(f"aliases: {escape(', '.join(spec.aliases))}")
     if spec.description:
-        console.print(spec.description)
-    table = Table(show_header=True)
-    table.add_column("option")
-    table.add_column("default")
-    for n in params:
-        table.add_row(n, repr(defaults[n]) if n in defaults else "[yellow](supplied at run time)[/yellow]")
-    console.print(table)
+        console.print(Text(spec.description))
+    for problem in spec.default_problems().values():
+        console.print(Text(f"warning: {kind} {problem}", style="yellow"))
+    console.print(_options_table(rows, f"options (--{kind.replace('_', '-')}-opt NAME=VALUE)"))
+    for group in nested:
+        console.print(_options_table(group["options"], group["title"]))
     recs = spec.recommended(defaults)
     if recs:
-        console.print(f"recommended run settings (with these defaults; yours win): {escape(_settings_text(recs))}")
+        console.print(Text(f"recommended run settings (with these defaults; yours win): {_settings_text(recs)}"))
     if doc and doc != spec.description:
-        console.print(doc, soft_wrap=True)
+        console.print(Text(doc), soft_wrap=True)  # literally: a docstring is not rich markup
+
+
+def _option_rows(spec: Any, defaults: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:
+    types, helps = spec.option_types(), spec.option_help()
+    return [
+        {
+            "name": prefix + n,
+            "type": types.get(n, ""),
+            "default": defaults.get(n),
+            "required": n not in defaults,
+            "help": helps.get(n, ""),
+        }
+        for n in spec.parameters()
+    ]
+
+
+def _nested_rows(kind: str, spec: Any, defaults: dict[str, Any]) -> list[dict[str, Any]]:
+    """The options of each nested component at its default (CCP's base loss, a proxy initializer),
+    named as the dotted CLI option sets them."""
+    registry = get_host().registry
+    out = []
+    for option, (sub_kind, name_option) in spec.nested().items():
+        value = defaults.get(name_option) if name_option else defaults.get(option)
+        sub_name = value.get("name") if isinstance(value, dict) else value
+        if not isinstance(sub_name, str) or (sub_kind, sub_name) not in registry:
+            continue
+        sub = registry.get(sub_kind, sub_name)
+        rows = [r for r in _option_rows(sub, sub.resolved_defaults(), f"{option}.") if r["name"] != f"{option}.name"]
+        flag = f"--{kind.replace('_', '-')}-opt"
+        named_by = f"'{name_option}'" if name_option else f"'{option}'"
+        how = f"{flag} {option}.NAME=VALUE" if name_option else f"{flag} {option}.name={sub_name} {flag} {option}.NAME=VALUE"
+        out.append(
+            {
+                "option": option,
+                "kind": sub_kind,
+                "component": sub_name,
+                "title": f"{option}.*: options of {sub_kind} '{sub_name}', named by {named_by} ({how})",
+                "options": rows,
+            }
+        )
+    return out
+
+
+def _options_table(rows: list[dict[str, Any]], title: str) -> Table:
+    from rich.text import Text
+
+    table = Table(title=Text(title), title_justify="left", show_header=True)
+    for col in ("option", "type", "default", "help"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        default = Text("(supplied at run time)", style="yellow") if r["required"] else Text(repr(r["default"]))
+        table.add_row(Text(r["name"]), Text(r["type"]), default, Text(r["help"]))
+    return table
 
 
 def _complete(kind: str) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -72,6 +73,23 @@ class ComponentSpec:
         out = {n: p.default for n, p in self.parameters().items() if p.default is not p.empty}
         out.update(self.defaults)
         return out
+
+    def option_types(self) -> dict[str, str]:
+        """Each option's annotation as text (``int``, ``str | None``), "" where there is none."""
+        hints = _type_hints(self.factory)
+        return {n: _type_text(hints[n]) if n in hints else "" for n in self.parameters()}
+
+    def option_help(self) -> dict[str, str]:
+        """Each option's help from the factory's docstring: its entry under ``Args:`` (Google),
+        ``Parameters`` (NumPy) or ``:param name:`` (Sphinx), else the first sentence that names it
+        as ``name`` in backquotes; "" when the docstring says nothing of it."""
+        return option_help(inspect.getdoc(self.factory) or "", list(self.parameters()))
+
+    def nested(self) -> dict[str, tuple[str, str | None]]:
+        """Options that hold a nested component's options: ``{option: (kind, name_option)}`` from
+        the factory's ``nested_options`` attribute; ``name_option`` is the option naming the
+        component, or None when the option itself holds a name or ``{name = ..., options}``."""
+        return dict(getattr(self.factory, "nested_options", {}) or {})
 
     def default_problems(self) -> dict[str, str]:
         """``{option: line}`` for each default that its option's annotation rejects (``samples: int =
@@ -320,6 +338,51 @@ class Registry:
             raise DmlkitError(
                 f"{kind} '{spec.name}'{owner} failed to build: {type(exc).__name__}: {exc}{hint}"
             ) from exc
+
+
+def _type_text(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("NoneType", "None")
+
+
+_SECTION = re.compile(r"^(Args|Arguments|Parameters|Options|Keyword Args)\s*:?\s*$")
+
+
+def option_help(doc: str, names: list[str]) -> dict[str, str]:
+    """See :meth:`ComponentSpec.option_help`."""
+    found: dict[str, str] = {}
+    lines = doc.splitlines()
+    for i, line in enumerate(lines):  # Google / NumPy sections
+        if not _SECTION.match(line.strip()):
+            continue
+        j = i + 1
+        numpy_style = j < len(lines) and set(lines[j].strip()) == {"-"}  # "name : type", help below
+        j += numpy_style
+        current = None
+        while j < len(lines) and (lines[j].strip() == "" or lines[j].startswith((" ", "\t")) or current is None):
+            text = lines[j].strip()
+            m = re.match(r"^(\w+)\s*(\([^)]*\))?\s*:\s*(.*)$", text)
+            indent = len(lines[j]) - len(lines[j].lstrip())
+            if m and m.group(1) in names and indent <= 4:  # an entry; deeper lines continue it
+                current = m.group(1)
+                found[current] = "" if numpy_style else m.group(3)
+            elif text and current is not None:
+                found[current] = (found[current] + " " + text).strip()
+            elif not text and current is None:
+                break
+            j += 1
+    for m in re.finditer(r":param\s+(?:[\w\[\], |]+\s+)?(\w+):\s*(.*)", doc):  # Sphinx
+        found.setdefault(m.group(1), m.group(2).strip())
+    flat = " ".join(doc.split())
+    sentences = re.split(r"(?<=[.;])\s+(?=[A-Z`(])", flat)
+    for name in names:
+        if name in found:
+            continue
+        pattern = re.compile(rf"``{re.escape(name)}``|(?<!`)`{re.escape(name)}`(?!`)")
+        hit = next((s for s in sentences if pattern.search(s)), "")
+        found[name] = hit
+    return {n: found.get(n, "") for n in names}
 
 
 def _suggest(word: str, valid: Any) -> str:

@@ -57,7 +57,27 @@ class CCPLoss(MetricLoss):
     ``min_delta`` for ``patience`` validations; validation runs every ``train.val_every_steps``
     steps, or each epoch) or ``fixed`` (a new instance after every ``interval`` epochs).
     ``initializer``: a proxy initializer name or ``{name = ..., option = ...}``.
+
+    Args:
+        num_classes: training classes (supplied by the trainer).
+        embedding_size: embedding dimension (supplied by the trainer).
+        base: the wrapped loss, any registered loss name.
+        base_options: options of the base loss (``--loss-opt base_options.margin=0.5``).
+        proxies_per_class: K, proxies kept per class.
+        pool_rounds: training samples embedded per class to pick the K proxies from.
+        batch_weight: weight of the base loss within the batch.
+        proxy_weight: weight of the base loss between the batch and all proxies.
+        lam: strength of the proximal term that holds the network near its last anchor.
+        schedule: ``plateau`` or ``fixed``: when a new instance (proxy re-initialisation) starts.
+        patience: validations without improvement before a plateau instance.
+        min_delta: the improvement in ``metric`` that counts.
+        interval: epochs between instances with ``schedule = "fixed"``.
+        metric: the validation metric the plateau rule watches.
+        initializer: the proxy initializer, a name or ``{name = ..., options}``.
+        seed: seed of the initializer's random choices.
     """
+
+    nested_options = {"base_options": ("loss", "base"), "initializer": ("proxy_initializer", None)}
 
     reads_metrics_from = ("metric",)
 

@@ -40,6 +40,12 @@ class TripletLoss(MetricLoss):
     Embeddings are L2-normalised. Without a miner every valid triplet is used. ``reduction``
     is ``mean`` (over all mined triplets, the paper's) or ``mean_nonzero`` (over triplets
     with a positive loss, as batch-all training usually does).
+
+    Args:
+        margin: the margin between positive and negative distances.
+        squared: squared Euclidean distances (FaceNet's) instead of plain ones.
+        reduction: ``mean`` or ``mean_nonzero``.
+        normalize: L2-normalise the embeddings first.
     """
 
     def __init__(self, margin: float = 0.2, squared: bool = True, reduction: str = "mean", normalize: bool = True):
@@ -79,6 +85,11 @@ class ContrastiveLoss(MetricLoss):
 
     Mean over positives with d > pos_margin of (d - pos_margin), plus mean over negatives
     with d < neg_margin of (neg_margin - d); embeddings L2-normalised.
+
+    Args:
+        pos_margin: positive pairs closer than this cost nothing.
+        neg_margin: negative pairs farther than this cost nothing.
+        normalize: L2-normalise the embeddings first.
     """
 
     def __init__(self, pos_margin: float = 0.0, neg_margin: float = 0.5, normalize: bool = True):
@@ -137,6 +148,12 @@ class MultiSimilarityLoss(MetricLoss):
 
     Pair mining (the paper's epsilon rule) is the ``multi_similarity`` miner.
     ``normalize=False`` uses the dot product of the vectors as they are (CCP's unit ball).
+
+    Args:
+        alpha: scale of the positive similarities.
+        beta: scale of the negative similarities.
+        base: the similarity margin lambda around which pairs are weighted.
+        normalize: cosine similarity (True) or the dot product (False).
     """
 
     def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, normalize: bool = True):
@@ -199,6 +216,9 @@ class ProxyLoss(MetricLoss):
     proxy initializer (or ``{name = ..., option = ...}``) applied to ``pool_rounds`` embedded
     training samples per class when training starts; empty keeps the random proxies.
     """
+
+    #: ``dmlkit show`` lists the initializer's options as ``proxy_init.NAME``
+    nested_options = {"proxy_init": ("proxy_initializer", None)}
 
     @staticmethod
     def validate_options(options: dict) -> None:
@@ -265,6 +285,16 @@ class ProxyNCALoss(ProxyLoss):
     ``scale`` multiplies both sides, so the temperature on squared distance is 1/scale^2.
     ``proxy_init`` names a proxy initializer (``class_means``, ``greedy_kcenter`` ...) applied
     to embedded training samples when training starts; empty keeps the random proxies.
+
+    Args:
+        num_classes: training classes (supplied by the trainer).
+        embedding_size: embedding dimension (supplied by the trainer).
+        scale: scale of embeddings and proxies (3 in ProxyNCA++, 1 in the original).
+        proxies_per_class: proxies per class; the nearest of its class is the positive.
+        exclude_positive: leave the positive proxy out of the softmax denominator.
+        proxy_lr_multiplier: factor on the base learning rate for the proxies.
+        proxy_init: a proxy initializer, a name or ``{name = ..., options}``; empty for random.
+        pool_rounds: training samples embedded per class for the initializer.
     """
 
     def __init__(
@@ -303,7 +333,18 @@ class ProxyNCALoss(ProxyLoss):
 
 
 class ProxyAnchorLoss(ProxyLoss):
-    """Proxy Anchor loss (Kim et al., CVPR 2020): cosine similarity, scale alpha, margin delta."""
+    """Proxy Anchor loss (Kim et al., CVPR 2020): cosine similarity, scale alpha, margin delta.
+
+    Args:
+        num_classes: training classes (supplied by the trainer).
+        embedding_size: embedding dimension (supplied by the trainer).
+        alpha: the scale of the similarities.
+        delta: the margin.
+        proxies_per_class: proxies per class.
+        proxy_lr_multiplier: factor on the base learning rate for the proxies.
+        proxy_init: a proxy initializer, a name or ``{name = ..., options}``; empty for random.
+        pool_rounds: training samples embedded per class for the initializer.
+    """
 
     def __init__(
         self,
