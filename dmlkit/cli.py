@@ -691,6 +691,18 @@ def _load_npy(path: Path, what: str) -> Any:
     return data
 
 
+def new_plugin_cmd(
+    name: Annotated[str, typer.Argument(help="The plugin's name, a lower-case identifier (also its loss's name).")],
+    directory: Annotated[Path, typer.Option("--dir", help="Where to write the package folder.")] = Path("."),
+) -> None:
+    """Write a plugin package: a documented loss, its entry point, and tests that use check_plugin."""
+    from dmlkit.scaffold import new_plugin
+
+    target = new_plugin(name, directory)
+    console.print(f"wrote {escape(str(target))}: pyproject.toml, dmlkit_{escape(name)}.py, tests/, README.md")
+    console.print(f"next: cd {escape(str(target))} && pip install -e '.[test]' && python -m pytest", soft_wrap=True)
+
+
 def build_app() -> typer.Typer:
     """The Typer app: the core commands plus those the loaded plugins add."""
     app = typer.Typer(
@@ -707,6 +719,7 @@ def build_app() -> typer.Typer:
     app.command("evaluate")(evaluate_cmd)
     app.command("embed")(embed_cmd)
     app.command("report")(report_cmd)
+    app.command("new-plugin")(new_plugin_cmd)
     get_host().add_commands(app)
     return app
 

@@ -152,3 +152,38 @@ def test_env_switch_restricts_loading(tmp_path, add_site, monkeypatch):
     host.load_entry_points("losses,miners")
     assert set(host.plugins) == {"losses", "miners"}
     assert host.registry.names("dataset") == []
+
+
+def test_new_plugin_writes_a_package_that_installs_and_passes_its_own_tests(tmp_path, add_site, cli):
+    import os
+    import subprocess
+    import sys
+
+    code, out, err = cli("new-plugin", "focal_margin", "--dir", str(tmp_path))
+    assert code == 0, err
+    package = tmp_path / "dmlkit-focal-margin"
+    assert {p.name for p in package.rglob("*") if p.is_file()} == {
+        "pyproject.toml", "dmlkit_focal_margin.py", "test_plugin.py", "README.md",
+    }  # fmt: skip
+    site = pip_install(package, tmp_path / "site")
+    # the generated tests, as the author runs them, against the installed package
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(package / "tests")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout + proc.stderr
+    add_site(site)
+    from dmlkit.plugins import reset_host
+
+    reset_host()  # plugins load again, as in a new process
+    code, out, _ = cli("list", "loss", "--json")
+    loss = next(c for c in json.loads(out)["loss"] if c["name"] == "focal_margin")
+    assert loss["plugin"] == "focal_margin" and loss["defaults"] == {"margin": 0.5}
+    code, _, err = cli("train", "--loss", "focal_margin", "--epochs", "1", "--run-dir", str(tmp_path / "run"))
+    assert code == 0, err
+    # a bad name or an existing folder: one line each, nothing written
+    for args, message in ((["new-plugin", "Bad-Name", "--dir", str(tmp_path)], "lower-case Python identifier"),
+                          (["new-plugin", "focal_margin", "--dir", str(tmp_path)], "already exists")):  # fmt: skip
+        code, _, err = cli(*args)
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1
