@@ -615,20 +615,21 @@ class Trainer:
             return None
         raise TrainingError(msg + "; lower the lr or set train.nonfinite=skip")
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self, test: bool = True) -> dict[str, Any]:
         """Train to ``train.epochs`` holding the run directory's lock; a new run that fails before
-        its first checkpoint leaves no run directory behind."""
+        its first checkpoint leaves no run directory behind. ``test=False`` ends without reading
+        the test set (no results.json): what a hyper-parameter search needs."""
         if self.rank != 0:
-            return self._fit()
+            return self._fit(test)
         lock = RunLock(self.run_dir)
         with lock:
             try:
-                return self._fit()
+                return self._fit(test)
             except BaseException:
                 lock.discard_if_empty_run()
                 raise
 
-    def _fit(self) -> dict[str, Any]:
+    def _fit(self, test: bool = True) -> dict[str, Any]:
         t = self.settings
         if self.history:  # resumed: the log holds exactly the checkpoint's epochs (a kill may have cut it)
             self.write_run_files(resumed=True)
@@ -658,7 +659,7 @@ class Trainer:
             while self.epoch < t["epochs"] and not self.stop_requested:
                 self._run_epoch(progress)
         self.emit("on_train_end")
-        self.results = self.final_test()
+        self.results = self.final_test() if test else {}
         if self.results:
             self.emit("on_test_end", results=self.results)  # results.json is written: trackers log the run's files
         return self.history[-1] if self.history else {}

@@ -1,0 +1,179 @@
+"""dmlkit export / index / search: exported models reproduce the run, an index finds its own images."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from dmlkit.data import load_image
+from dmlkit.train import load_run
+
+COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40), (200, 40, 200), (40, 200, 200)]
+
+
+def shapes(root, seed=0):
+    """A tiny imagefolder: 4 training and 2 test classes of coloured shapes, 6 images each."""
+    rng = np.random.default_rng(seed)
+    for part, classes in (("train", range(4)), ("test", range(4, 6))):
+        for c in classes:
+            d = root / part / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(6):
+                img = Image.new("RGB", (40, 48), tuple(int(v) for v in rng.integers(0, 80, 3)))
+                x, y = (int(v) for v in rng.integers(2, 14, 2))
+                draw = ImageDraw.Draw(img)
+                (draw.ellipse if c % 2 else draw.rectangle)([x, y, x + 20, y + 24], fill=COLOURS[c])
+                img.save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    """A run trained for one epoch on the shapes folder (RGB, resize + centre crop + normalise)."""
+    from dmlkit.cli import main
+
+    tmp = tmp_path_factory.mktemp("deploy")
+    data = shapes(tmp / "shapes")
+    argv = ["train", "--dataset", "imagefolder", "--data-root", str(data), "--backbone-opt", "in_channels=3",
+            "--backbone-opt", "image_size=32", "--backbone-opt", "channels=16", "--epochs", "1",
+            "--batch-size", "8", "--set", "val_fraction=0.5", "--run-dir", str(tmp / "run")]  # fmt: skip
+    try:
+        main(argv)
+    except SystemExit as exc:
+        pytest.fail(f"training the fixture run failed ({exc.code})")
+    return tmp / "run", data
+
+
+def run_embeddings(run):
+    trainer = load_run(run)
+    emb, _ = trainer.embed(trainer.test_split)
+    return trainer, emb
+
+
+def test_exported_models_reproduce_the_runs_embeddings(image_run, cli, tmp_path):
+    """Each exported file, loaded on its own and fed through preprocessing.json's steps from the
+    image files, gives the run's embeddings of its whole test set to 1e-5."""
+    import onnxruntime
+
+    from dmlkit_plugins.deploy import build_transform
+
+    run, _ = image_run
+    code, out, err = cli("export", str(run), "--format", "torchscript,onnx,pt2", "--out", str(tmp_path / "exp"))
+    assert code == 0, err
+    trainer, reference = run_embeddings(run)
+    prep = json.loads((tmp_path / "exp" / "preprocessing.json").read_text())
+    assert prep["input"] == "image" and prep["color_mode"] == "RGB"
+    assert [s["op"] for s in prep["steps"]] == ["resize", "center_crop", "to_tensor", "normalize"]
+    assert prep["input_shape"] == ["batch", 3, 32, 32] and prep["embedding_size"] == reference.shape[1]
+    transform = build_transform(prep["steps"])
+    x = torch.stack([transform(load_image(p, prep["color_mode"])) for p in trainer.test_split.items])
+
+    scripted = torch.jit.load(str(tmp_path / "exp" / "model.ts"))
+    program = torch.export.load(str(tmp_path / "exp" / "model.pt2")).module()
+    session = onnxruntime.InferenceSession(str(tmp_path / "exp" / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        outputs = {
+            "torchscript": scripted(x).numpy(),
+            "pt2": program(x).numpy(),
+            "onnx": session.run(["embeddings"], {"images": x.numpy()})[0],
+        }
+    for fmt, emb in outputs.items():
+        assert emb.shape == reference.shape, fmt
+        assert np.abs(emb - reference).max() <= 1e-5, fmt
+    record = json.loads((tmp_path / "exp" / "export.json").read_text())
+    assert set(record["files"]) == {"torchscript", "onnx", "pt2"}
+    assert all(f["max_abs_diff"] <= 1e-5 for f in record["files"].values())
+    assert record["epoch"] == trainer.epoch
+    # a second export into the same folder is refused, --overwrite replaces it
+    code, _, err = cli("export", str(run), "--format", "pt2", "--out", str(tmp_path / "exp"))
+    assert code == 1 and "--overwrite" in err
+    code, _, err = cli("export", str(run), "--format", "pt2", "--out", str(tmp_path / "exp"), "--overwrite")
+    assert code == 0, err
+    assert {p.name for p in (tmp_path / "exp").iterdir()} == {"model.pt2", "preprocessing.json", "export.json"}
+
+
+def test_export_default_folder_and_bad_formats(image_run, cli, monkeypatch):
+    run, _ = image_run
+    code, _, err = cli("export", str(run), "--format", "torchscript,tflite")
+    assert code == 1 and "torchscript, onnx, pt2" in err
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # the onnx extra is not installed
+    code, _, err = cli("export", str(run), "--format", "onnx")
+    assert code == 1 and "pip install 'dmlkit[onnx]'" in err
+    assert not (run / "export").exists()  # nothing half-written
+    code, _, err = cli("export", str(run), "--format", "torchscript")
+    assert code == 0, err
+    assert (run / "export" / "model.ts").is_file()
+
+
+def test_index_and_search_find_each_image_first(image_run, cli, tmp_path):
+    run, data = image_run
+    code, out, err = cli("index", str(run), "--images", str(data / "test"), "--out", str(tmp_path / "idx"))
+    assert code == 0, err
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    files = sorted((data / "test").rglob("*.png"))
+    assert meta["count"] == len(files) == 12
+    code, out, err = cli("search", str(tmp_path / "idx"), str(data / "test"), "-k", "3", "--json",
+                         "--grid", str(tmp_path / "grid.png"))  # fmt: skip
+    assert code == 0, err
+    results = json.loads(out)
+    assert [r["query"] for r in results] == [str(f.resolve()) for f in files]
+    for r in results:
+        assert [h["rank"] for h in r["results"]] == [1, 2, 3]
+        assert r["results"][0]["path"] == r["query"] and r["results"][0]["distance"] < 1e-3
+        assert r["results"][1]["distance"] > r["results"][0]["distance"]
+    # the distances are the run's: Euclidean between its embeddings of the two files
+    trainer, emb = run_embeddings(run)
+    order = {str(p): i for i, p in enumerate(trainer.test_split.items)}
+    q, hit = results[0]["query"], results[0]["results"][1]
+    rel = lambda p: str(data / "test" / p.split("/test/")[1])  # noqa: E731
+    want = np.linalg.norm(emb[order[rel(q)]] - emb[order[rel(hit["path"])]])
+    assert hit["distance"] == pytest.approx(want, abs=1e-4)
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.width > 200 and grid.height > 100 * len(results) / 2
+    code, out, _ = cli("search", str(tmp_path / "idx"), str(files[0]), "-k", "50")
+    assert code == 0 and out.count(".png") == 12 + 1  # every indexed image once, and the title
+
+
+def test_index_unreadable_images_and_refusals(image_run, cli, tmp_path):
+    run, data = image_run
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "good.png").write_bytes((data / "test" / "c4" / "0.png").read_bytes())
+    (folder / "broken.png").write_bytes(b"not an image")
+    code, _, err = cli("index", str(run), "--images", str(folder), "--out", str(tmp_path / "idx"))
+    assert code == 1 and "broken.png" in err and "--skip-bad" in err
+    assert not (tmp_path / "idx").exists()
+    code, _, err = cli("index", str(run), "--images", str(folder), "--out", str(tmp_path / "idx"), "--skip-bad")
+    assert code == 0, err
+    assert json.loads((tmp_path / "idx" / "index.json").read_text())["skipped"] == 1
+    code, _, err = cli("index", str(run), "--images", str(folder), "--out", str(tmp_path / "idx"))
+    assert code == 1 and "--overwrite" in err
+    code, _, err = cli("index", str(run), "--images", str(tmp_path / "nowhere"))
+    assert code == 1 and "not a folder" in err
+    code, _, err = cli("index", str(run), "--images", str(folder), "--out", str(tmp_path / "i2"), "--factory", "Nope9")
+    assert code == 1 and "index_factory" in err
+    # a damaged index: one line naming the fix
+    (tmp_path / "idx" / "index.faiss").write_bytes(b"garbage")
+    code, _, err = cli("search", str(tmp_path / "idx"), str(folder / "good.png"))
+    assert code == 1 and "rebuild it with dmlkit index" in err
+    code, _, err = cli("search", str(tmp_path), str(folder / "good.png"))
+    assert code == 1 and "not a dmlkit index" in err
+
+
+def test_a_run_on_tensors_exports_but_does_not_index(cli, tmp_path):
+    code, _, err = cli("train", "--epochs", "1", "--run-dir", str(tmp_path / "digits"))
+    assert code == 0, err
+    code, _, err = cli("export", str(tmp_path / "digits"), "--format", "torchscript")
+    assert code == 0, err
+    prep = json.loads((tmp_path / "digits" / "export" / "preprocessing.json").read_text())
+    assert prep["input"] == "tensor" and prep["input_shape"] == ["batch", 1, 8, 8]
+    trainer, reference = run_embeddings(tmp_path / "digits")
+    x = torch.stack([trainer.test_split[i][0] for i in range(len(trainer.test_split))])
+    emb = torch.jit.load(str(tmp_path / "digits" / "export" / "model.ts"))(x).detach().numpy()
+    assert np.abs(emb - reference).max() <= 1e-5
+    shapes(tmp_path / "imgs")
+    code, _, err = cli("index", str(tmp_path / "digits"), "--images", str(tmp_path / "imgs"))
+    assert code == 1 and "tensors, not image files" in err
