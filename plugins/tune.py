@@ -1,0 +1,450 @@
+"""``dmlkit tune``: an Optuna search over any component's options, scored on validation only.
+
+Each trial trains one model per class-disjoint fold of the *training* classes and is scored by
+the mean of the folds' validation metric at their best epochs (as "A Metric Learning Reality
+Check" and powerful-benchmarker do). The test set is never read. The study lives in one
+folder: Optuna's journal, one run directory per trial and fold, ``trials.json`` and
+``best.toml``, a config that ``dmlkit train --config`` reads. A killed search continues where
+it stopped when the same command runs again: finished folds are kept, a cut fold resumes from
+its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+import dmlkit
+from dmlkit.config import load_toml, merge, resolve, to_toml, validate
+from dmlkit.errors import DmlkitError, OptionError
+from dmlkit.rundir import RunLock, writable_error
+
+console = Console()
+
+STUDY = "dmlkit"
+RANGE_KEYS = {"low", "high", "log", "step"}
+#: Settings the search itself decides: a space may not vary them.
+FIXED = {"train.folds", "train.fold", "train.val_fraction", "train.val_split", "train.selection",
+         "train.test_every_epoch", "train.run_dir", "train.best_metric"}  # fmt: skip
+TUNE_DEFAULTS = {"trials": 20, "folds": 4, "metric": "", "sampler": "tpe", "seed": 0, "space": {}}
+
+
+def _optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise DmlkitError("dmlkit tune needs the optuna package: pip install 'dmlkit[tune]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+# ----------------------------------------------------------------------------------- the space
+def flatten_space(table: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]:
+    """``{"train": {"lr": {low, high}}}`` or ``{"train.lr": {...}}`` -> ``{"train.lr": {...}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if not isinstance(value, dict):
+            raise OptionError(
+                f"tune.space: {name} = {value!r} is not a range; write {{ low = ..., high = ... }} or {{ choices = [...] }}"
+            )
+        if "choices" in value or RANGE_KEYS & value.keys():
+            out[name] = value
+        else:
+            out.update(flatten_space(value, name + "."))
+    return out
+
+
+def check_dimension(name: str, spec: dict[str, Any]) -> None:
+    where = f"tune.space {name!r}"
+    if name in FIXED:
+        raise OptionError(f"{where}: dmlkit tune sets {name} itself (folds, selection on validation); leave it out")
+    if len(name.split(".")) < 2:
+        raise OptionError(f"{where}: name a section and an option, e.g. train.lr or loss.margin")
+    if "choices" in spec:
+        extra = set(spec) - {"choices"}
+        choices = spec["choices"]
+        if extra:
+            raise OptionError(f"{where}: choices cannot be mixed with {', '.join(sorted(extra))}")
+        if not isinstance(choices, list) or not choices:
+            raise OptionError(f"{where}: choices must be a non-empty list")
+        if any(isinstance(c, dict | list) for c in choices):
+            raise OptionError(f"{where}: choices must be numbers, strings or booleans")
+        return
+    unknown = set(spec) - RANGE_KEYS
+    if unknown:
+        raise OptionError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; use low, high, log, step or choices")
+    low, high = spec.get("low"), spec.get("high")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)):
+        raise OptionError(f"{where}: low and high must both be numbers")
+    if not low < high:
+        raise OptionError(f"{where}: low must be below high; got {low}, {high}")
+    if spec.get("log") and low <= 0:
+        raise OptionError(f"{where}: a log range needs low > 0; got {low}")
+    if spec.get("log") and spec.get("step"):
+        raise OptionError(f"{where}: log and step cannot be combined")
+
+
+def is_int(spec: dict[str, Any]) -> bool:
+    return all(isinstance(spec.get(k, 1), int) for k in ("low", "high", "step"))
+
+
+def suggest(trial: Any, name: str, spec: dict[str, Any]) -> Any:
+    if "choices" in spec:
+        return trial.suggest_categorical(name, spec["choices"])
+    log, step = bool(spec.get("log", False)), spec.get("step")
+    if is_int(spec):
+        return trial.suggest_int(name, spec["low"], spec["high"], step=step or 1, log=log)
+    return trial.suggest_float(name, float(spec["low"]), float(spec["high"]), step=step, log=log)
+
+
+def assign(name: str, value: Any) -> dict[str, Any]:
+    """``"loss.base.margin", 0.2`` -> ``{"loss": {"base": {"margin": 0.2}}}``."""
+    out: Any = value
+    for part in reversed(name.split(".")):
+        out = {part: out}
+    return out
+
+
+def with_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    cfg = copy.deepcopy(base)
+    for name, value in params.items():
+        cfg = merge(cfg, assign(name, value))
+    return cfg
+
+
+def read_space(path: Path, overrides: dict[str, Any], registry: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The base run config (everything but ``[tune]``) and the tune settings, checked: every
+    dimension's bounds and choices must make a valid run config."""
+    user = load_toml(path)
+    tune = user.pop("tune", {})
+    if not isinstance(tune, dict):
+        raise OptionError(f"{path}: [tune] must be a table")
+    unknown = set(tune) - set(TUNE_DEFAULTS)
+    if unknown:
+        raise OptionError(
+            f"{path}: unknown [tune] key(s) {', '.join(sorted(unknown))}; known: {', '.join(TUNE_DEFAULTS)}"
+        )
+    settings = {**TUNE_DEFAULTS, **tune, **{k: v for k, v in overrides.items() if v is not None}}
+    settings["space"] = flatten_space(settings["space"] or {})
+    if not settings["space"]:
+        raise OptionError(
+            f'{path}: no [tune.space]; add ranges, e.g. "train.lr" = {{ low = 1e-4, high = 1e-2, log = true }}'
+        )
+    for key in ("trials", "folds"):
+        if not isinstance(settings[key], int) or isinstance(settings[key], bool) or settings[key] < 1:
+            raise OptionError(f"tune {key} must be an integer >= 1; got {settings[key]!r}")
+    if settings["sampler"] not in ("tpe", "random"):
+        raise OptionError(f"tune sampler must be tpe or random; got {settings['sampler']!r}")
+    for name, spec in settings["space"].items():
+        check_dimension(name, spec)
+        values = spec["choices"] if "choices" in spec else [spec["low"], spec["high"]]
+        for v in values:
+            try:
+                resolve(with_params(user, {name: v}), registry)
+            except DmlkitError as exc:
+                raise OptionError(f"tune.space {name!r} = {v!r} is not a valid run setting: {exc}") from None
+    cfg, _ = resolve(user, registry)
+    metric = settings["metric"] or cfg["train"]["best_metric"]
+    if metric == "loss":
+        raise OptionError(
+            "tune scores trials on validation data; metric 'loss' is the training loss: pick e.g. map_at_r"
+        )
+    settings["metric"] = metric
+    return user, settings
+
+
+# ---------------------------------------------------------------------------------- the trials
+def fold_settings(folds: int, fold: int, metric: str) -> dict[str, Any]:
+    """One fold's validation: class-disjoint, chosen on validation, no test reads."""
+    common = {"selection": "validation", "test_every_epoch": False, "best_metric": metric, "val_split": "classes"}
+    if folds == 1:  # one held-out share of the training classes (train.val_fraction)
+        return {**common, "folds": 0, "fold": 0}
+    return {**common, "folds": folds, "fold": fold, "val_fraction": 0.0}
+
+
+def run_trial(
+    user: dict[str, Any], params: dict[str, Any], settings: dict[str, Any], trial_dir: Path, registry: Any, say: Console
+) -> list[float]:
+    """Train the trial's fold models (reusing finished folds, resuming a cut one); their validation values."""
+    from dmlkit.train import Trainer, load_checkpoint
+
+    cfg, _ = resolve(with_params(user, params), registry)
+    record_path = trial_dir / "folds.json"
+    done = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    values = []
+    for fold in range(settings["folds"]):
+        if str(fold) in done:
+            values.append(done[str(fold)])
+            continue
+        run = trial_dir / f"fold{fold}"
+        if (run / "last.pt").is_file():
+            ckpt = load_checkpoint(run)
+            trainer = Trainer(validate(ckpt["config"], registry), registry, run, console=say)
+            trainer.load_state_dict(ckpt)
+        else:
+            fold_cfg = copy.deepcopy(cfg)
+            fold_cfg["train"].update(fold_settings(settings["folds"], fold, settings["metric"]))
+            trainer = Trainer(validate(fold_cfg, registry), registry, run, console=say)
+        trainer.fit(test=False)
+        value = trainer.best["value"]
+        if value is None or not math.isfinite(value):
+            raise DmlkitError(f"fold {fold} recorded no finite validation {settings['metric']}")
+        values.append(float(value))
+        done[str(fold)] = float(value)
+        _write_json(record_path, done)
+    return values
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        raise writable_error(path, exc, "file") from None
+
+
+class _AskLock:
+    """A blocking flock on STUDY/.ask.lock: one worker at a time looks for stale trials and asks."""
+
+    def __init__(self, study_dir: Path):
+        self.path = study_dir / ".ask.lock"
+
+    def __enter__(self) -> None:
+        self.f = open(self.path, "a")  # noqa: SIM115
+        fcntl.flock(self.f.fileno(), fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.f.close()
+
+
+class Search:
+    """A study folder: its Optuna journal, trial folders, trials.json and best.toml."""
+
+    def __init__(self, study_dir: Path, user: dict[str, Any], settings: dict[str, Any], registry: Any):
+        from dmlkit.train import metric_direction
+
+        optuna = _optuna()
+        self.optuna, self.dir, self.user, self.settings, self.registry = optuna, study_dir, user, settings, registry
+        identity = {"base": user, "space": settings["space"], "folds": settings["folds"], "metric": settings["metric"]}
+        try:
+            study_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise writable_error(study_dir, exc, "to study folder") from None
+        spec_path = study_dir / "study.json"
+        if spec_path.is_file():
+            try:
+                known = json.loads(spec_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise DmlkitError(f"{spec_path} is damaged ({exc}); start a new study with another --study") from None
+            if known != json.loads(json.dumps(identity)):
+                raise DmlkitError(
+                    f"{study_dir} holds a study of another config, space, folds or metric; run it with the same "
+                    "file (only --trials may change), or pick another --study"
+                )
+        elif (study_dir / "journal.log").exists() or any(study_dir.iterdir()):
+            raise DmlkitError(f"{study_dir} holds other files; pick a new or empty --study folder")
+        else:
+            _write_json(spec_path, identity)
+        cfg, _ = resolve(user, registry)
+        evaluator = registry.build("evaluator", cfg["evaluator"]["name"], **_options(cfg["evaluator"]))
+        self.direction = "minimize" if metric_direction(evaluator, settings["metric"]) == "min" else "maximize"
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        self.storage = JournalStorage(JournalFileBackend(str(study_dir / "journal.log")))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.study = optuna.create_study(
+                storage=self.storage, study_name=STUDY, direction=self.direction, load_if_exists=True
+            )
+            # a continued study draws new settings: the seed moves on by the trials it already holds
+            seed = settings["seed"] + len(self.study.get_trials(deepcopy=False))
+            samplers = optuna.samplers
+            self.study.sampler = (
+                samplers.RandomSampler(seed) if settings["sampler"] == "random" else samplers.TPESampler(seed=seed)
+            )
+        self.study_id = self.storage.get_study_id_from_name(STUDY)
+
+    def trial_dir(self, trial: Any) -> Path:
+        return self.dir / trial.user_attrs.get("dir", f"trials/{trial.number:04d}")
+
+    def counted(self) -> list[Any]:
+        """Trials that count towards --trials: finished, or failed by their settings (not killed)."""
+        states = self.optuna.trial.TrialState
+        return [
+            t
+            for t in self.study.get_trials(deepcopy=False)
+            if t.state == states.COMPLETE or (t.state == states.FAIL and not t.user_attrs.get("killed"))
+        ]
+
+    def retry_killed(self) -> int:
+        """A running trial whose folder nobody holds was killed: mark it, and queue its settings again
+        (the retry reuses its folder: finished folds stay, a cut fold resumes)."""
+        states = self.optuna.trial.TrialState
+        retried = 0
+        for t in self.study.get_trials(deepcopy=False, states=(states.RUNNING,)):
+            try:
+                with RunLock(self.trial_dir(t)):
+                    pass
+            except DmlkitError:
+                continue  # another worker runs it
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, t.number)
+            self.storage.set_trial_user_attr(trial_id, "killed", True)
+            self.storage.set_trial_state_values(trial_id, states.FAIL)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.study.enqueue_trial(
+                    t.params,
+                    user_attrs={"dir": t.user_attrs.get("dir", f"trials/{t.number:04d}"), "retry_of": t.number},
+                )
+            retried += 1
+        return retried
+
+    def run(self, verbose: bool) -> None:
+        states = self.optuna.trial.TrialState
+        target = self.settings["trials"]
+        say = console if verbose else Console(quiet=True)
+        while True:
+            with _AskLock(self.dir):
+                retried = self.retry_killed()
+                if retried:
+                    console.print(
+                        f"[yellow]{retried} trial(s) were cut short by a kill; their settings run again[/yellow]"
+                    )
+                running = len(self.study.get_trials(deepcopy=False, states=(states.RUNNING,)))
+                if len(self.counted()) + running >= target:
+                    break
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    trial = self.study.ask()
+                params = {name: suggest(trial, name, spec) for name, spec in self.settings["space"].items()}
+                lock = RunLock(self.trial_dir(trial))
+                lock.__enter__()
+            try:
+                self._one(trial, params, say, len(self.counted()) + 1, target)
+            finally:
+                lock.__exit__(None, None, None)
+        self.write_summary()
+
+    def _one(self, trial: Any, params: dict[str, Any], say: Console, n: int, target: int) -> None:
+        states = self.optuna.trial.TrialState
+        shown = "  ".join(f"{k}={_short(v)}" for k, v in params.items())
+        console.print(f"trial {trial.number} ({n}/{target}): {escape(shown)}", soft_wrap=True)
+        _write_json(self.trial_dir(trial) / "params.json", params)
+        try:
+            values = run_trial(self.user, params, self.settings, self.trial_dir(trial), self.registry, say)
+        except DmlkitError as exc:  # settings that cannot train (NaN loss, out of memory ...): the search goes on
+            from dmlkit.cli import one_line
+
+            trial.set_user_attr("error", one_line(str(exc)))
+            self.study.tell(trial, state=states.FAIL)
+            console.print(f"  [yellow]failed: {escape(one_line(str(exc)))}[/yellow]", soft_wrap=True)
+            self.write_summary()
+            return
+        score = sum(values) / len(values)
+        trial.set_user_attr("folds", values)
+        self.study.tell(trial, score)
+        best = self.study.best_trial
+        console.print(
+            f"  validation {self.settings['metric']} {score:.4f} (folds {', '.join(f'{v:.4f}' for v in values)}); "
+            f"best so far: trial {best.number}, {best.value:.4f}"
+        )
+        self.write_summary()
+
+    def write_summary(self) -> None:
+        rows = []
+        for t in self.study.get_trials(deepcopy=False):
+            rows.append(
+                {
+                    "number": t.number,
+                    "state": "killed" if t.user_attrs.get("killed") else t.state.name.lower(),
+                    "params": t.params,
+                    "value": t.value,
+                    "folds": t.user_attrs.get("folds"),
+                    "error": t.user_attrs.get("error"),
+                    "dir": str(self.trial_dir(t).relative_to(self.dir)),
+                    **({"retry_of": t.user_attrs["retry_of"]} if "retry_of" in t.user_attrs else {}),
+                }
+            )
+        _write_json(self.dir / "trials.json", rows)
+        complete = [t for t in self.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+        if complete:
+            best = self.study.best_trial
+            header = (
+                f"# dmlkit tune: trial {best.number} of {self.dir}, validation {self.settings['metric']} "
+                f"{best.value:.4f}\n# (mean over {self.settings['folds']} class-disjoint fold(s) of the training "
+                "classes; the test set was not read)\n# train it: dmlkit train --config <this file>\n\n"
+            )
+            text = header + to_toml(with_params(self.user, best.params))
+            path = self.dir / "best.toml"
+            try:
+                path.with_suffix(".toml.tmp").write_text(text, encoding="utf-8")
+                path.with_suffix(".toml.tmp").replace(path)
+            except OSError as exc:
+                raise writable_error(path, exc, "file") from None
+
+
+def _options(section: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in section.items() if k != "name"}
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def tune_cmd(
+    space: Annotated[
+        Path, typer.Argument(help="TOML: a run config plus [tune] (trials, folds, metric) and [tune.space].")
+    ],
+    study: Annotated[Path | None, typer.Option(help="Study folder (default runs/tune-<file name>).")] = None,
+    trials: Annotated[int | None, typer.Option(help="Trials the study should reach (overrides [tune] trials).")] = None,
+    folds: Annotated[
+        int | None, typer.Option(help="Class-disjoint validation folds per trial (1 = one held-out share).")
+    ] = None,
+    metric: Annotated[
+        str | None, typer.Option(help="Validation metric to optimise (default train.best_metric).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show each fold's training output.")] = False,
+) -> None:
+    """Search hyper-parameters with Optuna on class-disjoint validation folds (never the test set);
+    rerun the same command to continue a killed or finished study."""
+    from dmlkit.plugins import get_host
+
+    registry = get_host().registry
+    _optuna()
+    user, settings = read_space(space, {"trials": trials, "folds": folds, "metric": metric}, registry)
+    study_dir = study or Path("runs") / f"tune-{space.stem}"
+    search = Search(study_dir, user, settings, registry)
+    search.run(verbose)
+    complete = [t for t in search.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if not complete:
+        raise DmlkitError(f"no trial finished; see {study_dir / 'trials.json'} for each one's error")
+    table = Table(title=f"{study_dir}: best trials by validation {settings['metric']} (test set not read)")
+    table.add_column("trial", justify="right")
+    table.add_column(settings["metric"], justify="right")
+    for name in settings["space"]:
+        table.add_column(name, justify="right")
+    reverse = search.direction == "maximize"
+    for t in sorted(complete, key=lambda t: t.value, reverse=reverse)[:10]:
+        table.add_row(str(t.number), f"{t.value:.4f}", *(_short(t.params.get(n, "")) for n in settings["space"]))
+    console.print(table)
+    console.print(
+        f"wrote {escape(str(study_dir / 'best.toml'))}; train it: dmlkit train --config {escape(str(study_dir / 'best.toml'))}"
+    )
+
+
+@dmlkit.hookimpl
+def register_commands(app):
+    app.command("tune")(tune_cmd)
