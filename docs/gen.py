@@ -39,12 +39,25 @@ def components_markdown(kind: str) -> str:
 
 
 def cli_markdown(command: str) -> str:
-    from typer.testing import CliRunner
+    import contextlib
+    import io
+    import os
 
-    from dmlkit.cli import build_app
+    import typer
 
-    result = CliRunner().invoke(build_app(), [*([command] if command else []), "--help"], env={"COLUMNS": "100"})
-    return f"```text\n{result.output.rstrip()}\n```\n"
+    from dmlkit.cli import _plain_flags, build_app
+
+    click_command = typer.main.get_command(build_app())
+    _plain_flags(click_command)  # as `dmlkit --help` shows them: flags take no value
+    args = [*([command] if command else []), "--help"]
+    out, width = io.StringIO(), os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+            click_command.main(args, prog_name="dmlkit", standalone_mode=False)
+    finally:
+        os.environ.pop("COLUMNS") if width is None else os.environ.__setitem__("COLUMNS", width)
+    return f"```text\n{out.getvalue().rstrip()}\n```\n"
 
 
 def expand(markdown: str) -> str:

@@ -406,10 +406,10 @@ def _short(v: Any) -> str:
 
 def tune_cmd(
     space: Annotated[
-        Path, typer.Argument(help="TOML: a run config plus [tune] (trials, folds, metric) and [tune.space].")
+        Path, typer.Argument(help="TOML: a run config plus \\[tune] (trials, folds, metric) and \\[tune.space].")
     ],
     study: Annotated[Path | None, typer.Option(help="Study folder (default runs/tune-<file name>).")] = None,
-    trials: Annotated[int | None, typer.Option(help="Trials the study should reach (overrides [tune] trials).")] = None,
+    trials: Annotated[int | None, typer.Option(help="Trials the study should reach (overrides \\[tune] trials).")] = None,
     folds: Annotated[
         int | None, typer.Option(help="Class-disjoint validation folds per trial (1 = one held-out share).")
     ] = None,

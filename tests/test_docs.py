@@ -25,15 +25,17 @@ def blocks(path, lang):
 
 def run_dmlkit_lines(path, cli):
     """Run every `dmlkit ...` line of the file's bash blocks, in order (continuation lines joined)."""
+    return sum(run_bash_block(body, path.name, cli) for body in blocks(path, "bash") if not body.startswith(NOT_RUN))
+
+
+def run_bash_block(body, name, cli):
+    """Run a bash block's `dmlkit ...` lines (continuation lines joined); how many ran."""
     ran = 0
-    for body in blocks(path, "bash"):
-        if body.startswith(NOT_RUN):
-            continue
-        for line in body.replace("\\\n", " ").splitlines():
-            if line.startswith("dmlkit "):
-                code, out, err = cli(*shlex.split(line, comments=True)[1:])
-                assert code == 0, f"{path.name}: `{line}` failed: {err}"
-                ran += 1
+    for line in body.replace("\\\n", " ").splitlines():
+        if line.startswith("dmlkit "):
+            code, out, err = cli(*shlex.split(line, comments=True)[1:])
+            assert code == 0, f"{name}: `{line}` failed: {err}"
+            ran += 1
     return ran
 
 
@@ -96,6 +98,32 @@ def test_python_blocks_run(page, tmp_path, monkeypatch):
         assert {"best.pt", "last.pt", "results.json", "metrics.jsonl"} <= {
             p.name for p in (tmp_path / "runs" / "api-example").iterdir()
         }
+
+
+@pytest.mark.parametrize("page", ["deploy.md", "tune.md"])
+def test_pages_run_in_order(page, cli, tmp_path, monkeypatch):
+    """Python blocks, `dmlkit` lines and `# file: NAME` TOML blocks, in the page's order, in one folder."""
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": f"doc_{page}"}
+    ran = []
+    for kind, body in FENCE.findall((DOCS / page).read_text()):
+        if body.startswith(NOT_RUN):
+            continue
+        if kind == "python":
+            exec(compile(body, f"{page} block", "exec"), namespace)
+        elif kind == "toml" and body.startswith("# file: "):
+            (tmp_path / body.split("\n", 1)[0].removeprefix("# file: ").strip()).write_text(body)
+        elif kind == "bash":
+            run_bash_block(body, page, cli)
+        ran.append(kind)
+    assert ran.count("bash") >= 2
+    if page == "deploy.md":
+        assert {"model.ts", "model.onnx", "model.pt2", "preprocessing.json"} <= {
+            p.name for p in (tmp_path / "runs" / "shapes" / "export").iterdir()
+        }
+        assert (tmp_path / "runs" / "search.png").is_file()
+    else:
+        assert (tmp_path / "runs" / "tuned" / "results.json").is_file()
 
 
 def test_toml_blocks_are_valid_run_configs():
