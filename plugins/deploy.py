@@ -158,10 +158,6 @@ def _exportable(trainer: Any) -> torch.nn.Module:
     return model.to(memory_format=torch.contiguous_format)
 
 
-def _needs(package: str, extra: str, what: str) -> DmlkitError:
-    return DmlkitError(f"{what} needs the {package} package: pip install 'dmlkit[{extra}]'")
-
-
 def _write_torchscript(model: torch.nn.Module, x: torch.Tensor, path: Path) -> Callable[[torch.Tensor], np.ndarray]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch marks torch.jit deprecated; the file format is stable
@@ -171,12 +167,18 @@ def _write_torchscript(model: torch.nn.Module, x: torch.Tensor, path: Path) -> C
     return lambda batch: loaded(batch).numpy()
 
 
-def _write_onnx(model: torch.nn.Module, x: torch.Tensor, path: Path) -> Callable[[torch.Tensor], np.ndarray]:
+def _require_onnx() -> None:
     for package in ("onnx", "onnxscript", "onnxruntime"):
         try:
             __import__(package)
         except ImportError:
-            raise _needs(package, "onnx", "--format onnx") from None
+            raise DmlkitError(
+                f"--format onnx needs the {package} package: pip install 'dmlkit[onnx]' (or --format torchscript,pt2)"
+            ) from None
+
+
+def _write_onnx(model: torch.nn.Module, x: torch.Tensor, path: Path) -> Callable[[torch.Tensor], np.ndarray]:
+    _require_onnx()
     import contextlib
     import io
 
@@ -216,6 +218,8 @@ def parse_formats(text: str) -> list[str]:
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise DmlkitError(f"--format takes a comma-separated list of {', '.join(FORMATS)}; got {text!r}")
+    if "onnx" in formats:
+        _require_onnx()  # before any work
     return list(dict.fromkeys(formats))
 
 
@@ -424,6 +428,7 @@ def index_cmd(
             err_console.print(f"[yellow]warning: left out {skipped} unreadable image(s)[/yellow]")
         if not files:
             raise DataError(f"no readable images under {images}")
+    trainer.settings["amp"] = False  # float32, as search embeds its queries: an image finds itself at distance 0
     try:
         emb, _ = trainer.embed(split, f"embedding {len(files):,} images")
     except DataError as exc:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import io
 import json
 import math
+import shutil
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,6 +39,10 @@ RANGE_KEYS = {"low", "high", "log", "step"}
 FIXED = {"train.folds", "train.fold", "train.val_fraction", "train.val_split", "train.selection",
          "train.test_every_epoch", "train.run_dir", "train.best_metric"}  # fmt: skip
 TUNE_DEFAULTS = {"trials": 20, "folds": 4, "metric": "", "sampler": "tpe", "seed": 0, "space": {}}
+
+
+class SearchError(DmlkitError):
+    """A problem of the search itself (not of one trial's settings): it stops the search."""
 
 
 def _optuna() -> Any:
@@ -196,6 +202,12 @@ def run_trial(
             fold_cfg = copy.deepcopy(cfg)
             fold_cfg["train"].update(fold_settings(settings["folds"], fold, settings["metric"]))
             trainer = Trainer(validate(fold_cfg, registry), registry, run, console=say)
+        held_out = trainer.val_split.num_classes if trainer.val_split is not None else 0
+        if held_out < 2:
+            raise SearchError(
+                f"fold {fold} of {settings['folds']} validates on {held_out} class of the training set, where "
+                f"{settings['metric']} cannot tell models apart; use fewer folds, or more training classes"
+            )
         trainer.fit(test=False)
         value = trainer.best["value"]
         if value is None or not math.isfinite(value):
@@ -257,6 +269,7 @@ class Search:
             raise DmlkitError(f"{study_dir} holds other files; pick a new or empty --study folder")
         else:
             _write_json(spec_path, identity)
+        self.fresh = not (study_dir / "journal.log").exists()  # this call starts the study
         cfg, _ = resolve(user, registry)
         evaluator = registry.build("evaluator", cfg["evaluator"]["name"], **_options(cfg["evaluator"]))
         self.direction = "minimize" if metric_direction(evaluator, settings["metric"]) == "min" else "maximize"
@@ -276,6 +289,16 @@ class Search:
                 samplers.RandomSampler(seed) if settings["sampler"] == "random" else samplers.TPESampler(seed=seed)
             )
         self.study_id = self.storage.get_study_id_from_name(STUDY)
+
+    def remove(self) -> None:
+        """Remove what this study wrote (and its folder, if that is left empty)."""
+        shutil.rmtree(self.dir / "trials", ignore_errors=True)
+        for name in ("journal.log", "study.json", "trials.json", "best.toml", ".ask.lock"):
+            (self.dir / name).unlink(missing_ok=True)
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass
 
     def trial_dir(self, trial: Any) -> Path:
         return self.dir / trial.user_attrs.get("dir", f"trials/{trial.number:04d}")
@@ -315,7 +338,9 @@ class Search:
     def run(self, verbose: bool) -> None:
         states = self.optuna.trial.TrialState
         target = self.settings["trials"]
-        say = console if verbose else Console(quiet=True)
+        # quiet trainers write into a buffer; their warnings (a fold with too few classes ...) are shown once
+        say = console if verbose else Console(file=io.StringIO(), width=10_000)
+        self.warned: set[str] = set()
         while True:
             with _AskLock(self.dir):
                 retried = self.retry_killed()
@@ -338,6 +363,15 @@ class Search:
                 lock.__exit__(None, None, None)
         self.write_summary()
 
+    def _warnings(self, say: Console) -> None:
+        if isinstance(say.file, io.StringIO):
+            for line in say.file.getvalue().splitlines():
+                if line.startswith("warning:") and line not in self.warned:
+                    self.warned.add(line)
+                    console.print(f"  [yellow]{escape(line)}[/yellow]", soft_wrap=True)
+            say.file.seek(0)
+            say.file.truncate()
+
     def _one(self, trial: Any, params: dict[str, Any], say: Console, n: int, target: int) -> None:
         states = self.optuna.trial.TrialState
         shown = "  ".join(f"{k}={_short(v)}" for k, v in params.items())
@@ -345,7 +379,11 @@ class Search:
         _write_json(self.trial_dir(trial) / "params.json", params)
         try:
             values = run_trial(self.user, params, self.settings, self.trial_dir(trial), self.registry, say)
+        except SearchError:
+            self._warnings(say)
+            raise
         except DmlkitError as exc:  # settings that cannot train (NaN loss, out of memory ...): the search goes on
+            self._warnings(say)
             from dmlkit.cli import one_line
 
             trial.set_user_attr("error", one_line(str(exc)))
@@ -353,6 +391,7 @@ class Search:
             console.print(f"  [yellow]failed: {escape(one_line(str(exc)))}[/yellow]", soft_wrap=True)
             self.write_summary()
             return
+        self._warnings(say)
         score = sum(values) / len(values)
         trial.set_user_attr("folds", values)
         self.study.tell(trial, score)
@@ -409,7 +448,9 @@ def tune_cmd(
         Path, typer.Argument(help="TOML: a run config plus \\[tune] (trials, folds, metric) and \\[tune.space].")
     ],
     study: Annotated[Path | None, typer.Option(help="Study folder (default runs/tune-<file name>).")] = None,
-    trials: Annotated[int | None, typer.Option(help="Trials the study should reach (overrides \\[tune] trials).")] = None,
+    trials: Annotated[
+        int | None, typer.Option(help="Trials the study should reach (overrides \\[tune] trials).")
+    ] = None,
     folds: Annotated[
         int | None, typer.Option(help="Class-disjoint validation folds per trial (1 = one held-out share).")
     ] = None,
@@ -427,7 +468,12 @@ def tune_cmd(
     user, settings = read_space(space, {"trials": trials, "folds": folds, "metric": metric}, registry)
     study_dir = study or Path("runs") / f"tune-{space.stem}"
     search = Search(study_dir, user, settings, registry)
-    search.run(verbose)
+    try:
+        search.run(verbose)
+    except SearchError:
+        if search.fresh and not search.counted():  # nothing of value yet: the fixed command starts afresh
+            search.remove()
+        raise
     complete = [t for t in search.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if not complete:
         raise DmlkitError(f"no trial finished; see {study_dir / 'trials.json'} for each one's error")
