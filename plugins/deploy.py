@@ -544,7 +544,10 @@ def draw_grid(results: list[dict[str, Any]], path: Path) -> Path:
         for c, (file, title) in enumerate(
             [(res["query"], "query"), *((h["path"], f"#{h['rank']}  {h['distance']:.3f}") for h in res["results"])]
         ):
-            row[c].imshow(_picture(file), cmap="gray")
+            try:
+                row[c].imshow(_picture(file), cmap="gray")
+            except DmlkitError:  # an indexed file moved or deleted since dmlkit index: the grid still shows the rest
+                row[c].text(0.5, 0.5, "file\nmissing", ha="center", va="center", fontsize=8)
             row[c].set_title(title, fontsize=8)
     fig.tight_layout()
     try:

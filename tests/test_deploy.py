@@ -133,6 +133,14 @@ def test_index_and_search_find_each_image_first(image_run, cli, tmp_path):
     assert hit["distance"] == pytest.approx(want, abs=1e-4)
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.width > 200 and grid.height > 100 * len(results) / 2
+    # an indexed file moved away since: the search still answers, the grid marks it missing
+    moved = tmp_path / files[1].name
+    files[1].rename(moved)
+    try:
+        code, _, err = cli("search", str(tmp_path / "idx"), str(files[0]), "--grid", str(tmp_path / "g2.png"))
+    finally:
+        moved.rename(files[1])
+    assert code == 0 and (tmp_path / "g2.png").is_file(), err
     code, out, _ = cli("search", str(tmp_path / "idx"), str(files[0]), "-k", "50")
     assert code == 0 and out.count(".png") == 12 + 1  # every indexed image once, and the title
 
