@@ -11,10 +11,13 @@ __all__ = ["KINDS", "ComponentSpec", "DmlkitError", "Registry", "build", "get_re
 
 
 def get_registry() -> Registry:
-    """The registry filled by every loaded plugin."""
+    """The registry in use: while a registry builds a component or checks a config (a run's, or
+    ``check_plugin``'s), that one; otherwise the one filled by every loaded plugin. A component
+    that builds nested components calls this inside its factory or ``validate_options``."""
     from dmlkit.plugins import get_host
+    from dmlkit.registry import active_registry
 
-    return get_host().registry
+    return active_registry() or get_host().registry
 
 
 def build(kind: str, name: str, **options: Any) -> Any:

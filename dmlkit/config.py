@@ -192,7 +192,8 @@ def recommendations(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
             resolved = registry.resolve_options(section, sec["name"], opts)
         except OptionError:
             continue
-        out = merge(out, registry.get(section, sec["name"]).recommended(resolved))
+        with registry.active():
+            out = merge(out, registry.get(section, sec["name"]).recommended(resolved))
     return out
 
 
@@ -267,7 +268,13 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
-    """Check every key, type and range; returns the resolved config (component defaults filled in)."""
+    """Check every key, type and range; returns the resolved config (component defaults filled in).
+    Components' own checks (``validate_options``) see ``registry`` as :func:`dmlkit.get_registry`."""
+    with registry.active():
+        return _validate(cfg, registry)
+
+
+def _validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
     known = {"train", "callbacks", *SECTIONS}
     if not isinstance(cfg, dict):
         raise OptionError(f"a config must be a table of sections; got {type(cfg).__name__}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import inspect
 import re
@@ -188,6 +190,17 @@ def _coerce(where: str, option: str, value: Any, types: tuple[type, ...] | None)
     raise OptionError(f"{where} '{option}' must be {wanted}, got {value!r} ({type(value).__name__})")
 
 
+#: The registry that is building a component (or checking a config) right now: nested components
+#: (CCP's base loss, a combination's terms, a bank's initializer) are built from it, so a run or
+#: ``check_plugin`` given its own registry never falls back to the process-wide one.
+_ACTIVE: contextvars.ContextVar[Registry | None] = contextvars.ContextVar("dmlkit_active_registry", default=None)
+
+
+def active_registry() -> Registry | None:
+    """The registry building a component or checking a config right now, or None."""
+    return _ACTIVE.get()
+
+
 class Registry:
     """Components by kind and name, as registered by the loaded plugins."""
 
@@ -197,6 +210,16 @@ class Registry:
         self._clashes: dict[str, dict[str, str]] = {k: {} for k in KINDS}
         self._replaced: dict[str, dict[str, str]] = {k: {} for k in KINDS}  # old name -> the new one
         self.broken: dict[str, str] = {}  # plugins that failed to load -> their first error
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[Registry]:
+        """Within the block, :func:`dmlkit.get_registry` returns this registry: components built
+        inside it build their nested components from it."""
+        token = _ACTIVE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
 
     # -- registration -------------------------------------------------------------------
     def add(self, kind: str, spec: ComponentSpec, plugin: str = "", distribution: str = "") -> None:
@@ -327,7 +350,8 @@ class Registry:
         if missing:
             raise OptionError(f"{kind} '{spec.name}' needs option '{missing[0]}' (set {missing[0]}=...)")
         try:
-            return spec.factory(**merged)
+            with self.active():  # nested components come from this registry
+                return spec.factory(**merged)
         except DmlkitError:
             raise
         except Exception as exc:
