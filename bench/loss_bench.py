@@ -69,7 +69,18 @@ def cases(num_classes: int, dim: int):
             pml(lambda: (losses.TripletMarginLoss(0.2), miners.TripletMarginMiner(0.2, type_of_triplets="semihard"))),
         ),
         ("ranked_list", lambda: (reg.build("loss", "ranked_list"), None), None),
+        *_family_cases(num_classes, dim),
     ]
+
+
+def _family_cases(num_classes: int, dim: int) -> list:
+    """The cases of each loss family's ``bench/loss_cases_<family>.py`` (its ``cases(num_classes, dim)``)."""
+    import importlib
+
+    out = []
+    for path in sorted(Path(__file__).parent.glob("loss_cases_*.py")):
+        out += importlib.import_module(path.stem).cases(num_classes, dim)
+    return out
 
 
 def step_time(loss, miner, emb, labels, repeats: int) -> float:
