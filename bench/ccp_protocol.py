@@ -77,10 +77,9 @@ def run_one(args: argparse.Namespace, loss: dict, seed: int, out_dir: Path, cons
     reg = get_registry()
     cfg, _ = resolve(config(args, loss, seed), reg)
     cfg["train"]["normalize_embeddings"] = loss["name"] != "ccp"  # the base losses normalise; CCP's ball does not
+    steps_per_epoch = len(Trainer(cfg, reg, out_dir, console=Console(quiet=True)).sampler)
+    cfg["train"]["epochs"] = max(1, round(args.steps / steps_per_epoch))  # the schedule spans the whole budget
     trainer = Trainer(cfg, reg, out_dir, console=console)
-    steps_per_epoch = len(trainer.sampler)
-    trainer.settings["epochs"] = max(1, round(args.steps / steps_per_epoch))
-    trainer.scheduler = trainer._make_scheduler()
     start = time.perf_counter()
     trainer.fit()
     seconds = time.perf_counter() - start

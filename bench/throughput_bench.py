@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, save  # noqa: E402
 
 from dmlkit import get_registry  # noqa: E402
+from dmlkit.components import optimizer, param_groups  # noqa: E402
 from dmlkit.config import default_config, merge, validate  # noqa: E402
 from dmlkit.train import Trainer  # noqa: E402
 
@@ -77,7 +78,9 @@ def dmlkit_step(arch: str, x: torch.Tensor, y: torch.Tensor, run_dir: Path):
     # the digits split only sets the class count; the steps below get the synthetic batch
     trainer.loss = get_registry().build("loss", "proxynca", context={"num_classes": 1000, "embedding_size": 512})
     trainer.loss.to(x.device)
-    trainer.optimizer = trainer._make_optimizer()
+    trainer.optimizer = optimizer(
+        param_groups(trainer.model, trainer.settings, [("loss", trainer.loss)]), trainer.settings
+    )
     trainer.model.train()
 
     def bare_same():  # the same model, loss and optimizer without the trainer: its own cost
@@ -104,7 +107,7 @@ def jpeg_loader(data_root: str, workers: int, batch: int, batches: int, run_dir:
     )
     trainer = Trainer(validate(cfg, get_registry()), get_registry(), run_dir)
     seen, start = 0, time.perf_counter()
-    for i, (x, _) in enumerate(trainer.loader(trainer.train_split, train=True)):
+    for i, (x, _) in enumerate(trainer.loader(trainer.train_split)):
         if i == 1:  # the first batch pays for starting the workers
             seen, start = 0, time.perf_counter()
         seen += len(x)

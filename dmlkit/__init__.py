@@ -6,7 +6,7 @@ from dmlkit.errors import DmlkitError
 from dmlkit.hookspecs import hookimpl
 from dmlkit.registry import KINDS, ComponentSpec, Registry
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["KINDS", "ComponentSpec", "DmlkitError", "Registry", "build", "get_registry", "hookimpl"]
 
 

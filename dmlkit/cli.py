@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import re
 import signal
 import sys
@@ -22,7 +21,7 @@ from dmlkit.registry import KINDS
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False}
 
 _PLURALS = {"losses": "loss", "proxy_initializers": "proxy_initializer", "proxy-initializers": "proxy_initializer"}
 
@@ -104,9 +103,14 @@ def _replaces(kind: str, spec: Any) -> str:
 
 
 def show_cmd(
-    kind: Annotated[str, typer.Argument(help="Component kind.", autocompletion=lambda incomplete: [
-        k for k in KINDS if k.startswith(incomplete)])],  # fmt: skip
-    name: Annotated[str, typer.Argument(help="Component name or alias.")],
+    kind: Annotated[
+        str,
+        typer.Argument(
+            help="Component kind, or 'train' for the trainer settings.",
+            autocompletion=lambda incomplete: [k for k in (*KINDS, "train") if k.startswith(incomplete)],
+        ),
+    ],
+    name: Annotated[str | None, typer.Argument(help="Component name or alias (a setting, or none, for train).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show one component: its options (type, default, help), nested components' options, docstring, plugin."""
@@ -114,6 +118,10 @@ def show_cmd(
 
     host = get_host()
     kind = normalise_kind(kind)
+    if kind == "train":
+        return _show_settings(name or "all", as_json)
+    if name is None:
+        raise DmlkitError(f"name the {kind} to show: dmlkit show {kind} NAME (`dmlkit list {kind}` lists them)")
     spec = host.registry.get(kind, name)
     defaults = spec.resolved_defaults()
     doc = inspect.getdoc(spec.factory) or ""
@@ -150,7 +158,7 @@ def show_cmd(
         console.print(Text(spec.description))
     for problem in spec.default_problems().values():
         console.print(Text(f"warning: {kind} {problem}", style="yellow"))
-    console.print(_options_table(rows, f"options (--{kind.replace('_', '-')}-opt NAME=VALUE)"))
+    console.print(_options_table(rows, f"options ({_how_to_set(kind, spec.name)})"))
     for group in nested:
         console.print(_options_table(group["options"], group["title"]))
     recs = spec.recommended(defaults)
@@ -158,6 +166,51 @@ def show_cmd(
         console.print(Text(f"recommended run settings (with these defaults; yours win): {_settings_text(recs)}"))
     if doc and doc != spec.description:
         console.print(Text(doc), soft_wrap=True)  # literally: a docstring is not rich markup
+
+
+def _flag_of(kind: str) -> str:
+    """The ``dmlkit train`` flag that sets options of a component of ``kind``."""
+    return {"callback": "--callback", "proxy_initializer": "--loss-opt proxy_init."}.get(
+        kind, f"--{kind.replace('_', '-')}-opt"
+    )
+
+
+def _how_to_set(kind: str, name: str) -> str:
+    """How a user sets this component's options, in words."""
+    if kind == "callback":
+        return f"--callback {name}:NAME=VALUE,NAME=VALUE"
+    if kind == "proxy_initializer":
+        return f"--loss-opt proxy_init.name={name} --loss-opt proxy_init.NAME=VALUE, for a loss with proxies"
+    return f"{_flag_of(kind)} NAME=VALUE"
+
+
+def _show_settings(name: str, as_json: bool) -> None:
+    """``dmlkit show train [SETTING|all]``: the trainer settings, each with type, default, bounds and help."""
+    from rich.text import Text
+
+    from dmlkit.settings import BY_NAME, SETTINGS
+
+    chosen = SETTINGS if name in ("all", "settings", "") else [BY_NAME.get(name) or _unknown_setting(name)]
+    rows = [
+        {"name": s.name, "type": s.type_name, "default": s.default, "bounds": s.bounds(), "help": s.help}
+        for s in chosen
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=Text("train settings (--set NAME=VALUE, or [train] in a TOML config)"), title_justify="left")
+    for col in ("setting", "type", "default", "allowed", "help"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(Text(r["name"]), Text(r["type"]), Text(repr(r["default"])), Text(r["bounds"]), Text(r["help"]))
+    console.print(table)
+
+
+def _unknown_setting(name: str) -> Any:
+    from dmlkit.registry import _suggest
+    from dmlkit.settings import BY_NAME
+
+    raise DmlkitError(f"no train setting '{name}'{_suggest(name, BY_NAME)}; `dmlkit show train all` lists them")
 
 
 def _option_rows(spec: Any, defaults: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:
@@ -188,7 +241,11 @@ def _nested_rows(kind: str, spec: Any, defaults: dict[str, Any]) -> list[dict[st
         rows = [r for r in _option_rows(sub, sub.resolved_defaults(), f"{option}.") if r["name"] != f"{option}.name"]
         flag = f"--{kind.replace('_', '-')}-opt"
         named_by = f"'{name_option}'" if name_option else f"'{option}'"
-        how = f"{flag} {option}.NAME=VALUE" if name_option else f"{flag} {option}.name={sub_name} {flag} {option}.NAME=VALUE"
+        how = (
+            f"{flag} {option}.NAME=VALUE"
+            if name_option
+            else f"{flag} {option}.name={sub_name} {flag} {option}.NAME=VALUE"
+        )
         out.append(
             {
                 "option": option,
@@ -225,15 +282,46 @@ def _complete(kind: str) -> Any:
 Opts = Annotated[list[str] | None, typer.Option(help="key=value, repeatable.", metavar="KEY=VALUE")]
 
 
+#: ``dmlkit train`` flags that set one config value: flag -> (section, key).
+TRAIN_FLAGS: dict[str, tuple[str, str]] = {
+    "dataset": ("dataset", "name"),
+    "data_root": ("dataset", "root"),
+    "backbone": ("backbone", "name"),
+    "loss": ("loss", "name"),
+    "miner": ("miner", "name"),
+    "sampler": ("sampler", "name"),
+    "evaluator": ("evaluator", "name"),
+    "epochs": ("train", "epochs"),
+    "batch_size": ("train", "batch_size"),
+    "lr": ("train", "lr"),
+    "seed": ("train", "seed"),
+    "device": ("train", "device"),
+}
+#: ``--SECTION-opt KEY=VALUE`` flags.
+OPTION_FLAGS = {f"{s}_opt": s for s in ("dataset", "backbone", "loss", "miner", "sampler", "evaluator")}
+
+
 def train_cmd(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML run configuration.")] = None,
-    dataset: Annotated[str | None, typer.Option(help="Dataset name (default digits).", autocompletion=_complete("dataset"))] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="Dataset name (default digits).", autocompletion=_complete("dataset"))
+    ] = None,
     data_root: Annotated[str | None, typer.Option(help="Dataset folder (sets the dataset's root option).")] = None,
-    backbone: Annotated[str | None, typer.Option(help="Backbone name (default smallcnn).", autocompletion=_complete("backbone"))] = None,
-    loss: Annotated[str | None, typer.Option(help="Loss name (default proxynca).", autocompletion=_complete("loss"))] = None,
-    miner: Annotated[str | None, typer.Option(help="Miner name; 'none' for none.", autocompletion=_complete("miner"))] = None,
-    sampler: Annotated[str | None, typer.Option(help="Sampler name (default m_per_class).", autocompletion=_complete("sampler"))] = None,
-    evaluator: Annotated[str | None, typer.Option(help="Evaluator name (default retrieval).", autocompletion=_complete("evaluator"))] = None,
+    backbone: Annotated[
+        str | None, typer.Option(help="Backbone name (default smallcnn).", autocompletion=_complete("backbone"))
+    ] = None,
+    loss: Annotated[
+        str | None, typer.Option(help="Loss name (default proxynca).", autocompletion=_complete("loss"))
+    ] = None,
+    miner: Annotated[
+        str | None, typer.Option(help="Miner name; 'none' for none.", autocompletion=_complete("miner"))
+    ] = None,
+    sampler: Annotated[
+        str | None, typer.Option(help="Sampler name (default m_per_class).", autocompletion=_complete("sampler"))
+    ] = None,
+    evaluator: Annotated[
+        str | None, typer.Option(help="Evaluator name (default retrieval).", autocompletion=_complete("evaluator"))
+    ] = None,
     dataset_opt: Opts = None,
     backbone_opt: Opts = None,
     loss_opt: Opts = None,
@@ -249,7 +337,15 @@ def train_cmd(
             autocompletion=_complete("callback"),
         ),
     ] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Train setting key=value, repeatable.", metavar="KEY=VALUE")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            help="Train setting key=value, repeatable (dmlkit show train lists them).",
+            metavar="KEY=VALUE",
+        ),
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
     lr: Annotated[float | None, typer.Option(help="Base learning rate.")] = None,
@@ -262,11 +358,12 @@ def train_cmd(
     ] = "single",
 ) -> None:
     """Train an embedding model composed from registry components; with no options, the digits default."""
-    from dmlkit import distributed
-    from dmlkit.config import load_toml, merge, parse_assignments, parse_callback, resolve, validate
-    from dmlkit.mlrc import run_mlrc
+    flags = dict(locals())
+    from dmlkit import checkpoint, distributed
+    from dmlkit.config import load_toml, merge, resolve, validate
+    from dmlkit.folds import run_mlrc
     from dmlkit.rundir import check_crash_env
-    from dmlkit.train import Trainer, load_checkpoint
+    from dmlkit.train import Trainer
 
     check_crash_env()
     if protocol not in ("single", "mlrc"):
@@ -275,85 +372,29 @@ def train_cmd(
     host = get_host()
     ckpt, stamp = None, None
     if resume is not None:
-        ignored = [
-            name
-            for name, value in (
-                ("--config", config),
-                ("--dataset", dataset),
-                ("--data-root", data_root),
-                ("--backbone", backbone),
-                ("--loss", loss),
-                ("--miner", miner),
-                ("--sampler", sampler),
-                ("--evaluator", evaluator),
-                ("--dataset-opt", dataset_opt),
-                ("--backbone-opt", backbone_opt),
-                ("--loss-opt", loss_opt),
-                ("--miner-opt", miner_opt),
-                ("--sampler-opt", sampler_opt),
-                ("--evaluator-opt", evaluator_opt),
-                ("--callback", callback),
-                ("--set", set_),
-                ("--batch-size", batch_size),
-                ("--lr", lr),
-                ("--seed", seed),
-                ("--device", device),
-                ("--run-dir", run_dir),
-            )
-            if value not in (None, [])
-        ]
+        ignored = [k for k, v in flags.items() if k not in ("resume", "epochs", "protocol") and v not in (None, [])]
         if ignored:
             raise DmlkitError(
-                f"--resume continues a run as it was configured; {ignored[0]} cannot change it "
+                f"--resume continues a run as it was configured; {_flag(ignored[0])} cannot change it "
                 "(only --epochs can extend it)"
             )
         out_dir = resume if resume.is_dir() else resume.parent
         stamp = _stamp(out_dir / "last.pt")  # taken before reading: a writer in between is noticed
-        ckpt = load_checkpoint(resume)
+        ckpt = checkpoint.load(resume)
         _check_resume(resume, out_dir, ckpt, epochs)
         cfg = ckpt["config"]
         if epochs is not None:
             cfg = merge(cfg, {"train": {"epochs": epochs}})
         cfg = validate(cfg, host.registry)
     else:
-        user = load_toml(config) if config is not None else {}
-        cli: dict[str, Any] = {}
-        for section, name, opts in (
-            ("dataset", dataset, dataset_opt),
-            ("backbone", backbone, backbone_opt),
-            ("loss", loss, loss_opt),
-            ("miner", miner, miner_opt),
-            ("sampler", sampler, sampler_opt),
-            ("evaluator", evaluator, evaluator_opt),
-        ):
-            sec: dict[str, Any] = {}
-            if name is not None:
-                sec["name"] = "" if name.lower() == "none" else name
-            sec.update(parse_assignments(opts or [], f"--{section}-opt"))
-            if sec:
-                cli[section] = sec
-        if data_root is not None:
-            cli.setdefault("dataset", {})["root"] = data_root
-        train = parse_assignments(set_ or [], "--set")
-        for key, value in (
-            ("epochs", epochs),
-            ("batch_size", batch_size),
-            ("lr", lr),
-            ("seed", seed),
-            ("device", device),
-        ):
-            if value is not None:
-                train[key] = value
-        if train:
-            cli["train"] = train
-        if callback:  # after the config file's [[callbacks]]
-            listed = user.get("callbacks", [])
-            cli["callbacks"] = [*listed, *(parse_callback(c) for c in callback)] if isinstance(listed, list) else listed
+        user, cli = load_toml(config) if config is not None else {}, command_line(flags)
+        if "callbacks" in cli and isinstance(user.get("callbacks"), list):  # after the config file's [[callbacks]]
+            cli["callbacks"] = [*user["callbacks"], *cli["callbacks"]]
         cfg, recommended = resolve(merge(user, cli), host.registry)
         if recommended and distributed.is_main():
             console.print(f"[dim]recommended settings in use (yours win): {escape(_settings_text(recommended))}[/dim]")
         out_dir = distributed.broadcast(run_dir or Path(cfg["train"]["run_dir"] or _default_run_dir(cfg)))
-        if distributed.is_main() and any((out_dir / f).exists() for f in ("last.pt", "mlrc.json", "fold0/last.pt")):
+        if distributed.is_main() and _holds_run(out_dir):
             raise DmlkitError(
                 f"{out_dir} already holds a run; continue it with --resume {out_dir} or pick another --run-dir"
             )
@@ -370,11 +411,40 @@ def train_cmd(
         trainer.load_state_dict(ckpt)
     with _writing(out_dir, new=ckpt is None, stamp=stamp):
         if ckpt is not None:
-            say.print(f"resuming {out_dir} after epoch {trainer.epoch}")
-        say.print(f"run directory: {out_dir}")
+            say.print(escape(f"resuming {out_dir} after epoch {trainer.epoch}"), soft_wrap=True)
+        say.print(escape(f"run directory: {out_dir}"), soft_wrap=True)
         trainer.fit()
     for line in done_lines(out_dir, trainer.results):
         say.print(line, soft_wrap=True)
+
+
+def _flag(param: str) -> str:
+    return {"set_": "--set", "config": "--config"}.get(param, "--" + param.replace("_", "-"))
+
+
+def command_line(flags: dict[str, Any]) -> dict[str, Any]:
+    """The partial config that ``dmlkit train``'s flags set (``--loss X`` -> ``{"loss": {"name": "X"}}``)."""
+    from dmlkit.config import merge, parse_assignments, parse_callback
+
+    cli: dict[str, Any] = {}
+    for param, section in OPTION_FLAGS.items():
+        if flags.get(param):
+            cli = merge(cli, {section: parse_assignments(flags[param], _flag(param))})
+    cli = merge(cli, {"train": parse_assignments(flags.get("set_") or [], "--set")})
+    for param, (section, key) in TRAIN_FLAGS.items():
+        value = flags.get(param)
+        if value is None:
+            continue
+        if key == "name" and value.lower() == "none":
+            value = ""
+        cli.setdefault(section, {})[key] = value
+    if flags.get("callback"):
+        cli["callbacks"] = [parse_callback(c) for c in flags["callback"]]
+    return {k: v for k, v in cli.items() if v not in ({}, [])}
+
+
+def _holds_run(out_dir: Path) -> bool:
+    return any((out_dir / f).exists() for f in ("last.pt", "mlrc.json", "fold0/last.pt"))
 
 
 def _stamp(path: Path) -> int | None:
@@ -382,23 +452,31 @@ def _stamp(path: Path) -> int | None:
 
 
 def _check_resume(resume: Path, out_dir: Path, ckpt: dict[str, Any], epochs: int | None) -> None:
-    """Resuming never destroys epochs: not from a checkpoint older than the run's last.pt, and
-    not with fewer --epochs than the run has trained."""
-    from dmlkit.train import load_checkpoint
+    """Resuming never destroys epochs nor another run: not from a checkpoint of another run than
+    the directory's own, not from one older than the run's last.pt, and not with fewer --epochs
+    than the run has trained."""
+    from dmlkit import checkpoint
 
     last = out_dir / "last.pt"
     if not resume.is_dir() and last.is_file() and resume.resolve() != last.resolve():
         try:
-            last_epoch = load_checkpoint(last)["epoch"]
+            mine = checkpoint.load(last)
         except DmlkitError:
             raise DmlkitError(
                 f"{last} cannot be read, and resuming from {resume.name} would replace it; copy {resume.name} "
                 "into a new directory and resume there"
             ) from None
-        if last_epoch > ckpt["epoch"]:
+        theirs_id, mine_id = checkpoint.run_id(ckpt), checkpoint.run_id(mine)
+        other = theirs_id != mine_id if theirs_id and mine_id else ckpt["config"] != mine["config"]
+        if other:
             raise DmlkitError(
-                f"{resume} is epoch {ckpt['epoch']} but {last} holds epoch {last_epoch}: continuing from it would "
-                f"overwrite epochs {ckpt['epoch'] + 1}-{last_epoch}; continue the run with --resume {out_dir}, or "
+                f"{resume} is a checkpoint of another run than {out_dir}'s, and resuming it here would replace that "
+                f"run's files; copy it as last.pt into a new directory and resume that"
+            )
+        if mine["epoch"] > ckpt["epoch"]:
+            raise DmlkitError(
+                f"{resume} is epoch {ckpt['epoch']} but {last} holds epoch {mine['epoch']}: continuing from it would "
+                f"overwrite epochs {ckpt['epoch'] + 1}-{mine['epoch']}; continue the run with --resume {out_dir}, or "
                 f"copy {resume.name} into a new directory as last.pt and resume that"
             )
     if epochs is not None and epochs < ckpt["epoch"]:
@@ -421,13 +499,13 @@ class _writing:
         self.lock = RunLock(out_dir) if distributed.is_main() else None
 
     def __enter__(self) -> None:
-        from dmlkit.rundir import best_checkpoint
+        from dmlkit.checkpoint import best_checkpoint
 
         if self.lock is None:
             return
         self.lock.__enter__()
         try:
-            if self.new and any((self.out_dir / f).exists() for f in ("last.pt", "mlrc.json", "fold0/last.pt")):
+            if self.new and _holds_run(self.out_dir):
                 raise DmlkitError(
                     f"{self.out_dir} already holds a run; continue it with --resume {self.out_dir} or pick another "
                     "--run-dir"
@@ -481,7 +559,7 @@ def done_lines(out_dir: Path, results: dict[str, Any]) -> list[str]:
 
 def _num(v: Any, key: str = "metric") -> str:
     """A value as printed everywhere (:func:`dmlkit.train.fmt`): metrics to 4 decimals, '-' if missing."""
-    from dmlkit.train import fmt
+    from dmlkit.console import fmt
 
     return fmt(key, float(v)) if isinstance(v, int | float) and not isinstance(v, bool) else "-"
 
@@ -494,16 +572,19 @@ def _settings_text(settings: dict[str, Any]) -> str:
 
 
 def _print_mlrc(result: dict[str, Any], out_dir: Path) -> None:
+    metric = result.get("best_metric", "map_at_r")
+    keys = [k for k in ("precision_at_1", "r_precision", "map_at_r") if all(k in m for m in result["models"])]
     table = Table(title="MLRC: test metrics per fold model and concatenated")
-    keys = ["precision_at_1", "r_precision", "map_at_r"]
-    for col in ("model", "val MAP@R", "P@1", "R-Prec", "MAP@R"):
+    from dmlkit.console import SHORT_NAMES
+
+    for col in ("model", f"val {metric}", *(SHORT_NAMES.get(k, k) for k in keys)):
         table.add_column(col, justify="right")
     for m in result["models"]:
-        table.add_row(f"fold {m['fold']}", f"{m['val_map_at_r']:.4f}", *[f"{m[k]:.4f}" for k in keys])
+        table.add_row(f"fold {m['fold']}", _num(m.get("val_value")), *[_num(m[k], k) for k in keys])
     c = result["concatenated"]
-    table.add_row(f"concatenated ({c['dim']}-d)", "", *[f"{c[k]:.4f}" for k in keys])
+    table.add_row(f"concatenated ({c['dim']}-d)", "", *[_num(c.get(k), k) for k in keys])
     console.print(table)
-    console.print(f"wrote {out_dir / 'mlrc.json'}")
+    console.print(escape(f"wrote {out_dir / 'mlrc.json'}"), soft_wrap=True)
 
 
 def _default_run_dir(cfg: dict[str, Any]) -> Path:
@@ -518,42 +599,68 @@ def evaluate_cmd(
     labels: Annotated[Path | None, typer.Option(help="Labels .npy [N].")] = None,
     query_mask: Annotated[Path | None, typer.Option(help="Boolean .npy [N]: the queries.")] = None,
     gallery_mask: Annotated[Path | None, typer.Option(help="Boolean .npy [N]: the gallery.")] = None,
-    ks: Annotated[str, typer.Option(help="Recall@K cut-offs, comma-separated.")] = "1,2,4,8",
-    backend: Annotated[str, typer.Option(help="k-NN backend: auto, faiss, torch.")] = "auto",
-    clustering: Annotated[bool, typer.Option(help="Also NMI/AMI of k-means (minutes at SOP size on a CPU).")] = False,
-    per_class: Annotated[bool, typer.Option(help="Add per-class P@1, R-Precision, MAP@R, Recall@K (JSON).")] = False,
+    evaluator: Annotated[
+        str | None,
+        typer.Option(
+            help="Evaluator (default: the run's own; retrieval for --embeddings).",
+            autocompletion=_complete("evaluator"),
+        ),
+    ] = None,
+    evaluator_opt: Opts = None,
+    ks: Annotated[str | None, typer.Option(help="Recall@K cut-offs, comma-separated (evaluator option ks).")] = None,
+    backend: Annotated[str | None, typer.Option(help="k-NN backend: auto, faiss, torch (evaluator option).")] = None,
+    clustering: Annotated[
+        bool | None, typer.Option(help="Also NMI/AMI of k-means (minutes at SOP size on a CPU; evaluator option).")
+    ] = None,
+    per_class: Annotated[
+        bool | None, typer.Option(help="Add per-class P@1, R-Precision, MAP@R, Recall@K (JSON; evaluator option).")
+    ] = None,
     checkpoint: Annotated[str, typer.Option(help="With a run directory: last or best.")] = "best",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Metrics of saved embeddings (--embeddings/--labels) or of a trained run's test set."""
-    try:
-        k_list = [int(k) for k in ks.split(",") if k.strip()]
-    except ValueError:
-        raise DmlkitError(f"--ks must be comma-separated integers, e.g. 1,2,4,8; got {ks!r}") from None
-    evaluator = get_host().registry.build(
-        "evaluator", "retrieval", ks=k_list, backend=backend, clustering=clustering, per_class=per_class
-    )
+    """Metrics of saved embeddings (--embeddings/--labels) or of a trained run's test set, by the run's
+    own evaluator unless --evaluator names another."""
+    from dmlkit.config import parse_assignments
+
+    overrides = parse_assignments(evaluator_opt or [], "--evaluator-opt")
+    if ks is not None:
+        try:
+            overrides["ks"] = [int(k) for k in ks.split(",") if k.strip()]
+        except ValueError:
+            raise DmlkitError(f"--ks must be comma-separated integers, e.g. 1,2,4,8; got {ks!r}") from None
+    for key, value in (("backend", backend), ("clustering", clustering), ("per_class", per_class)):
+        if value is not None:
+            overrides[key] = value
     if embeddings is not None:
         if run is not None:
             raise DmlkitError("give either a run directory or --embeddings/--labels, not both")
         if labels is None:
             raise DmlkitError("--embeddings needs --labels LABELS.npy")
+        built = _evaluator(evaluator or "retrieval", overrides)
         emb, lab = _load_npy(embeddings, "embeddings"), _load_npy(labels, "labels")
         qm = _load_npy(query_mask, "query mask") if query_mask else None
         gm = _load_npy(gallery_mask, "gallery mask") if gallery_mask else None
         with console.status(f"evaluating {len(lab):,} embeddings"):
-            metrics = evaluator(emb, lab, qm, gm)
+            metrics = built(emb, lab, qm, gm)
     elif run is not None:
         trainer = _trainer_from(run, checkpoint)
+        own = trainer.cfg["evaluator"]
+        name = evaluator or own["name"]
+        base = {k: v for k, v in own.items() if k != "name"} if name == own["name"] else {}
+        built = _evaluator(name, {**base, **overrides})
         emb, lab = trainer.embed(trainer.test_split, "embedding the test images")
         with console.status(f"evaluating {len(lab):,} test embeddings"):
-            metrics = evaluator(emb, lab, trainer.test_split.query_mask, trainer.test_split.gallery_mask)
-        chosen = _checkpoint_note(trainer, checkpoint)
+            metrics = built(emb, lab, trainer.test_split.query_mask, trainer.test_split.gallery_mask)
+        chosen = {**_checkpoint_note(trainer, checkpoint), "evaluator": name}
         if as_json:
             metrics = {**metrics, "checkpoint": chosen}
         else:
             console.print(
-                f"test metrics of {chosen['file']}: epoch {chosen['epoch']} ({chosen['selected_by']})", soft_wrap=True
+                escape(
+                    f"test metrics of {chosen['file']}: epoch {chosen['epoch']} ({chosen['selected_by']}), "
+                    f"evaluator {name}"
+                ),
+                soft_wrap=True,
             )
     else:
         raise DmlkitError("nothing to evaluate: pass a run directory, or --embeddings X.npy --labels Y.npy")
@@ -566,9 +673,16 @@ def evaluate_cmd(
     table.add_column("value", justify="right")
     for k, v in metrics.items():
         if k != "checkpoint":
-            table.add_row(k, _num(v, k) if isinstance(v, float) else str(v))
+            table.add_row(k, _num(v, k) if isinstance(v, float) else escape(str(v)))
     console.print(table)
     console.print(f"[dim]{LEGEND}[/dim]", soft_wrap=True)
+
+
+def _evaluator(name: str, options: dict[str, Any]) -> Any:
+    """Build an evaluator; an option it does not take is refused by the registry with its valid options."""
+    registry = get_host().registry
+    with registry.active():
+        return registry.build("evaluator", name, **options)
 
 
 def embed_cmd(
@@ -578,7 +692,7 @@ def embed_cmd(
     checkpoint: Annotated[str, typer.Option(help="With a run directory: last or best.")] = "best",
 ) -> None:
     """Write a trained model's embeddings and labels (and query/gallery masks) as .npy files."""
-    import numpy as np
+    from dmlkit.fileio import save_npy, writable_error
 
     if split not in ("test", "train"):
         raise DmlkitError(f"--split must be test or train; got {split!r}")
@@ -590,22 +704,13 @@ def embed_cmd(
     arrays = {"embeddings": emb, "labels": lab}
     if data.query_mask is not None:
         arrays.update(query_mask=data.query_mask, gallery_mask=data.gallery_mask)
-    from dmlkit.rundir import writable_error
-
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise writable_error(out, exc, "to folder") from None
     for name, array in arrays.items():  # each file whole, or the old one left as it was
-        path, tmp = out / f"{name}.npy", out / f"{name}.npy.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                np.save(f, array)
-            os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise writable_error(path, exc, "file") from None
-    console.print(f"wrote {len(emb)} embeddings of size {emb.shape[1]} to {out}/")
+        save_npy(out / f"{name}.npy", array)
+    console.print(escape(f"wrote {len(emb)} embeddings of size {emb.shape[1]} to {out}/"), soft_wrap=True)
 
 
 def report_cmd(
@@ -753,10 +858,36 @@ def _plain_flags(command: Any) -> None:
         _plain_flags(sub)
 
 
+def _show_deprecations() -> None:
+    """dmlkit's deprecation warnings (a plugin using a 0.1 name) are printed as yellow lines on
+    stderr, each once per command; Python would hide them."""
+    import warnings
+
+    from dmlkit.errors import DmlkitDeprecationWarning
+
+    _state["deprecations"] = set()
+    if getattr(warnings.showwarning, "dmlkit", False):
+        return
+    default_show = warnings.showwarning
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if not issubclass(category, DmlkitDeprecationWarning):
+            return default_show(message, category, filename, lineno, file, line)
+        printed = _state.setdefault("deprecations", set())
+        if str(message) not in printed:
+            printed.add(str(message))
+            err_console.print(f"[yellow]warning: {escape(str(message))}[/yellow]", soft_wrap=True)
+
+    show.dmlkit = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
+    warnings.filterwarnings("always", category=DmlkitDeprecationWarning)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one red line and a non-zero exit (``--debug`` shows tracebacks)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    _show_deprecations()
     if hasattr(signal, "SIGXFSZ"):  # over the file size limit (ulimit -f): an OSError to report, not a kill
         try:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -9,83 +9,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from dmlkit import settings as settings_module
 from dmlkit.errors import DmlkitError, OptionError
 from dmlkit.registry import Registry, _coerce, _expected_types, _suggest
 
-#: Trainer settings, their defaults and (where it matters) their allowed range or values.
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "epochs": 20,
-    "batch_size": 64,
-    "lr": 1e-3,
-    "optimizer": "adam",
-    "weight_decay": 0.0,
-    "scheduler": "cosine",
-    "warmup_epochs": 0,
-    "backbone_lr_multiplier": 1.0,
-    "head_lr_multiplier": 1.0,
-    "grad_clip": 0.0,
-    "embedding_size": 128,
-    "pooling": "avg",
-    "head_norm": "none",
-    "head_init": "random",
-    "normalize_embeddings": True,
-    "freeze_bn": False,
-    "freeze_backbone": False,
-    "feature_cache": False,
-    "cache_views": 1,
-    "cache_dir": "",
-    "seed": 0,
-    "device": "auto",
-    "amp": True,
-    "num_workers": -1,
-    "eval_every": 1,
-    "eval_at_start": False,
-    "eval_batch_size": 256,
-    "best_metric": "map_at_r",
-    "selection": "validation",
-    "test_every_epoch": False,
-    "nonfinite": "stop",
-    "sync_every": 25,
-    "val_fraction": 0.2,
-    "val_split": "classes",
-    "val_every_steps": 0,
-    "folds": 0,
-    "fold": 0,
-    "run_dir": "",
-}
-CHOICES = {
-    "optimizer": ("adam", "adamw", "sgd"),
-    "scheduler": ("none", "cosine", "step"),
-    "pooling": ("avg", "max", "avgmax"),
-    "head_norm": ("none", "layernorm", "batchnorm"),
-    "head_init": ("random", "identity"),
-    "nonfinite": ("stop", "skip"),
-    "selection": ("validation", "last", "test_set_biased"),
-    "val_split": ("classes", "samples"),
-}
-POSITIVE = ("epochs", "batch_size", "lr", "eval_every", "eval_batch_size", "cache_views", "sync_every")
-NON_NEGATIVE = (
-    "embedding_size",
-    "weight_decay",
-    "warmup_epochs",
-    "grad_clip",
-    "backbone_lr_multiplier",
-    "head_lr_multiplier",
-    "seed",
-    "val_every_steps",
-)
-#: Upper bounds: beyond them a value is a typo or a unit mistake, and would fail later (an
-#: allocation of terabytes, a seed that overflows the generators) or train a broken model silently.
-MAXIMUM = {
-    "lr": 10.0,
-    "seed": 2**32 - 1,
-    "embedding_size": 65536,
-    "batch_size": 2**20,
-    "eval_batch_size": 2**20,
-    "epochs": 1_000_000,
-    "num_workers": 1024,
-    "cache_views": 1024,
-}
+#: Trainer settings and their defaults; each is declared once, with its type, bounds and help, in
+#: :mod:`dmlkit.settings`.
+TRAIN_DEFAULTS: dict[str, Any] = settings_module.defaults()
+CHOICES = {s.name: s.choices for s in settings_module.SETTINGS if s.choices}
 
 #: Component sections (each named after the kind it builds) and their default component ("" = none).
 SECTIONS: dict[str, str] = {
@@ -208,7 +139,7 @@ def resolve(user: dict[str, Any], registry: Registry) -> tuple[dict[str, Any], d
     user = copy.deepcopy(user)
     loss = user.get("loss")
     if isinstance(loss, dict) and isinstance(loss.get("name"), str) and "+" in loss["name"]:
-        user["loss"] = {**loss, **parse_combination(loss["name"])}
+        user["loss"] = {**loss, **parse_combination(loss["name"], registry)}
     for section in SECTIONS:  # aliases to names, so that a recommendation meets the user's choice
         name = user.get(section, {}).get("name") if isinstance(user.get(section), dict) else None
         if isinstance(name, str) and name and (section, name) in registry:
@@ -237,8 +168,9 @@ def resolve(user: dict[str, Any], registry: Registry) -> tuple[dict[str, Any], d
     return validate(merge(merge(default_config(), recs), user), registry), applied
 
 
-def parse_combination(text: str) -> dict[str, Any]:
-    """A loss name with '+', ``"triplet+0.5*softmax"``, is shorthand for the ``combined`` loss:
+def parse_combination(text: str, registry: Registry | None = None) -> dict[str, Any]:
+    """A loss name with '+', ``"triplet+0.5*softmax"``, is shorthand for the loss that declares
+    ``combines_terms = True`` (the built-in ``combined``):
     ``{"name": "combined", "terms": ["triplet", "softmax"], "weights": [1.0, 0.5]}``."""
     terms, weights = [], []
     for part in text.split("+"):
@@ -251,17 +183,30 @@ def parse_combination(text: str) -> dict[str, Any]:
             raise OptionError(f"loss {text!r}: a term has no loss name; write e.g. triplet+0.5*softmax")
         terms.append(name.strip())
         weights.append(w)
-    return {"name": "combined", "terms": terms, "weights": weights}
+    return {"name": combiner(registry) if registry is not None else "combined", "terms": terms, "weights": weights}
+
+
+def combiner(registry: Registry) -> str:
+    """The name of the loss that combines terms (its factory declares ``combines_terms = True``)."""
+    names = [spec.name for spec in registry.specs("loss") if getattr(spec.factory, "combines_terms", False) is True]
+    if len(names) != 1:
+        found = f"{len(names)} losses do ({', '.join(names)})" if names else "none does"
+        raise OptionError(
+            f"a loss written with '+' needs exactly one installed loss that combines terms; {found}: name the "
+            "combining loss and its terms in [loss] instead"
+        )
+    return names[0]
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """``override`` on top of ``base``; a new component name drops the old component's options."""
+    """``override`` on top of ``base``, table by table at every depth (``loss.base_options.a`` and
+    ``loss.base_options.b`` both survive); a table that names another component (``name``) replaces
+    the old one, whose options would not fit the new component."""
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            if "name" in value and value["name"] != out[key].get("name"):
-                out[key] = {}
-            out[key].update(value)
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and value.get("name", old.get("name")) == old.get("name"):
+            out[key] = merge(old, value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -291,18 +236,8 @@ def _validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
         if key not in TRAIN_DEFAULTS:
             raise OptionError(f"unknown train setting '{key}'{_suggest(key, TRAIN_DEFAULTS)}")
         train[key] = _coerce("train setting", key, value, _expected_types(None, TRAIN_DEFAULTS[key]))
-    for key in POSITIVE:
-        if not train[key] > 0:
-            raise OptionError(f"train setting '{key}' must be > 0; got {train[key]}")
-    for key in NON_NEGATIVE:
-        if train[key] < 0:
-            raise OptionError(f"train setting '{key}' must be >= 0; got {train[key]}")
-    for key, most in MAXIMUM.items():
-        if train[key] > most:
-            raise OptionError(f"train setting '{key}' must be <= {most}; got {train[key]}")
-    for key, choices in CHOICES.items():
-        if train[key] not in choices:
-            raise OptionError(f"train setting '{key}' must be one of {', '.join(choices)}; got {train[key]!r}")
+    for setting in settings_module.SETTINGS:
+        setting.check(train[setting.name])
     if not 0 <= train["val_fraction"] < 1:
         raise OptionError(f"train setting 'val_fraction' must be in [0, 1); got {train['val_fraction']}")
     if train["folds"] < 0 or train["folds"] == 1 or not 0 <= train["fold"] < max(train["folds"], 1):

@@ -26,3 +26,8 @@ class DataError(DmlkitError):
 
 class TrainingError(DmlkitError):
     """Training cannot go on (non-finite loss, out of memory, a failing plugin)."""
+
+
+class DmlkitDeprecationWarning(DeprecationWarning):
+    """A plugin or script uses a name that dmlkit will remove in its next minor release; the
+    message says what to use instead. The command line shows these; ``check_plugin`` lists them."""

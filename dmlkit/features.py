@@ -18,10 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.markup import escape
 from torch import Tensor
 
 from dmlkit.data import Split
+from dmlkit.embedding import embed_dataset, in_eval_mode
 from dmlkit.errors import DmlkitError
+from dmlkit.fileio import save_torch
+from dmlkit.runtime import loader_workers, seed_everything
 
 FORMAT = 1
 
@@ -98,11 +102,11 @@ class FeatureCache:
             feats = self._compute(split, view, what)
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-                torch.save(feats, tmp)
-                os.replace(tmp, path)
-            except OSError as exc:
-                self.trainer.console.print(f"[yellow]warning: cannot write the feature cache {path}: {exc}[/yellow]")
+                save_torch(feats, path, "feature cache file", unique=True)  # several runs may share the cache
+            except (OSError, DmlkitError) as exc:
+                self.trainer.console.print(
+                    f"[yellow]warning: {escape(str(exc))} (the run goes on without caching)[/yellow]", soft_wrap=True
+                )
         self._memory[key] = feats
         return feats
 
@@ -110,47 +114,28 @@ class FeatureCache:
     def _compute(self, split: Split, view: int | None, what: str) -> Tensor:
         import random
 
-        from dmlkit.train import seed_everything
-
         tr = self.trainer
         # each view its own, run-independent draw; the run's own random streams are left as they were
         states = (random.getstate(), np.random.get_state())
         with torch.random.fork_rng(devices=[tr.device] if tr.device.type == "cuda" else []):
             seed_everything(10_007 + (view if view is not None else -1))
-            out = self._embed(split, what)
+            model = tr.model
+            with in_eval_mode(model.backbone):
+                out = embed_dataset(
+                    lambda x: model.head.pool(model.backbone(x)),
+                    split,
+                    device=tr.device,
+                    batch_size=tr.settings["eval_batch_size"],
+                    workers=loader_workers(tr.settings["num_workers"], split.items),
+                    amp=tr.settings["amp"],
+                    console=tr.console,
+                    what=f"feature cache: {what}",
+                )
         random.setstate(states[0])
         np.random.set_state(states[1])
-        return out
-
-    def _embed(self, split: Split, what: str) -> Tensor:
-        from torch.utils.data import DataLoader
-
-        from dmlkit.train import progress_bar
-
-        tr = self.trainer
-        loader = DataLoader(
-            split,
-            batch_size=tr.settings["eval_batch_size"],
-            shuffle=False,
-            num_workers=tr.loader_workers(split),
-            worker_init_fn=None,
-        )
-        model = tr.model
-        model.backbone.eval()
-        progress = progress_bar(tr.console, f"feature cache: {what}")
-        out = []
-        with progress:
-            task = progress.add_task("cache", total=len(split))
-            for x, _ in loader:
-                x = x.to(tr.device)
-                if tr.device.type == "cuda":
-                    x = x.to(memory_format=torch.channels_last)
-                with tr.autocast():
-                    out.append(model.head.pool(model.backbone(x)).float().cpu())
-                progress.advance(task, len(x))
-        if not out:
+        if not len(out):
             raise DmlkitError(f"the {what} split is empty: nothing to cache")
-        return torch.cat(out)
+        return out
 
     def train_views(self) -> Tensor:
         """[views, N, F] the training split's features (the whole dataset's training split is cached,

@@ -2,7 +2,7 @@
 
 Each ``register_*`` hook receives ``register``, a callable bound to the calling plugin:
 call ``register(ComponentSpec(...))`` once per component. Training events are not
-pluggy hooks: they go to the run's components (see :mod:`dmlkit.callbacks`).
+pluggy hooks: they go to the run's components, as :mod:`dmlkit.contract` declares.
 """
 
 import pluggy

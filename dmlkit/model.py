@@ -7,10 +7,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dmlkit.config import CHOICES
 from dmlkit.errors import OptionError
+from dmlkit.settings import BY_NAME
 
-POOLINGS, NORMS, INITS = CHOICES["pooling"], CHOICES["head_norm"], CHOICES["head_init"]  # one list of each
+POOLINGS, NORMS, INITS = (BY_NAME[k].choices for k in ("pooling", "head_norm", "head_init"))  # one list of each
 
 
 class EmbeddingHead(nn.Module):

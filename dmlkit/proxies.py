@@ -101,8 +101,10 @@ class ProxyBank(nn.Module):
         self.register_buffer("class_ids", ids)
         self.lr_multiplier = float(lr_multiplier)
         self.initializer = build_initializer(proxy_init)
-        if self.initializer is not None and getattr(self.initializer, "needs_pool", True) and pool_rounds < per_class:
-            raise OptionError(f"pool_rounds ({pool_rounds}) must be >= proxies per class ({per_class})")
+        if self.initializer is not None and getattr(self.initializer, "needs_pool", True):
+            if pool_rounds < per_class:
+                raise OptionError(f"pool_rounds ({pool_rounds}) must be >= proxies per class ({per_class})")
+            check_pool_size(num_classes, pool_rounds, per_class, dim)
         self.pool_rounds = pool_rounds
         #: set by a wrapper (e.g. CCP) that initialises and re-initialises this bank itself
         self.driven_by: str | None = None
@@ -193,6 +195,8 @@ class ProxyBank(nn.Module):
             raise OptionError("no proxy initializer: set proxy_init")
         rounds = self.pool_rounds if rounds is None else rounds
         needs_pool = getattr(init, "needs_pool", True)
+        if needs_pool:
+            check_pool_size(self.num_classes, rounds, self.per_class, self.dim)
         pool = embed_pool(trainer, rounds, seed, self.class_ids.cpu().numpy()) if needs_pool else None
         prev = self.vectors.detach() if previous is None else previous.to(self.vectors)
         start = time.perf_counter()
@@ -211,10 +215,31 @@ class ProxyBank(nn.Module):
         return info
 
     # -- training event: the bank's own proxy_init at the start ----------------------------
-    def on_train_start(self, trainer: Any) -> None:
+    def on_train_start(self, run: Any) -> None:
         if self.initializer is None or self.driven_by is not None:
             return
-        self.reinitialise(trainer, seed=trainer.settings["seed"])
+        info = self.reinitialise(run, seed=run.settings["seed"])
+        run.log_event(event="proxy_init", per_class=self.per_class, **info)
+
+
+#: The most embedded samples a proxy pool may hold, and the most bytes its vectors and an
+#: initializer's distance tables may take: beyond them a run would take hours or be killed.
+MAX_POOL_ITEMS = 2_000_000
+MAX_POOL_BYTES = 4 * 2**30
+
+
+def check_pool_size(num_classes: int, rounds: int, per_class: int, dim: int) -> None:
+    """Refuse, with the numbers, a pool that would not fit in memory or take hours to embed:
+    ``num_classes x rounds`` samples of ``dim`` floats, and the ``[C, rounds, per_class]``
+    distances a k-center pick keeps."""
+    items = num_classes * rounds
+    size = 4 * items * (dim + per_class)
+    if items > MAX_POOL_ITEMS or size > MAX_POOL_BYTES:
+        raise OptionError(
+            f"a proxy pool of {rounds} samples x {num_classes} classes ({items:,} images to embed, about "
+            f"{size / 2**30:.1f} GiB with {per_class} proxies per class) is beyond dmlkit's bounds "
+            f"({MAX_POOL_ITEMS:,} images, {MAX_POOL_BYTES / 2**30:.0f} GiB); lower pool_rounds or proxies_per_class"
+        )
 
 
 def banks(module: nn.Module) -> list[ProxyBank]:
@@ -223,48 +248,27 @@ def banks(module: nn.Module) -> list[ProxyBank]:
 
 
 @torch.no_grad()
-def embed_pool(trainer: Any, rounds: int, seed: int, class_ids: np.ndarray | None = None) -> Tensor:
+def embed_pool(run: Any, rounds: int, seed: int, class_ids: np.ndarray | None = None) -> Tensor:
     """[C, rounds, D]: per round one random training image of every class in ``class_ids``
     (default: all training classes, in label order), without replacement within a class until
     it is exhausted, with training augmentation, embedded by the current network in inference
-    mode (raw outputs of the model, as the run's head gives them). Shows progress."""
-    from torch.utils.data import DataLoader, Subset
+    mode (raw outputs of the model, as the run's head gives them). Shows progress.
 
-    from dmlkit.train import progress_bar
+    ``run`` is the run context a component receives in its events (or the trainer itself):
+    this is ``run.embed_pool(rounds, seed, class_ids)``."""
+    return run.embed_pool(rounds, seed, class_ids)
 
-    labels = np.asarray(trainer.train_split.labels)
+
+def pool_index(labels: np.ndarray, rounds: int, seed: int, class_ids: np.ndarray | None = None) -> np.ndarray:
+    """[C, rounds] training item indices of :func:`embed_pool`'s pool."""
+    labels = np.asarray(labels)
     classes = np.unique(labels) if class_ids is None else np.asarray(class_ids)
     rng = np.random.default_rng(seed)
     idx = np.empty((len(classes), rounds), dtype=np.int64)
-    for row, c in enumerate(classes):  # index bookkeeping only; the embedding below is batched
+    for row, c in enumerate(classes):  # index bookkeeping only; the embedding is batched
         items = np.flatnonzero(labels == c)
         if not len(items):
             raise OptionError(f"class {c} has no training sample to initialise its proxies from")
         order = np.concatenate([rng.permutation(items) for _ in range(-(-rounds // len(items)))])
         idx[row] = order[:rounds]
-    cache = getattr(trainer, "features", None)
-    if cache is not None:  # the frozen-backbone fast path: cached augmented views through the head
-        was = trainer.model.training
-        trainer.model.eval()
-        with torch.no_grad():
-            feats = cache.train_items(idx.reshape(-1), seed).to(trainer.device)
-            out = torch.cat([trainer.model.head(f).float() for f in feats.split(trainer.settings["eval_batch_size"])])
-        trainer.model.train(was)
-        return out.reshape(len(classes), rounds, -1)
-    loader = DataLoader(
-        Subset(trainer.train_split, idx.reshape(-1).tolist()),
-        batch_size=trainer.settings["eval_batch_size"],
-        num_workers=0,
-    )
-    progress = progress_bar(trainer.console, "embedding the proxy pool")
-    was = trainer.model.training
-    trainer.model.eval()
-    out = []
-    with progress:
-        task = progress.add_task("pool", total=idx.size)
-        for x, _ in loader:
-            with trainer.autocast():
-                out.append(trainer.model(x.to(trainer.device)).float())
-            progress.advance(task, len(x))
-    trainer.model.train(was)
-    return torch.cat(out).reshape(len(classes), rounds, -1)
+    return idx

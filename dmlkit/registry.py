@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import contextvars
 import difflib
 import inspect
 import re
+import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -149,7 +151,7 @@ def _expected_types(hint: Any, default: Any) -> tuple[type, ...] | None:
     if hint is not None:
         args = typing.get_args(hint)
         origin = typing.get_origin(hint)
-        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if origin in (typing.Union, types.UnionType):
             flat: list[type] = []
             for a in args:
                 t = _expected_types(a, inspect.Parameter.empty)
@@ -161,7 +163,7 @@ def _expected_types(hint: Any, default: Any) -> tuple[type, ...] | None:
             return (type(None),)
         if hint in (int, float, bool, str):
             return (hint,)
-        if origin in (list, tuple) or hint in (list, tuple):
+        if origin in _SEQUENCES or hint in _SEQUENCES:
             return (list, tuple)
         return None
     if isinstance(default, bool):
@@ -171,6 +173,24 @@ def _expected_types(hint: Any, default: Any) -> tuple[type, ...] | None:
     if isinstance(default, list | tuple):
         return (list, tuple)
     return None
+
+
+#: Annotations whose values are lists (TOML arrays): list[int], tuple, Sequence[int] ...
+_SEQUENCES = (list, tuple, collections.abc.Sequence, collections.abc.MutableSequence, collections.abc.Collection,
+              collections.abc.Iterable)  # fmt: skip
+
+
+def _element_types(hint: Any) -> tuple[type, ...] | None:
+    """The plain types a sequence annotation's items may take (``Sequence[int]`` -> (int,)), or None."""
+    args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for a in args:
+            if typing.get_origin(a) in _SEQUENCES or a in _SEQUENCES:
+                return _element_types(a)
+        return None
+    if len(set(args)) != 1:
+        return None
+    return _expected_types(args[0], inspect.Parameter.empty)
 
 
 def _coerce(where: str, option: str, value: Any, types: tuple[type, ...] | None) -> Any:
@@ -330,7 +350,14 @@ class Registry:
         for key, value in options.items():
             p = params.get(key)
             default = p.default if p is not None else inspect.Parameter.empty
-            merged[key] = _coerce(f"{kind} '{spec.name}': option", key, value, _expected_types(hints.get(key), default))
+            where = f"{kind} '{spec.name}': option"
+            expected = _expected_types(hints.get(key), default)
+            if expected and list in expected and isinstance(value, str) and str not in expected:
+                raise OptionError(f"{where} '{key}' is a list: write {key}=[{value}] (TOML array); got {value!r}")
+            merged[key] = _coerce(where, key, value, expected)
+            items = _element_types(hints.get(key)) if isinstance(value, list | tuple) else None
+            for i, item in enumerate(value if items else ()):
+                _coerce(where, f"{key}[{i}]", item, items)
         return merged
 
     def build(self, kind: str, name: str, context: Mapping[str, Any] | None = None, **options: Any) -> Any:
@@ -400,11 +427,12 @@ def option_help(doc: str, names: list[str]) -> dict[str, str]:
         found.setdefault(m.group(1), m.group(2).strip())
     flat = " ".join(doc.split())
     sentences = re.split(r"(?<=[.;])\s+(?=[A-Z`(])", flat)
+    patterns = {n: re.compile(rf"``{re.escape(n)}``|(?<!`)`{re.escape(n)}`(?!`)") for n in names}
     for name in names:
         if name in found:
             continue
-        pattern = re.compile(rf"``{re.escape(name)}``|(?<!`)`{re.escape(name)}`(?!`)")
-        hit = next((s for s in sentences if pattern.search(s)), "")
+        # a sentence that names this option and no other (one that names several helps none of them)
+        hit = next((s for s in sentences if [n for n, p in patterns.items() if p.search(s)] == [name]), "")
         found[name] = hit
     return {n: found.get(n, "") for n in names}
 

@@ -1,5 +1,6 @@
-"""A run directory's safety rules: one writer at a time, files replaced whole, best.pt that
-always holds the recorded best epoch, and a failed new run that leaves nothing behind.
+"""A run directory's safety rules: one writer at a time (:class:`RunLock`), and a failed new run
+that leaves nothing behind. Files are replaced whole by :mod:`dmlkit.fileio`; ``best.pt`` is kept
+equal to the recorded best epoch by :func:`dmlkit.checkpoint.best_checkpoint`.
 
 Test hook: ``DMLKIT_CRASH_AT=POINT:EPOCH`` makes the training process end at once
 (``os._exit(137)``, as a SIGKILL would: no clean-up runs) at one checkpoint write point of
@@ -16,7 +17,21 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from dmlkit.checkpoint import best_checkpoint
 from dmlkit.errors import DmlkitError
+from dmlkit.fileio import short as _short
+from dmlkit.fileio import writable_error, write_text
+
+__all__ = [
+    "CRASH_ENV",
+    "RunLock",
+    "best_checkpoint",
+    "check_crash_env",
+    "crash_point",
+    "held",
+    "writable_error",
+    "write_text",
+]
 
 CRASH_ENV = "DMLKIT_CRASH_AT"
 CRASH_POINTS = ("before", "between", "after")
@@ -42,46 +57,6 @@ def check_crash_env() -> None:
         raise DmlkitError(
             f"{CRASH_ENV}={spec!r} is not POINT:EPOCH with POINT one of {', '.join(CRASH_POINTS)} (a test hook); unset it"
         )
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file and a rename, and only if it differs from what is
-    there: an interrupted or failed write (full disk) leaves the old file, and an unchanged file
-    keeps its time stamp."""
-    try:
-        if path.is_file() and path.read_text(encoding="utf-8") == text:
-            return
-    except (OSError, UnicodeDecodeError):
-        pass
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def writable_error(path: Path, exc: OSError, what: str) -> DmlkitError:
-    """A one-line error for a write that failed: full disk, file size limit, read-only, no permission."""
-    reason = {
-        errno.ENOSPC: "the disk is full",
-        errno.EDQUOT: "the disk quota is exceeded",
-        errno.EFBIG: "the file size limit (ulimit -f) is reached",
-        errno.EROFS: "the file system is read-only",
-        errno.EACCES: "permission denied",
-        errno.EPERM: "permission denied",
-        errno.ENAMETOOLONG: "the path is too long",
-    }.get(exc.errno, exc.strerror or type(exc).__name__)
-    return DmlkitError(f"cannot write {what} {_short(path)}: {reason}; the files written before are intact")
-
-
-def _short(path: Path | str, limit: int = 120) -> str:
-    text = str(path)
-    return text if len(text) <= limit else text[: limit // 2] + "..." + text[-limit // 2 :]
 
 
 class RunLock:
@@ -161,48 +136,3 @@ class RunLock:
 
 def held(run_dir: Path) -> bool:
     return Path(run_dir).resolve() in _HELD
-
-
-def best_checkpoint(run_dir: Path, repair: bool, console: Any = None) -> Path:
-    """The file that holds the run's recorded best epoch: ``best.pt`` (repaired from ``last.pt``
-    when a kill fell between their writes), or ``last.pt``.
-
-    ``last.pt`` records the best epoch. If ``best.pt`` holds another epoch and the recorded best
-    is ``last.pt``'s own epoch, the process was killed after writing last.pt and before best.pt:
-    with ``repair``, ``last.pt`` is copied over ``best.pt`` (atomically); without, ``last.pt``
-    is returned. Any other disagreement is an error that says what to do.
-    """
-    from dmlkit.train import load_checkpoint
-
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    if not last_path.is_file():
-        return best_path
-    last = load_checkpoint(last_path)
-    recorded = (last.get("best") or {}).get("epoch")
-    if recorded is None:  # no epoch chosen yet (no validation so far): best.pt need not exist
-        return best_path if best_path.is_file() else last_path
-    best_epoch = load_checkpoint(best_path)["epoch"] if best_path.is_file() else None
-    if best_epoch == recorded:
-        return best_path
-    if recorded != last["epoch"]:
-        raise DmlkitError(
-            f"{_short(best_path)} holds epoch {best_epoch} but the run's recorded best epoch is {recorded}, and "
-            f"last.pt is epoch {last['epoch']}: best.pt cannot be restored; use --checkpoint last"
-        )
-    if not repair:
-        return last_path
-    tmp = best_path.with_name(best_path.name + ".tmp")
-    try:
-        shutil.copyfile(last_path, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, best_path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise writable_error(best_path, exc, "checkpoint") from None
-    if console is not None:
-        console.print(
-            f"[yellow]restored {_short(best_path)} from last.pt: epoch {recorded} is the recorded best "
-            f"(the previous run ended between the two writes; best.pt held epoch {best_epoch})[/yellow]"
-        )
-    return best_path

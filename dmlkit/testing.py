@@ -10,8 +10,11 @@ def test_my_plugin():
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -19,8 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from dmlkit.contract import EVENTS, MEMBERS, RunContext
 from dmlkit.errors import DmlkitError
 from dmlkit.plugins import PluginHost
+from dmlkit.registry import KINDS
 
 #: Values the trainer supplies at run time, used to build components with their defaults.
 CONTEXT: dict[str, Any] = {"num_classes": 4, "embedding_size": 16}
@@ -32,6 +37,10 @@ class PluginReport:
     hooks: list[str]
     components: dict[str, list[str]] = field(default_factory=dict)
     built: dict[str, Any] = field(default_factory=dict)
+    #: deprecation warnings the plugin's components caused (also re-issued as warnings)
+    deprecations: list[str] = field(default_factory=list)
+    #: what was not checked, and why (a dataset without ``options``)
+    skipped: list[str] = field(default_factory=list)
 
 
 def tiny_batch(n: int = 16, dim: int = 16, classes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,11 +52,12 @@ def tiny_batch(n: int = 16, dim: int = 16, classes: int = 4, seed: int = 0) -> t
 def check_plugin(
     module: ModuleType | Any,
     name: str | None = None,
-    with_builtins: bool = True,
+    with_builtins: bool | str = True,
     options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> PluginReport:
     """Register ``module`` beside the built-ins, then build and call each of its components on tiny
-    data with the context the trainer gives that kind.
+    data with the context the trainer gives that kind. ``with_builtins``: all built-in plugins
+    (True), none (False), or some, named as ``$DMLKIT_PLUGINS`` names them (``"losses,proxies"``).
 
     Raises :class:`~dmlkit.errors.DmlkitError` naming the plugin, kind, component and what to fix
     when the plugin fails to register or clashes with another, an option's default does not fit its
@@ -65,40 +75,85 @@ def check_plugin(
     - backbone: a forward pass on its ``input_spec`` giving ``out_features`` channels;
     - callback: every ``on_*`` method is a training event (a typo is never called).
 
+    - dataset: built with ``options[name]`` (a dataset needs data on disk: without options it is
+      skipped, and ``report.skipped`` says so), returning ``DatasetSplits`` whose splits pass the
+      trainer's checks;
+    - every kind: the optional class attributes of :data:`dmlkit.contract.ATTRIBUTES` have the
+      declared form; callbacks' events are called in order with a stub run context that has only
+      the members of :data:`dmlkit.contract.MEMBERS` (reading anything else fails).
+
     Components are built with their defaults, or with ``options[component_name]`` when given
     (e.g. ``{"my_backbone": {"pretrained": False}}`` for one whose default needs weights on disk).
-    Datasets need data on disk: test them with a fixture of your own.
+    Nested components are built from the same registry (``dmlkit.get_registry()`` inside a factory
+    returns it). A ``DeprecationWarning`` the plugin causes is re-issued and listed in
+    ``report.deprecations``.
     """
     host = PluginHost()
     if with_builtins:
-        host.load_entry_points("builtin")
+        host.load_entry_points("builtin" if with_builtins is True else str(with_builtins))
     name = name or getattr(module, "__name__", "plugin")
     info = host.add_plugin(module, name)
     if info.errors:
         raise DmlkitError(f"plugin '{name}' did not register cleanly: {'; '.join(info.errors)}")
     report = PluginReport(name=name, hooks=info.hooks)
-    for kind, spec in host.registry:
-        if spec.plugin != name:
-            continue
-        report.components.setdefault(kind, []).append(spec.name)
-        problems = spec.default_problems()
-        if problems:
-            raise DmlkitError(f"{kind} {next(iter(problems.values()))}")
-        if kind == "dataset":  # datasets need data on disk: the author tests them with a fixture
-            continue
-        where = f"{kind} '{spec.name}' (plugin '{name}')"
-        opts = dict((options or {}).get(spec.name, {}))
-        obj = host.registry.build(kind, spec.name, context=_context(kind), **opts)
-        report.built[f"{kind}:{spec.name}"] = obj
-        try:
-            _CHECKS[kind](obj, host, spec, opts)
-        except DmlkitError as exc:
-            raise DmlkitError(f"{where}: {exc}") from None
-        except Exception as exc:
-            raise DmlkitError(f"{where} failed when called: {type(exc).__name__}: {exc}") from exc
+    with warnings.catch_warnings(record=True) as caught, host.registry.active():
+        warnings.simplefilter("always", DeprecationWarning)
+        for kind, spec in host.registry:
+            if spec.plugin == name:
+                _check_component(host, kind, spec, dict((options or {}).get(spec.name, {})), report)
+    for w in caught:
+        if issubclass(w.category, DeprecationWarning) and str(w.message) not in report.deprecations:
+            report.deprecations.append(str(w.message))
+            warnings.warn(f"plugin '{name}': {w.message}", DeprecationWarning, stacklevel=2)
     if not report.components and "register_commands" not in info.hooks:
         raise DmlkitError(f"plugin '{name}' registered no component")
     return report
+
+
+def _check_component(host: PluginHost, kind: str, spec: Any, opts: dict[str, Any], report: PluginReport) -> None:
+    report.components.setdefault(kind, []).append(spec.name)
+    problems = spec.default_problems()
+    if problems:
+        raise DmlkitError(f"{kind} {next(iter(problems.values()))}")
+    where = f"{kind} '{spec.name}' (plugin '{report.name}')"
+    try:
+        _check_attributes(kind, spec)
+    except DmlkitError as exc:
+        raise DmlkitError(f"{where}: {exc}") from None
+    if kind == "dataset" and not opts:
+        report.skipped.append(f"dataset '{spec.name}': not built (pass options={{'{spec.name}': {{...}}}} to build it)")
+        return
+    obj = host.registry.build(kind, spec.name, context=_context(kind), **opts)
+    report.built[f"{kind}:{spec.name}"] = obj
+    try:
+        _CHECKS[kind](obj, host, spec, opts)
+    except DmlkitError as exc:
+        raise DmlkitError(f"{where}: {exc}") from None
+    except Exception as exc:
+        raise DmlkitError(f"{where} failed when called: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_attributes(kind: str, spec: Any) -> None:
+    """The optional class attributes of :data:`dmlkit.contract.ATTRIBUTES` have their declared form."""
+    factory = spec.factory
+    params = spec.parameters()
+    check = getattr(factory, "validate_options", None)
+    if check is not None and not callable(check):
+        raise DmlkitError("validate_options must be a static method validate_options(options)")
+    nested = getattr(factory, "nested_options", {}) or {}
+    if not isinstance(nested, dict):
+        raise DmlkitError(f"nested_options must be a dict {{option: (kind, name_option)}}; got {nested!r}")
+    for option, value in nested.items():
+        if not (isinstance(value, tuple | list) and len(value) == 2 and value[0] in KINDS):
+            raise DmlkitError(f"nested_options['{option}'] must be (kind, name_option or None); got {value!r}")
+        if option not in params and not spec.accepts_any_option():
+            raise DmlkitError(f"nested_options names '{option}', which is not one of its options")
+    readers = getattr(factory, "reads_metrics_from", ()) or ()
+    if not isinstance(readers, tuple | list) or any(r not in params for r in readers):
+        raise DmlkitError(f"reads_metrics_from must list options of the component; got {readers!r}")
+    mults = getattr(factory, "lr_multipliers", {})
+    if not isinstance(mults, dict) and not isinstance(mults, property):
+        raise DmlkitError(f"lr_multipliers must be a dict {{parameter name: multiplier}}; got {mults!r}")
 
 
 def _context(kind: str, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
@@ -228,14 +283,149 @@ def _check_backbone(backbone: Any, host: PluginHost, spec: Any, opts: dict[str, 
 
 
 def _check_callback(callback: Any, host: PluginHost, spec: Any, opts: dict[str, Any]) -> None:
-    from dmlkit.train import EVENTS
-
     for attr in dir(callback):
         if attr.startswith("on_") and callable(getattr(callback, attr)) and attr not in EVENTS:
-            raise DmlkitError(f"'{attr}' is not a training event and would never be called; events: {', '.join(EVENTS)}")
+            raise DmlkitError(
+                f"'{attr}' is not a training event and would never be called; events: {', '.join(EVENTS)}"
+            )
+    run = stub_run()
+    for event, kwargs in stub_events():
+        fn = getattr(callback, event, None)
+        if fn is None:
+            continue
+        try:
+            fn(run, **kwargs)
+        except AttributeError as exc:
+            raise DmlkitError(
+                f"{event} read something the run context does not have ({exc}); docs/hooks.md lists what it has"
+            ) from None
+        except TypeError as exc:
+            raise DmlkitError(
+                f"{event} must take (run, {', '.join(kwargs)}) as the contract passes them: {exc}"
+            ) from None
+        except DmlkitError:
+            raise
+        except Exception as exc:
+            raise DmlkitError(f"failed in {event} on a stub run: {type(exc).__name__}: {exc}") from exc
+
+
+def stub_events() -> list[tuple[str, dict[str, Any]]]:
+    """Every training event once, in the order a one-epoch run fires them, with plausible arguments."""
+    metrics = {"val_precision_at_1": 0.5, "val_map_at_r": 0.25, "step": 4}
+    record = {"epoch": 1, "step": 4, "loss": 0.7, "lr": 1e-3, "images_per_s": 100.0}
+    test = {"precision_at_1": 0.4, "map_at_r": 0.2}
+    results = {
+        "selected_by": "best by validation map_at_r",
+        "selection_split": "val",
+        "best_metric": "map_at_r",
+        "best_value": 0.25,
+        "best_epoch": 1,
+        "last_epoch": 1,
+        "test": test,
+        "test_last": test,
+    }
+    kwargs = {
+        "on_validation_end": {"metrics": metrics},
+        "on_epoch_end": {"record": dict(record)},
+        "on_epoch_logged": {"record": {**record, **metrics}},
+        "on_test_end": {"results": results},
+    }
+    order = [
+        "on_train_start",
+        "on_epoch_start",
+        "on_after_backward",
+        "on_after_optimizer_step",
+        "on_epoch_end",
+        "on_before_validation",
+        "on_validation_end",
+        "on_epoch_logged",
+        "on_train_end",
+        "on_test_end",
+    ]
+    assert set(order) == set(EVENTS)
+    return [(e, kwargs.get(e, {})) for e in order]
+
+
+class _StubTrainer:
+    """A tiny run with exactly the members of the run context (see :func:`stub_run`)."""
+
+    def __init__(self, tmp: Path):
+        from rich.console import Console
+
+        from dmlkit.config import default_config
+        from dmlkit.data import Split
+        from dmlkit.model import EmbeddingHead, EmbeddingModel
+        from dmlkit.settings import Settings
+
+        g = torch.Generator().manual_seed(0)
+        self.config = default_config()
+        self.settings = Settings({})
+        self.run_dir, self.rank, self.world_size, self.device = tmp, 0, 1, torch.device("cpu")
+        self.epoch, self.step = 1, 4
+        backbone = nn.Sequential(nn.Flatten(), nn.Linear(16, 8))
+        backbone.out_features = 8
+        self.model = EmbeddingModel(backbone, EmbeddingHead(8, 4))
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        items = list(torch.randn(24, 1, 4, 4, generator=g))
+        labels = np.arange(24) % 4
+        self.train_split = Split(items[:16], labels[:16])
+        self.val_split = Split(items[16:], labels[16:] % 2)
+        self.test_split = Split(items[16:], labels[16:] % 2)
+        self.history = [{"epoch": 1, "step": 4, "loss": 0.7}]
+        self.best = {"metric": "map_at_r", "mode": "max", "split": "val", "value": 0.25, "epoch": 1}
+        self.console = Console(quiet=True)
+        self.extra_state: dict[str, Any] = {}
+        self.stop_requested = False
+        self.events: list[dict[str, Any]] = []
+
+    def log_event(self, **info: Any) -> None:
+        self.events.append(info)
+
+    @torch.no_grad()
+    def embed(self, split: Any, what: str = "embedding") -> tuple[np.ndarray, np.ndarray]:
+        x = torch.stack([torch.as_tensor(i) for i in split.items])
+        was = self.model.training
+        out = self.model.eval()(x).numpy()
+        self.model.train(was)
+        return out, np.asarray(split.labels)
+
+    def embed_pool(self, rounds: int, seed: int, class_ids: Any = None) -> torch.Tensor:
+        classes = np.unique(self.train_split.labels) if class_ids is None else class_ids
+        return torch.randn(len(classes), rounds, 4, generator=torch.Generator().manual_seed(seed))
+
+    def autocast(self) -> Any:
+        return contextlib.nullcontext()
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(f"the run context has no '{name}'")
+
+
+def stub_run(tmp: Path | None = None) -> RunContext:
+    """A run context over a tiny stub run (a 4-d embedding model, 16 training items of 4 classes,
+    8 validation and test items), for calling a component's events in a test. Its members are
+    exactly those of :data:`dmlkit.contract.MEMBERS`; anything else raises ``AttributeError``."""
+    import tempfile
+
+    stub = _StubTrainer(tmp or Path(tempfile.mkdtemp(prefix="dmlkit-stub-run-")))
+    missing = [m for m in MEMBERS if m not in vars(stub) and not hasattr(type(stub), m)]
+    assert not missing, missing
+    return RunContext(stub)
+
+
+def _check_dataset(data: Any, host: PluginHost, spec: Any, opts: dict[str, Any]) -> None:
+    from dmlkit.data import DatasetSplits
+    from dmlkit.splits import check_splits
+
+    if not isinstance(data, DatasetSplits):
+        raise DmlkitError(f"must return dmlkit.data.DatasetSplits(train, test); got {type(data).__name__}")
+    check_splits(spec.name, data.train, data.test)
+    overlap = set(data.train.class_names) & set(data.test.class_names) if data.train.class_names else set()
+    if overlap:
+        raise DmlkitError(f"its training and test classes overlap ({sorted(overlap)[:3]}); they must be disjoint")
 
 
 _CHECKS = {
+    "dataset": _check_dataset,
     "loss": _check_loss,
     "miner": _check_miner,
     "sampler": _check_sampler,

@@ -16,7 +16,7 @@ from torch import Tensor
 import dmlkit
 from dmlkit.errors import DmlkitError, OptionError
 from dmlkit.losses import MetricLoss
-from dmlkit.proxies import ProxyBank, banks, build_initializer, check_initializer
+from dmlkit.proxies import ProxyBank, banks, build_initializer, check_initializer, check_pool_size
 
 #: ccp-dml's settings of the base losses it wraps (its code defaults), applied where the base
 #: takes the option and the user's base_options do not set it. Every base computes on the
@@ -33,6 +33,44 @@ _NO_REFERENCE = (
     "ccp cannot wrap loss '{base}': its forward takes no reference set (ref_embeddings, ref_labels) to compare "
     "the batch with the proxies; subclass dmlkit.losses.MetricLoss, or hold its proxies in a dmlkit.proxies.ProxyBank"
 )
+
+
+def _base_options(spec: Any, base_options: dict | None, proxies_per_class: int) -> dict[str, Any]:
+    """The options CCP builds its base loss with: ccp-dml's settings where the base takes them, the
+    unit ball (``normalize=False``), K proxies per class, then the user's ``base_options``."""
+    params = spec.parameters()
+    options = {k: v for k, v in PAPER_BASE_OPTIONS.get(spec.name, {}).items() if k in params}
+    if "normalize" in params:
+        options["normalize"] = False  # the unit ball, not the sphere
+    if "proxies_per_class" in params:
+        options["proxies_per_class"] = proxies_per_class
+    options.update(base_options or {})
+    return options
+
+
+def check_uses_reference(base: torch.nn.Module, name: str) -> None:
+    """A base without a ProxyBank gets CCP's proxies as its reference set: its value must depend on
+    them, or the proxies never train. Checked by autograd on a few tiny random batches (one with a
+    non-zero gradient with respect to the reference set is enough)."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(8) % 4
+    for scale in (1.0, 0.3, 3.0):
+        x = torch.randn(8, 8, generator=g) * scale
+        ref = (torch.randn(8, 8, generator=g) * scale).requires_grad_(True)
+        try:
+            value = base(x, labels, ref, labels.clone())
+        except Exception as exc:
+            raise OptionError(f"ccp cannot wrap loss '{name}': it fails on a batch and a reference set ({exc})") from None
+        if not isinstance(value, Tensor) or not value.requires_grad:
+            continue
+        (grad,) = torch.autograd.grad(value, ref, allow_unused=True)
+        if grad is not None and bool(grad.abs().sum() > 0):
+            return
+    raise OptionError(
+        f"ccp cannot wrap loss '{name}': its value does not depend on the reference set it is given "
+        "(ref_embeddings), so CCP's proxies would never train; compare the batch with ref_embeddings, or hold the "
+        "loss's own proxies in a dmlkit.proxies.ProxyBank, which CCP then drives"
+    )
 
 
 def unit_ball(v: Tensor) -> Tensor:
@@ -102,6 +140,13 @@ class CCPLoss(MetricLoss):
             takes = inspect.signature(forward).parameters
             if "ref_embeddings" not in takes and not any(p.kind is p.VAR_KEYWORD for p in takes.values()):
                 raise OptionError(_NO_REFERENCE.format(base=base))
+        # a tiny instance of the base, built as CCP builds it: a pair loss must depend on the reference set
+        k = options.get("proxies_per_class", 8)
+        tiny = registry.build(
+            "loss", spec.name, context={"num_classes": 4, "embedding_size": 8}, **_base_options(spec, base_options, k)
+        )
+        if not banks(tiny):
+            check_uses_reference(tiny, spec.name)
 
     def __init__(
         self,
@@ -135,15 +180,8 @@ class CCPLoss(MetricLoss):
         if lam < 0 or patience < 1 or interval < 1:
             raise OptionError("need lam >= 0, patience >= 1, interval >= 1")
         spec = registry.get("loss", base)
-        params = spec.parameters()
-        options = {k: v for k, v in PAPER_BASE_OPTIONS.get(spec.name, {}).items() if k in params}
-        if "normalize" in params:
-            options["normalize"] = False  # the unit ball, not the sphere
-        if "proxies_per_class" in params:
-            options["proxies_per_class"] = proxies_per_class
-        options.update(base_options or {})
         ctx = {"num_classes": num_classes, "embedding_size": embedding_size}
-        self.base = registry.build("loss", base, context=ctx, **options)
+        self.base = registry.build("loss", base, context=ctx, **_base_options(spec, base_options, proxies_per_class))
         self.base_name = spec.name
         self.driven = banks(self.base)
         self.pair_based = not self.driven
@@ -164,6 +202,7 @@ class CCPLoss(MetricLoss):
         for bank in self.driven:
             bank.driven_by = "ccp"
             bank.transform = unit_ball
+        check_pool_size(num_classes, pool_rounds, proxies_per_class, embedding_size)  # before any allocation
         self.init = build_initializer(initializer)
         if self.init is None:
             raise OptionError("ccp needs a proxy initializer (initializer=greedy_kcenter)")

@@ -385,6 +385,9 @@ class CombinedLoss(MetricLoss):
     (proxies, classifiers) and is logged apart in metrics.jsonl (``loss_terms``).
     """
 
+    #: ``--loss "a+0.5*b"`` builds this loss (see dmlkit.contract.ATTRIBUTES)
+    combines_terms = True
+
     def __init__(
         self,
         num_classes: int,

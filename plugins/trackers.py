@@ -81,14 +81,14 @@ def embed_selected(trainer: Any, results: dict[str, Any], index: np.ndarray) -> 
     best, last = results.get("best_epoch"), results.get("last_epoch")
     current = None
     if best is not None and best != last and (trainer.run_dir / "best.pt").is_file():
-        from dmlkit.train import load_checkpoint
+        from dmlkit.checkpoint import load as load_checkpoint
 
         ckpt = load_checkpoint(trainer.run_dir / "best.pt")
         if ckpt["epoch"] == best:
             current = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
             trainer.model.load_state_dict(ckpt["model"])
     try:
-        if trainer.features is not None:  # cached features: the whole split is at hand
+        if trainer.settings["feature_cache"]:  # cached features: the whole split is at hand
             return trainer.embed(split)[0][index]
         return trainer.embed(split.subset(index))[0]
     finally:
@@ -132,7 +132,7 @@ class TensorBoard:
         if writer is not None:
             from dmlkit.config import to_toml
 
-            toml = to_toml(trainer.cfg)
+            toml = to_toml(trainer.config)
             writer.add_text("config", "".join(f"    {line}\n" for line in toml.splitlines()), 0)
 
     def on_epoch_logged(self, trainer: Any, record: dict[str, Any]) -> None:
@@ -157,7 +157,7 @@ class TensorBoard:
         metrics = {f"test/{k}": float(v) for k, v in results.get("test", {}).items() if _number(v)}
         settings = {
             k: (v if _number(v) or isinstance(v, str) else param_text(v))
-            for k, v in flatten(trainer.cfg).items()
+            for k, v in flatten(trainer.config).items()
             if v is not None
         }
         file_writer = writer._get_file_writer()
@@ -237,7 +237,7 @@ class MLflow:
                     tags={"dmlkit.run_dir": str(trainer.run_dir.resolve())},
                 )
                 run_id = run.info.run_id
-                self._log_params(client, run_id, trainer.cfg)
+                self._log_params(client, run_id, trainer.config)
             else:
                 client.update_run(run_id, status="RUNNING")
         except DmlkitError:

@@ -47,8 +47,10 @@ def test_user_errors_are_one_red_line(cli, argv, message):
 
 
 def test_usage_error_is_one_line(cli):
-    code, _, err = cli("show", "loss")
+    code, _, err = cli("show")
     assert code == 2 and "Missing argument" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli("show", "loss")  # a kind without a name: what to type
+    assert code == 1 and "dmlkit show loss NAME" in err and len(err.strip().splitlines()) == 1
 
 
 def test_debug_shows_the_traceback(cli):

@@ -58,7 +58,7 @@ def test_mlrc_protocol_trains_four_fold_models_and_concatenates(cli, tmp_path):
 
 def test_folds_are_class_disjoint_and_cover_the_training_classes():
     from dmlkit import get_registry
-    from dmlkit.train import class_disjoint_split
+    from dmlkit.splits import class_disjoint_split
 
     data = get_registry().build("dataset", "digits")
     seen = []

@@ -7,7 +7,7 @@ import pytest
 
 import dmlkit
 from dmlkit import get_registry
-from dmlkit.train import load_checkpoint
+from dmlkit.checkpoint import load as load_checkpoint
 
 
 class Scripted:

@@ -1,0 +1,83 @@
+"""The one loop that runs a model over a dataset: evaluation, the feature cache, the proxy pool,
+``dmlkit embed`` and ``dmlkit index`` all embed through :func:`embed_dataset` (images) or
+:func:`embed_tensors` (features already in memory)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from dmlkit.console import phase
+from dmlkit.runtime import autocast, worker_init
+
+
+@torch.no_grad()
+def embed_dataset(
+    forward: Callable[[Tensor], Tensor],
+    dataset: Dataset,
+    *,
+    device: torch.device,
+    batch_size: int,
+    workers: int = 0,
+    amp: bool = False,
+    console: Console | None = None,
+    what: str = "embedding",
+    unit: str = "images",
+) -> Tensor:
+    """``forward`` over every item of ``dataset`` in order, in batches of ``batch_size``: a float32
+    CPU tensor [N, D]. Inputs go to ``device`` (channels-last on a GPU), under bf16 autocast when
+    ``amp`` and on a GPU; ``workers`` data-loader processes decode; progress is shown on ``console``."""
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=worker_init if workers else None,
+    )
+    out: list[Tensor] = []
+    with phase(console or Console(quiet=True), what, len(dataset), unit) as progress:  # type: ignore[arg-type]
+        for batch in loader:
+            x = batch[0] if isinstance(batch, list | tuple) else batch
+            out.append(_forward(forward, x, device, amp))
+            progress.advance(len(x))
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def embed_tensors(
+    forward: Callable[[Tensor], Tensor], inputs: Tensor, *, device: torch.device, batch_size: int, amp: bool = False
+) -> Tensor:
+    """``forward`` over the rows of an in-memory tensor (cached features), in batches: float32 on the CPU."""
+    return torch.cat([_forward(forward, x, device, amp) for x in inputs.split(batch_size)]) if len(inputs) else inputs
+
+
+def _forward(forward: Callable[[Tensor], Tensor], x: Tensor, device: torch.device, amp: bool) -> Tensor:
+    x = x.to(device, non_blocking=True)
+    if device.type == "cuda" and x.ndim == 4:
+        x = x.to(memory_format=torch.channels_last)
+    with autocast(device, amp):
+        return forward(x).float().cpu()
+
+
+def in_eval_mode(model: torch.nn.Module) -> Any:
+    """A context that puts ``model`` in eval mode and restores its previous mode."""
+    return _EvalMode(model)
+
+
+class _EvalMode:
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __enter__(self) -> torch.nn.Module:
+        self.was = self.model.training
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc: Any) -> None:
+        self.model.train(self.was)
