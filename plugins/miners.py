@@ -29,6 +29,10 @@ class SemiHardMiner(Miner):
     For every anchor-positive pair: the closest negative farther than the positive; where
     no negative is farther, the farthest negative. One triplet per positive pair; sorting
     each anchor's negatives once makes it O(n m log m), with no [pairs, m] tensor.
+
+    Args:
+        squared: squared Euclidean distances (FaceNet's).
+        normalize: L2-normalise the embeddings first.
     """
 
     def __init__(self, squared: bool = True, normalize: bool = True):
@@ -54,7 +58,12 @@ class SemiHardMiner(Miner):
 
 
 class BatchHardMiner(Miner):
-    """Batch-hard (Hermans et al. 2017): per anchor, its farthest positive and closest negative."""
+    """Batch-hard (Hermans et al. 2017): per anchor, its farthest positive and closest negative.
+
+    Args:
+        squared: squared Euclidean distances.
+        normalize: L2-normalise the embeddings first.
+    """
 
     def __init__(self, squared: bool = False, normalize: bool = True):
         super().__init__()
@@ -71,7 +80,14 @@ class BatchHardMiner(Miner):
 
 
 class BatchAllMiner(Miner):
-    """Every valid triplet; with ``only_violating`` just those inside the margin (loss > 0)."""
+    """Every valid triplet; with ``only_violating`` just those inside the margin (loss > 0).
+
+    Args:
+        margin: the triplet margin that decides which triplets violate it.
+        only_violating: keep only triplets inside the margin (loss > 0).
+        squared: squared Euclidean distances.
+        normalize: L2-normalise the embeddings first.
+    """
 
     def __init__(self, margin: float = 0.2, only_violating: bool = False, squared: bool = True, normalize: bool = True):
         super().__init__()
@@ -95,6 +111,9 @@ class MultiSimilarityMiner(Miner):
 
     Keeps negatives with s + epsilon > the anchor's hardest positive similarity and
     positives with s - epsilon < its hardest negative similarity. Returns pairs.
+
+    Args:
+        epsilon: the slack of the paper's mining rule: a negative is kept if more similar than the hardest positive minus epsilon, a positive if less similar than the hardest negative plus epsilon.
     """
 
     def __init__(self, epsilon: float = 0.1):

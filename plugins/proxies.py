@@ -48,6 +48,9 @@ class GreedyKCenter:
     ``seed_with_previous``: start each pool point's min-distance from its distance to the
     class's previous proxies (CCP's rule); off, from the origin (the first pick is the
     largest-norm sample).
+
+    Args:
+        seed_with_previous: start the min-distances from the class's previous proxies (CCP); off: from the origin.
     """
 
     needs_pool = True
@@ -66,7 +69,11 @@ class GreedyKCenter:
 
 
 class RandomSamples:
-    """k random pool samples per class (without replacement)."""
+    """k random pool samples per class (without replacement).
+
+    Args:
+        seed: seed of the random picks.
+    """
 
     needs_pool = True
 
@@ -82,7 +89,12 @@ class RandomSamples:
 
 
 class ClassMeans:
-    """The class mean of the pool, plus small noise to tell several proxies of a class apart."""
+    """The class mean of the pool, plus small noise to tell several proxies of a class apart.
+
+    Args:
+        noise: standard deviation of the Gaussian noise added to each copy of the mean.
+        seed: seed of the noise.
+    """
 
     needs_pool = True
 
@@ -95,7 +107,12 @@ class ClassMeans:
 
 
 class NormalInit:
-    """Proxies drawn from N(0, std^2); needs no data."""
+    """Proxies drawn from N(0, std^2); needs no data.
+
+    Args:
+        std: the standard deviation.
+        seed: seed of the draw.
+    """
 
     needs_pool = False
 

@@ -57,6 +57,12 @@ class SiameseLoss(MetricLoss):
     pairs' mean. ``alpha`` starts from N(0, ``init_std``^2) and ``b`` from N(0.5, 0.01^2), the
     paper's initialisation of its fully connected layers. The paper's L2 weight decay is the
     trainer's ``weight_decay``.
+
+    Args:
+        embedding_size: embedding dimension (supplied by the trainer): the size of alpha.
+        bias: learn the bias b.
+        balance: average the positive and the negative pairs' means instead of all pairs.
+        init_std: standard deviation of alpha's initialisation.
     """
 
     def __init__(self, embedding_size: int, bias: bool = True, balance: bool = False, init_std: float = 0.2):
@@ -97,6 +103,9 @@ class TripletNetworkLoss(MetricLoss):
     ``|(D+, D- - 1)|^2 = 2 (D+)^2``, averaged over every valid triplet of the batch (or
     batch x reference set), or over the triplets a miner gives. The paper uses the network's
     outputs as they are (``normalize=False``); ``normalize=True`` L2-normalises them first.
+
+    Args:
+        normalize: L2-normalise the embeddings first (the paper does not).
     """
 
     def __init__(self, normalize: bool = False):
@@ -176,6 +185,14 @@ class DeViSELoss(MetricLoss):
     in label order (e.g. word vectors of the class names); empty draws fixed random unit
     vectors of size ``vector_size`` with ``seed``. A reference set, when given, stands in for
     the class vectors (label-space rows with their labels).
+
+    Args:
+        num_classes: training classes (supplied by the trainer).
+        embedding_size: embedding dimension (supplied by the trainer).
+        class_vectors: a .npy file [C, d] or a text file of ``name v1 ... vd`` lines, in label order; empty: random.
+        vector_size: d, the size of random class vectors.
+        margin: the hinge margin.
+        seed: seed of random class vectors.
     """
 
     @staticmethod
@@ -254,6 +271,14 @@ class PDDMLoss(MetricLoss):
     ``lam`` times the embedding loss on the same quadruplet
     ``max(0, b + |x_i - x_j|^2 - |x_i - x_k|^2) + max(0, b + |x_i - x_j|^2 - |x_j - x_l|^2)``
     (b = ``embedding_margin``); mean over quadruplets. The unit's layers are parameters of the loss and train with the network.
+
+    Args:
+        embedding_size: embedding dimension (supplied by the trainer).
+        margin: a, the margin of the similarity hinge.
+        embedding_margin: b, the margin of the embedding hinge.
+        lam: weight of the embedding loss.
+        hidden: width of the similarity unit's layers.
+        positive_pairs: same-class pairs with the lowest similarity mined per batch (0: all).
     """
 
     def __init__(
@@ -336,6 +361,14 @@ class SoftmaxLoss(MetricLoss):
     learning rate. With several vectors per class (``proxies_per_class``, or a wrapper such as
     CCP resizing the bank) or a reference set in their place, a class's logit is its nearest
     vector's and the class's other vectors leave the denominator.
+
+    Args:
+        num_classes: training classes (supplied by the trainer).
+        embedding_size: embedding dimension (supplied by the trainer).
+        normalized: NormFace's cosine logits instead of dot products.
+        scale: the scale of the cosine logits.
+        proxies_per_class: weight vectors per class (the nearest one is the class's logit).
+        lr_multiplier: factor on the base learning rate for the weights.
     """
 
     def __init__(
@@ -474,6 +507,18 @@ class NWayKShotEvaluator:
     to the retrieval metrics only. With ``retrieval`` (default) the evaluator also reports
     dmlkit's retrieval metrics (P@1, R-Precision, MAP@R, Recall@``ks``), so it can serve as a
     run's evaluator with ``best_metric = "map_at_r"``.
+
+    Args:
+        n_way: classes in each episode.
+        k_shot: support items of each class in an episode.
+        episodes: episodes drawn (the same ones at every evaluation).
+        seed: seed of the episodes.
+        distance: how a query is compared with the support: ``euclidean``, ``sqeuclidean`` or ``cosine``.
+        normalize: L2-normalise the embeddings first.
+        retrieval: also report the retrieval metrics (P@1, R-Precision, MAP@R, Recall@K).
+        ks: the K of Recall@K.
+        backend: k-NN search for the retrieval metrics: ``faiss``, ``torch`` or ``auto``.
+        memory_mb: the memory one chunk of the retrieval search may take.
     """
 
     def __init__(

@@ -53,7 +53,16 @@ class BatchSampler:
 
 
 class RandomSampler(BatchSampler):
-    """Shuffled batches of ``batch_size``, the last incomplete one dropped."""
+    """Shuffled batches of ``batch_size``, the last incomplete one dropped.
+
+    Args:
+        labels: supplied by the trainer: the training labels.
+        batch_size: supplied by the trainer (train.batch_size): items per batch (each process gets whole batches).
+        seed: supplied by the trainer: each epoch's order is drawn from (seed, epoch).
+        rank: supplied by the trainer: this process's share of every epoch's batches.
+        world_size: supplied by the trainer: the number of processes sharing the batches.
+        batches_per_epoch: batches per epoch (0: the training set size // batch_size).
+    """
 
     def batches(self, rng):
         perm = rng.permutation(len(self.labels))
@@ -67,6 +76,15 @@ class MPerClassSampler(BatchSampler):
     Classes are visited in a shuffled cycle so every class comes up; a class with fewer
     than m items is sampled with replacement. An epoch is ``batches_per_epoch`` batches
     (default: the training set size // batch_size).
+
+    Args:
+        labels: supplied by the trainer: the training labels.
+        batch_size: supplied by the trainer (train.batch_size): items per batch (each process gets whole batches).
+        m: samples of each class in a batch (batch_size must be a multiple of it).
+        seed: supplied by the trainer: each epoch's order is drawn from (seed, epoch).
+        rank: supplied by the trainer: this process's share of every epoch's batches.
+        world_size: supplied by the trainer: the number of processes sharing the batches.
+        batches_per_epoch: batches per epoch (0: the training set size // batch_size).
     """
 
     def __init__(
@@ -110,7 +128,16 @@ class MPerClassSampler(BatchSampler):
 
 
 class OnePerClassSampler(MPerClassSampler):
-    """Batches of batch_size distinct classes, one sample each."""
+    """Batches of batch_size distinct classes, one sample each.
+
+    Args:
+        labels: supplied by the trainer: the training labels.
+        batch_size: supplied by the trainer (train.batch_size): items per batch (each process gets whole batches).
+        seed: supplied by the trainer: each epoch's order is drawn from (seed, epoch).
+        rank: supplied by the trainer: this process's share of every epoch's batches.
+        world_size: supplied by the trainer: the number of processes sharing the batches.
+        batches_per_epoch: batches per epoch (0: the training set size // batch_size).
+    """
 
     def __init__(
         self,

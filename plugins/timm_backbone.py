@@ -166,6 +166,16 @@ class TimmBackbone(nn.Module):
     maps instead, pooled by the head (``train.pooling``). ``in_chans=1`` takes grayscale
     images (timm sums the first convolution's pretrained weights). ``global_pool`` and
     ``model_kwargs`` (e.g. ``{drop_path_rate = 0.1}``) go to ``timm.create_model``.
+
+    Args:
+        model: the timm model name, with its pretrained tag (``resnet50.a1_in1k``).
+        pretrained: load the model's weights from the local Hugging Face cache (never downloaded).
+        weights_path: a local weights file (.safetensors, .pth, .bin) to load instead.
+        image_size: the input side (default: the model's pretrained config).
+        in_chans: input channels (1 for greyscale; timm adapts the first convolution).
+        feature_maps: return a CNN's feature maps, pooled by dmlkit's head, instead of the model's pooled features.
+        global_pool: timm's ``global_pool`` argument (e.g. ``avg``, ``token``).
+        model_kwargs: other arguments of ``timm.create_model`` (e.g. ``{drop_path_rate = 0.1}``).
     """
 
     def __init__(

@@ -105,6 +105,11 @@ class TensorBoard:
     logged with the settings as hyperparameters (the HParams tab), and up to
     ``embedding_points`` test embeddings (a seeded random sample; 0 for none) with their class
     labels go to the projector.
+
+    Args:
+        log_dir: the folder for the event files (default: tensorboard/ in the run directory).
+        embedding_points: test embeddings sent to the projector (a seeded sample; 0 for none).
+        flush_secs: seconds between writes of buffered events to disk.
     """
 
     def __init__(self, log_dir: str = "", embedding_points: int = 2000, flush_secs: int = 30):
@@ -192,6 +197,12 @@ class MLflow:
     epoch, ``test_last/...`` at the last) are logged, and, with ``artifacts``, config.toml,
     metrics.jsonl, results.json and the plots. MLflow's usage telemetry is off unless
     ``MLFLOW_DISABLE_TELEMETRY`` says otherwise.
+
+    Args:
+        tracking_uri: the MLflow store (default: a file store in the run directory's mlruns/).
+        experiment: the MLflow experiment the run belongs to.
+        run_name: the MLflow run's name (default: the run directory's name).
+        artifacts: also log config.toml, metrics.jsonl, results.json and the plots as artifacts.
     """
 
     def __init__(self, tracking_uri: str = "", experiment: str = "dmlkit", run_name: str = "", artifacts: bool = True):

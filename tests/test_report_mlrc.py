@@ -36,8 +36,9 @@ def test_report_refuses_a_folder_that_is_not_a_run(cli, tmp_path):
 def test_mlrc_protocol_trains_four_fold_models_and_concatenates(cli, tmp_path):
     run = tmp_path / "mlrc"
     code, out, err = cli(
-        "train", "--protocol", "mlrc", "--epochs", "2", "--set", "batch_size=48", "--run-dir", str(run)
-    )
+        "train", "--protocol", "mlrc", "--dataset-opt", "train_classes=8", "--epochs", "2", "--set", "batch_size=48",
+        "--run-dir", str(run),
+    )  # fmt: skip
     assert code == 0, err
     result = json.loads((run / "mlrc.json").read_text())
     assert [m["fold"] for m in result["models"]] == [0, 1, 2, 3]
@@ -45,7 +46,8 @@ def test_mlrc_protocol_trains_four_fold_models_and_concatenates(cli, tmp_path):
     # each model held out a different class fold; its best epoch was chosen on validation MAP@R
     for m in result["models"]:
         rows = [json.loads(x) for x in (run / f"fold{m['fold']}" / "metrics.jsonl").read_text().splitlines()]
-        assert m["val_map_at_r"] == max(r["val_map_at_r"] for r in rows)
+        assert m["val_map_at_r"] == m["val_value"] == max(r["val_map_at_r"] for r in rows)
+        assert m["best_metric"] == result["best_metric"] == "map_at_r"
     # the concatenated metrics, recomputed from each fold model's saved embeddings
     parts = []
     for fold in range(4):
@@ -54,6 +56,12 @@ def test_mlrc_protocol_trains_four_fold_models_and_concatenates(cli, tmp_path):
     labels = np.load(tmp_path / "e0" / "labels.npy")
     ref = retrieval_metrics(np.concatenate(parts, 1), labels)
     assert result["concatenated"]["map_at_r"] == pytest.approx(ref["map_at_r"], abs=1e-6)
+
+
+def test_mlrc_refuses_folds_of_one_class_before_training(cli, tmp_path):
+    code, _, err = cli("train", "--protocol", "mlrc", "--epochs", "1", "--run-dir", str(tmp_path / "m"))
+    assert code == 1 and "would validate on 1 class of the 5 training classes" in err and "at least 8" in err
+    assert not (tmp_path / "m").exists()
 
 
 def test_folds_are_class_disjoint_and_cover_the_training_classes():
