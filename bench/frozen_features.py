@@ -2,6 +2,7 @@
 training must beat.
 
     python bench/frozen_features.py --data-root ../shared/data/CUB_200_2011 [--backbone efficientnet_lite0]
+    python bench/frozen_features.py --data-root ../shared/data/CUB_200_2011 --save runs/cub-frozen  # + .npy files
 
 Prints P@1 and MAP@R of average, max, their sum (dmlkit's ``avgmax``) and their
 concatenation on the test split.
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--dataset", default="cub200")
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--save", default="", help="folder to save the average-pooled test features and labels (.npy)")
     args = ap.parse_args()
     reg = get_registry()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -42,6 +44,12 @@ def main() -> None:
             avg.append(f.mean((2, 3)).cpu())
             mx.append(f.amax((2, 3)).cpu())
     a, m = torch.cat(avg), torch.cat(mx)
+    if args.save:
+        import numpy as np
+
+        Path(args.save).mkdir(parents=True, exist_ok=True)
+        np.save(Path(args.save) / "embeddings.npy", a.numpy())
+        np.save(Path(args.save) / "labels.npy", data.test.labels)
     out = {**machine(), "dataset": args.dataset, "backbone": args.backbone, "rows": {}}
     for name, feats in (("avg", a), ("max", m), ("avg+max (sum)", a + m), ("avg,max (concat)", torch.cat([a, m], 1))):
         r = retrieval_metrics(feats, data.test.labels)

@@ -9,7 +9,7 @@ import numpy as np
 
 import dmlkit
 from dmlkit.errors import OptionError
-from dmlkit.evaluation import BACKENDS, clustering_metrics, retrieval_metrics
+from dmlkit.evaluation import BACKENDS, KMEANS_INITS, clustering_metrics, retrieval_metrics
 
 
 class RetrievalEvaluator:
@@ -25,7 +25,10 @@ class RetrievalEvaluator:
         per_class: also each class's P@1, R-Precision, MAP@R and Recall@K (in JSON output).
         normalize: L2-normalise the embeddings first (cosine neighbours).
         memory_mb: the memory one chunk of the search may take.
-        seed: seed of the k-means initialisation.
+        seed: seed of the k-means start (1234, faiss's and pytorch-metric-learning's default: the same clustering).
+        kmeans_restarts: k-means runs from different starts; the one with the lowest objective is kept (steadier NMI).
+        kmeans_init: how k-means starts: ``random`` (faiss's, as pytorch-metric-learning) or ``k-means++``
+            (scikit-learn's; with ``kmeans_restarts=10``, scikit-learn's KMeans within seed noise).
     """
 
     def __init__(
@@ -36,7 +39,9 @@ class RetrievalEvaluator:
         per_class: bool = False,
         normalize: bool = True,
         memory_mb: float = 512,
-        seed: int = 0,
+        seed: int = 1234,
+        kmeans_restarts: int = 1,
+        kmeans_init: str = "random",
     ):
         if backend not in BACKENDS:
             raise OptionError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
@@ -45,7 +50,12 @@ class RetrievalEvaluator:
         if memory_mb <= 0:
             raise OptionError(f"memory_mb must be > 0; got {memory_mb}")
         self.ks, self.backend, self.clustering, self.per_class = tuple(ks), backend, clustering, per_class
-        self.normalize, self.memory_mb, self.seed = normalize, memory_mb, seed
+        if kmeans_restarts < 1:
+            raise OptionError(f"kmeans_restarts must be >= 1; got {kmeans_restarts}")
+        if kmeans_init not in KMEANS_INITS:
+            raise OptionError(f"kmeans_init must be one of {', '.join(KMEANS_INITS)}; got {kmeans_init!r}")
+        self.kmeans_init = kmeans_init
+        self.normalize, self.memory_mb, self.seed, self.restarts = normalize, memory_mb, seed, kmeans_restarts
 
     @property
     def metrics(self) -> dict[str, str]:
@@ -70,7 +80,9 @@ class RetrievalEvaluator:
             per_class=self.per_class,
         )
         if self.clustering:
-            out.update(clustering_metrics(embeddings, labels, normalise=self.normalize, seed=self.seed))
+            out.update(
+                clustering_metrics(embeddings, labels, normalise=self.normalize, seed=self.seed, restarts=self.restarts)
+            )
         return out
 
 

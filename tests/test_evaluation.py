@@ -271,7 +271,7 @@ def test_torch_kmeans_matches_faiss_on_clustered_data():
     for seed in range(5):
         # greedy k-means++ finds every blob; faiss's random start sometimes merges two
         torch_nmi = normalized_mutual_info_score(
-            labels, kmeans_labels(emb, 6, backend="torch", device="cpu", seed=seed)
+            labels, kmeans_labels(emb, 6, backend="torch", device="cpu", seed=seed, init="k-means++")
         )
         faiss_nmi = normalized_mutual_info_score(labels, kmeans_labels(emb, 6, backend="faiss", seed=seed))
         assert torch_nmi == pytest.approx(1.0) and torch_nmi >= faiss_nmi - 1e-9
