@@ -203,6 +203,19 @@ class Settings(Mapping[str, Any]):
     def __getitem__(self, name: str) -> Any:
         return self._values[name]
 
+    def __setitem__(self, name: str, value: Any) -> None:
+        raise TypeError(
+            f"a run's settings are read-only; make a changed copy: settings = settings.replace({name}={value!r})"
+        )
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` (each checked against its declared bounds)."""
+        for name, value in changes.items():
+            if name not in BY_NAME:
+                raise OptionError(f"unknown train setting '{name}'")
+            BY_NAME[name].check(value)
+        return Settings({**self._values, **changes})
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)
 

@@ -428,7 +428,7 @@ def index_cmd(
             err_console.print(f"[yellow]warning: left out {skipped} unreadable image(s)[/yellow]")
         if not files:
             raise DataError(f"no readable images under {images}")
-    trainer.settings["amp"] = False  # float32, as search embeds its queries: an image finds itself at distance 0
+    trainer.settings = trainer.settings.replace(amp=False)  # float32, as search embeds its queries: an image finds itself at distance 0
     try:
         emb, _ = trainer.embed(split, f"embedding {len(files):,} images")
     except DataError as exc:
