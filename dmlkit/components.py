@@ -183,16 +183,36 @@ def replaced_components(cfg: dict[str, Any], registry: Registry) -> list[str]:
 def param_groups(
     model: EmbeddingModel, settings: Any, owners: list[tuple[str, nn.Module | None]]
 ) -> list[dict[str, Any]]:
-    """Backbone, head, and every parameter a loss or miner owns, each with its lr multiplier: a
-    proxy bank's own, else the owner's ``lr_multipliers`` entry for the name or a dotted prefix."""
-    groups = [
-        {
-            "name": "backbone",
-            "params": [p for p in model.backbone.parameters() if p.requires_grad],
-            "lr_multiplier": settings["backbone_lr_multiplier"],
-        },
-        {"name": "head", "params": list(model.head.parameters()), "lr_multiplier": settings["head_lr_multiplier"]},
-    ]
+    """Backbone, head, and every parameter a loss or miner owns, each with its lr multiplier (a
+    proxy bank's own, else the owner's ``lr_multipliers`` entry for the name or a dotted prefix)
+    and its weight decay: ``train.weight_decay`` in the optimizer, none for the normalisation
+    layers with ``weight_decay_norms = false``, and none in the optimizer for the network when
+    ``weight_decay_before_clip`` adds it to the gradients instead."""
+    wd = settings["weight_decay"]
+    net_wd = 0.0 if settings["weight_decay_before_clip"] else wd
+    groups = []
+    for name, part, mult in (
+        ("backbone", model.backbone, settings["backbone_lr_multiplier"]),
+        ("head", model.head, settings["head_lr_multiplier"]),
+    ):
+        norms = {id(p) for p in norm_parameters(part)} if not settings["weight_decay_norms"] else set()
+        params = [p for p in part.parameters() if p.requires_grad]
+        groups.append(
+            {
+                "name": name,
+                "params": [p for p in params if id(p) not in norms],
+                "lr_multiplier": mult,
+                "weight_decay": net_wd,
+            }
+        )
+        groups.append(
+            {
+                "name": f"{name}.norms",
+                "params": [p for p in params if id(p) in norms],
+                "lr_multiplier": mult,
+                "weight_decay": 0.0,
+            }
+        )
     for owner_name, owner in owners:
         if owner is None:
             continue
@@ -203,8 +223,26 @@ def param_groups(
                 mult = next(
                     (m for k, m in mults.items() if pname == k or pname.startswith(k + ".")), bank_mults.get(id(p), 1.0)
                 )
-                groups.append({"name": f"{owner_name}.{pname}", "params": [p], "lr_multiplier": float(mult)})
+                groups.append(
+                    {"name": f"{owner_name}.{pname}", "params": [p], "lr_multiplier": float(mult), "weight_decay": wd}
+                )
     return [g for g in groups if g["params"]]
+
+
+def norm_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the normalisation layers (BatchNorm, LayerNorm, GroupNorm ...) inside ``module``."""
+    kinds = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.modules.normalization.RMSNorm)
+    return [p for m in module.modules() if isinstance(m, kinds) for p in m.parameters(recurse=False)]
+
+
+def decayed_before_clip(model: EmbeddingModel, settings: Any) -> list[nn.Parameter]:
+    """The network's parameters that get ``weight_decay`` added to their gradients before clipping
+    (``weight_decay_before_clip``): all trainable ones, less the normalisation layers' with
+    ``weight_decay_norms = false``."""
+    if not settings["weight_decay_before_clip"] or settings["weight_decay"] == 0:
+        return []
+    norms = {id(p) for p in norm_parameters(model)} if not settings["weight_decay_norms"] else set()
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in norms]
 
 
 def optimizer(groups: list[dict[str, Any]], settings: Any) -> torch.optim.Optimizer:

@@ -108,8 +108,11 @@ def default_config() -> dict[str, Any]:
     return cfg
 
 
-def recommendations(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
-    """The settings that the components chosen in ``cfg`` recommend, merged in section order.
+def recommendations(
+    cfg: dict[str, Any], registry: Registry, sources: dict[tuple[str, ...], str] | None = None
+) -> dict[str, Any]:
+    """The settings that the components chosen in ``cfg`` recommend, merged in section order
+    (``sources``, when given, gets who recommended each setting, by its path).
 
     A component whose name or options are wrong recommends nothing: :func:`validate` reports it.
     """
@@ -124,7 +127,23 @@ def recommendations(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
         except OptionError:
             continue
         with registry.active():
-            out = merge(out, registry.get(section, sec["name"]).recommended(resolved))
+            rec = registry.get(section, sec["name"]).recommended(resolved, cfg)
+        if sources is not None:
+            for path in leaves(rec):
+                sources[path] = f"recommended by {section} '{sec['name']}'"
+        out = merge(out, rec)
+    return out
+
+
+def leaves(cfg: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """``{("loss", "base_options", "pos_margin"): 0.1, ...}``: every value of a nested config by its path
+    (a component's ``name`` included; lists, as callbacks, are values)."""
+    out: dict[tuple[str, ...], Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict) and value:
+            out.update(leaves(value, (*prefix, key)))
+        else:
+            out[(*prefix, key)] = value
     return out
 
 
@@ -161,6 +180,8 @@ def resolve(user: dict[str, Any], registry: Registry) -> tuple[dict[str, Any], d
             if (section, name) in registry and not registry.get(section, name).accepts_any_option():
                 params = registry.get(section, name).parameters()
                 body = recs[section] = {k: v for k, v in body.items() if k == "name" or k in params}
+            if "name" in mine:  # the user's component keeps the options recommended to it
+                recs[section] = {**body, "name": mine["name"]}
         default_name = SECTIONS.get(section)
         kept = {k: v for k, v in body.items() if k not in mine and not (k == "name" and v == default_name)}
         if kept:

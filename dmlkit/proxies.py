@@ -169,12 +169,15 @@ class ProxyBank(nn.Module):
 
     # -- (re)initialisation ----------------------------------------------------------------
     @torch.no_grad()
-    def assign(self, new: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Copy ``new`` [C, K, D] into the vectors; the optimizer's state for them (moments) is dropped."""
+    def assign(
+        self, new: Tensor, optimizer: torch.optim.Optimizer | None = None, keep_optimizer_state: bool = False
+    ) -> None:
+        """Copy ``new`` [C, K, D] into the vectors; the optimizer's state for them (moments) is dropped,
+        unless ``keep_optimizer_state`` (ccp-dml keeps it)."""
         if new.shape != self.vectors.shape:
             raise ValueError(f"new proxies have shape {tuple(new.shape)}; the bank holds {tuple(self.vectors.shape)}")
         self.vectors.copy_(new.to(self.vectors))
-        if optimizer is not None and self.vectors in optimizer.state:
+        if optimizer is not None and self.vectors in optimizer.state and not keep_optimizer_state:
             optimizer.state[self.vectors] = {}
 
     def reinitialise(
@@ -185,6 +188,7 @@ class ProxyBank(nn.Module):
         rounds: int | None = None,
         seed: int = 0,
         previous: Tensor | None = None,
+        keep_optimizer_state: bool = False,
     ) -> dict[str, Any]:
         """Embed a pool of training samples with the current network, call ``initializer``
         (default: the bank's ``proxy_init``) with ``previous`` (default: the current vectors),
@@ -204,7 +208,7 @@ class ProxyBank(nn.Module):
         if picks.is_cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        self.assign(picks, getattr(trainer, "optimizer", None))
+        self.assign(picks, getattr(trainer, "optimizer", None), keep_optimizer_state)
         info: dict[str, Any] = {
             "pool_size": 0 if pool is None else int(pool.shape[0] * pool.shape[1]),
             "selection_s": seconds,

@@ -115,12 +115,20 @@ class ComponentSpec:
                 )
         return out
 
-    def recommended(self, options: dict[str, Any]) -> dict[str, Any]:
-        """The settings this component recommends, given its resolved ``options``."""
+    def recommended(self, options: dict[str, Any], config: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The settings this component recommends, given its resolved ``options`` and, to a
+        ``recommends`` function that takes a second argument, the run's config as the user set it
+        (defaults filled in): a recommendation may depend on the dataset, say."""
         try:
-            rec = self.recommends(options) if callable(self.recommends) else self.recommends
+            if callable(self.recommends):
+                takes_config = len(inspect.signature(self.recommends).parameters) >= 2
+                rec = self.recommends(options, config or {}) if takes_config else self.recommends(options)
+            else:
+                rec = self.recommends
             if not isinstance(rec, Mapping) or not all(isinstance(v, Mapping) for v in rec.values()):
                 raise TypeError(f"expected {{section: {{key: value}}}}, got {rec!r}")
+        except DmlkitError:
+            raise
         except Exception as exc:
             raise DmlkitError(
                 f"'{self.name}' (plugin '{self.plugin or '?'}') failed to give its recommended settings: "

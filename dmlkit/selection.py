@@ -92,3 +92,63 @@ def is_better(best: dict[str, Any], value: float) -> bool:
     if best["value"] is None:
         return True
     return value < best["value"] if best["mode"] == "min" else value > best["value"]
+
+
+class Selection:
+    """A run's choice of its best epoch, and its early stop.
+
+    ``best`` is the selection (metric, split, mode, in words) with the best value and epoch so far.
+    With ``train.patience`` > 0 the run stops once ``patience`` evaluated epochs in a row have not
+    improved the metric by more than ``train.min_delta`` over the value that last did (the best
+    epoch itself is still the best value, however small its gain).
+    """
+
+    def __init__(self, settings: Any, evaluator: Any, has_validation: bool):
+        self.best: dict[str, Any] = {"value": None, "epoch": None, **selection(settings, evaluator, has_validation)}
+        self.patience, self.min_delta = settings["patience"], settings["min_delta"]
+        self.stale = 0  # evaluated epochs since the metric last improved by more than min_delta
+        self._reference: float | None = None
+        self._validations: list[float] = []
+
+    def observe(self, record: dict[str, Any]) -> bool:
+        """Take an epoch's record; whether it is the best so far (and so saved as best.pt)."""
+        key = record_key(self.best)
+        value = record.get(key) if key else None
+        chosen = self.best["split"] == "last" or (value is not None and is_better(self.best, value))
+        if chosen:
+            self.best = {**self.best, "value": value, "epoch": record["epoch"]}
+        if value is not None and math.isfinite(value):
+            gain = math.inf if self._reference is None else value - self._reference
+            if self.best["mode"] == "min":
+                gain = -gain
+            if gain > self.min_delta:
+                self._reference, self.stale = value, 0
+            else:
+                self.stale += 1
+        return chosen
+
+    def stop(self) -> bool:
+        """Whether patience has run out."""
+        return self.patience > 0 and self.stale >= self.patience
+
+    def restore(self, best: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        """The selection of a resumed run: its recorded best, and its patience replayed from its log."""
+        kept = {k: v for k, v in self.best.items() if k not in ("value", "epoch")}
+        for record in history:
+            self.observe(record)
+        if best.get("value") is not None and not math.isfinite(best["value"]):  # written by dmlkit < 0.2
+            best = {**best, "value": None, "epoch": None}
+        self.best = {**kept, **{k: v for k, v in best.items() if k in ("value", "epoch")}}
+
+    def validation_warning(self, metrics: dict[str, Any]) -> str | None:
+        """A warning when the selection metric has been the same at the first three validations."""
+        key = f"val_{self.best['metric']}"
+        if key in metrics:
+            self._validations.append(metrics[key])
+            v = self._validations
+            if len(v) == 3 and max(v) - min(v) < 1e-9:
+                return (
+                    f"{key} is {metrics[key]:.4f} at every validation so far: the validation split tells the models "
+                    "apart poorly (too few classes or images?)"
+                )
+        return None

@@ -74,6 +74,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("optimizer", "adam", "The optimizer (sgd with momentum 0.9).", choices=("adam", "adamw", "sgd")),
     Setting("weight_decay", 0.0, "Weight decay of the optimizer.", minimum=0),
     Setting(
+        "weight_decay_norms",
+        True,
+        "Apply weight decay to the normalisation layers' parameters too (BatchNorm, LayerNorm); false: exempt them.",
+    ),
+    Setting(
+        "weight_decay_before_clip",
+        False,
+        "Add weight decay to the network's gradients before clipping, as an L2 term (ccp-dml's order), instead of "
+        "in the optimizer's step (where it reaches the proxies too).",
+    ),
+    Setting(
         "scheduler",
         "cosine",
         "Learning rate over the epochs: constant, cosine to 0, or x0.1 at each third.",
@@ -83,6 +94,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("backbone_lr_multiplier", 1.0, "Learning-rate multiplier of the backbone.", minimum=0),
     Setting("head_lr_multiplier", 1.0, "Learning-rate multiplier of the embedding head.", minimum=0),
     Setting("grad_clip", 0.0, "Clip the gradient norm to this value (0: no clipping).", minimum=0),
+    Setting(
+        "grad_clip_value", 0.0, "Clip each gradient element to [-value, value], after the norm (0: off).", minimum=0
+    ),
     # the model
     Setting(
         "embedding_size",
@@ -144,6 +158,14 @@ SETTINGS: tuple[Setting, ...] = (
     # evaluation and model selection
     Setting("eval_every", 1, "Validate every this many epochs (and after the last).", minimum=0, above=True),
     Setting("eval_at_start", False, "Also validate the untrained model (logged as epoch 0)."),
+    Setting(
+        "patience",
+        0,
+        "Stop once the validation metric has not improved by more than min_delta for this many evaluated epochs "
+        "(0: train all epochs); the test reads the best epoch as always.",
+        minimum=0,
+    ),
+    Setting("min_delta", 0.0, "The improvement of the validation metric that resets patience.", minimum=0),
     Setting(
         "eval_batch_size", 256, "Items per batch when embedding for evaluation.", minimum=0, above=True, maximum=2**20
     ),

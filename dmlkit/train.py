@@ -6,7 +6,6 @@ The trainer implements the run context of :mod:`dmlkit.contract`; components rec
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,15 @@ from torch import nn
 
 from dmlkit import checkpoint, distributed
 from dmlkit.compat import moved_names
-from dmlkit.components import build_parts, describe, optimizer, param_groups, replaced_components, scheduler
+from dmlkit.components import (
+    build_parts,
+    decayed_before_clip,
+    describe,
+    optimizer,
+    param_groups,
+    replaced_components,
+    scheduler,
+)
 from dmlkit.config import to_toml
 from dmlkit.console import fmt, make_console, phase, print_epoch
 from dmlkit.contract import EVENTS, RunContext
@@ -34,7 +41,7 @@ from dmlkit.proxies import pool_index
 from dmlkit.registry import Registry
 from dmlkit.rundir import RunLock, crash_point
 from dmlkit.runtime import autocast, loader_workers, resolve_device, seed_everything, worker_init
-from dmlkit.selection import is_better, record_key, selection
+from dmlkit.selection import Selection
 from dmlkit.settings import Settings
 
 
@@ -81,18 +88,18 @@ class Trainer:
         self.loss, self.miner, self.sampler, self.callbacks = parts.loss, parts.miner, parts.sampler, parts.callbacks
         self.proxy_banks, self._owners = parts.banks, parts.owners
         self.optimizer = optimizer(param_groups(self.model, t, [("loss", self.loss), ("miner", self.miner)]), t)
+        self._decayed = decayed_before_clip(self.model, t)  # weight decay as ccp-dml adds it, before clipping
         self.scheduler = scheduler(self.optimizer, t)
         self.run_id = checkpoint.new_run_id()
         self.epoch = self.step = 0  # epochs completed, optimizer steps taken
         self.history: list[dict[str, Any]] = []
-        self._best: dict[str, Any] = {"value": None, "epoch": None, **self.selection()}
+        self.selection = Selection(t, self.evaluator, self.val_split is not None)
         self.events: list[dict[str, Any]] = []  # what components logged during the current epoch
         self.results: dict[str, Any] = {}
         self.stop_requested = False
         self.extra_state: dict[str, Any] = {}  # components may keep resumable state here
         self.context = RunContext(self)
         self._last_val: tuple[int, dict[str, Any]] | None = None
-        self._val_values: list[float] = []
         self._in_epoch = False
         self.guard = FiniteGuard(t, self.device, self.run_dir, self.warn)
         self._terms: dict[str, list[torch.Tensor]] = {}  # per-term losses of the current epoch
@@ -105,7 +112,7 @@ class Trainer:
 
     @property
     def best(self) -> dict[str, Any]:
-        return dict(self._best)
+        return dict(self.selection.best)
 
     def log_event(self, **info: Any) -> None:
         """One entry in the epoch's ``events`` list of metrics.jsonl, with its epoch and step."""
@@ -204,34 +211,27 @@ class Trainer:
         self.guard.check_deferred(self.epoch + 1)  # a non-finite step is reported before its NaNs reach the evaluator
         self.emit("on_before_validation")
         metrics = {f"val_{k}": v for k, v in self.evaluate(self.val_split, "validation").items() if _scalar(v)}
-        key = f"val_{self._best['metric']}"
-        if self._best["split"] == "val" and key not in metrics:
+        best = self.selection.best
+        if best["split"] == "val" and f"val_{best['metric']}" not in metrics:
             raise TrainingError(
-                f"evaluator '{self.cfg['evaluator']['name']}' did not report '{self._best['metric']}', which "
+                f"evaluator '{self.cfg['evaluator']['name']}' did not report '{best['metric']}', which "
                 f"train.best_metric selects on (it reported: {', '.join(k[4:] for k in metrics) or 'nothing'}); "
                 "set train.best_metric to one of them"
             )
         metrics["step"] = self.step
         self._last_val = (self.step, metrics)
-        if key in metrics:
-            self._val_values.append(metrics[key])
-            if len(self._val_values) == 3 and max(self._val_values) - min(self._val_values) < 1e-9:
-                self.warn(
-                    f"{key} is {metrics[key]:.4f} at every validation so far: the validation split tells the models "
-                    "apart poorly (too few classes or images?)"
-                )
+        warning = self.selection.validation_warning(metrics)
+        if warning:
+            self.warn(warning)
         self.emit("on_validation_end", metrics=metrics)
         return metrics
-
-    def selection(self) -> dict[str, Any]:
-        """How this run picks its best epoch: metric, split it is read on, direction, and in words."""
-        return selection(self.settings, self.evaluator, self.val_split is not None)
 
     def final_test(self) -> dict[str, Any]:
         """Test metrics at the chosen epoch (and the last), read once; written to results.json."""
         if not self.history:
             return {}
-        last_epoch, best_epoch = self.history[-1]["epoch"], self._best["epoch"]
+        best = self.selection.best
+        last_epoch, best_epoch = self.history[-1]["epoch"], best["epoch"]
         at_last = {k: v for k, v in self.evaluate().items() if _scalar(v)}
         at_best = at_last
         if best_epoch is not None and best_epoch != last_epoch:
@@ -246,12 +246,12 @@ class Trainer:
             self.model.load_state_dict(best_ckpt["model"])
             at_best = {k: v for k, v in self.evaluate().items() if _scalar(v)}
             self.model.load_state_dict(current)
-        selected_by = self._best["selected_by"] if best_epoch is not None else "last epoch (no epoch was selected)"
+        selected_by = best["selected_by"] if best_epoch is not None else "last epoch (no epoch was selected)"
         results = {
             "selected_by": selected_by,
-            "selection_split": self._best["split"] if best_epoch is not None else "last",
-            "best_metric": self._best["metric"],
-            "best_value": self._best["value"],
+            "selection_split": best["split"] if best_epoch is not None else "last",
+            "best_metric": best["metric"],
+            "best_value": best["value"],
             "best_epoch": best_epoch if best_epoch is not None else last_epoch,
             "last_epoch": last_epoch,
             "test": at_best,
@@ -276,7 +276,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "history": self.history,
-            "best": self._best,
+            "best": self.selection.best,
             "extra": self.extra_state,
         }
 
@@ -299,10 +299,8 @@ class Trainer:
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
         self.history, self.extra_state = ckpt["history"], ckpt.get("extra", {})
         self.run_id = checkpoint.run_id(ckpt) or self.run_id
-        best = dict(ckpt["best"])
-        if best.get("value") is not None and not math.isfinite(best["value"]):  # written by dmlkit < 0.2
-            best.update(value=None, epoch=None)
-        self._best = {**self.selection(), **{k: v for k, v in best.items() if k in ("value", "epoch")}}
+        self.selection = Selection(self.settings, self.evaluator, self.val_split is not None)
+        self.selection.restore(dict(ckpt["best"]), self.history)
 
     def save(self, best: bool) -> None:
         if self.rank != 0:
@@ -352,8 +350,8 @@ class Trainer:
             self.write_run_files(resumed=True)
         for line in replaced_components(self.cfg, self.registry):
             self.console.print(f"[yellow]note: {escape(line)}[/yellow]", soft_wrap=True)
-        self.console.print(escape(f"{self.val_note}; {self._best['selected_by']}"), soft_wrap=True)
-        if self._best["split"] == "test":
+        self.console.print(escape(f"{self.val_note}; {self.selection.best['selected_by']}"), soft_wrap=True)
+        if self.selection.best["split"] == "test":
             self.console.print(
                 "[bold red]warning: selection=test_set_biased picks the best epoch on the TEST set; its numbers are "
                 "optimistic and not comparable with validation-selected results (Musgrave et al. 2020)[/bold red]"
@@ -362,8 +360,13 @@ class Trainer:
             self.emit("on_train_start")
             if t.eval_at_start:  # epoch 0: where training starts from
                 self._end_epoch({"epoch": 0, "step": 0, "loss": None, "lr": self.optimizer.param_groups[0]["lr"]})
-        while self.epoch < t.epochs and not self.stop_requested:
+        while self.epoch < t.epochs and not self.stop_requested and not self.selection.stop():
             self._run_epoch()
+        if self.selection.stop() and self.epoch < t.epochs:
+            self.console.print(
+                f"early stop after epoch {self.epoch}: no gain above min_delta {t.min_delta} in {t.patience} "
+                f"evaluated epochs; best epoch {self.selection.best['epoch']}"
+            )
         self.emit("on_train_end")
         self.results = self.final_test() if test else {}
         if self.results:
@@ -436,27 +439,23 @@ class Trainer:
 
     def _end_epoch(self, record: dict[str, Any]) -> None:
         """Validate when due, keep the best, save checkpoints, log ``record`` and plot."""
-        t, epoch, sel = self.settings, record["epoch"], self._best
+        t, epoch, split = self.settings, record["epoch"], self.selection.best["split"]
         if epoch % t.eval_every == 0 or epoch == t.epochs:
             if self.val_split is not None:
                 record.update({k: v for k, v in self.validate().items() if k != "step"})
-            if sel["split"] == "test" or t.test_every_epoch:  # logged; read for selection only when asked
+            if split == "test" or t.test_every_epoch:  # logged; read for selection only when asked
                 record.update({k: v for k, v in self.evaluate().items() if _scalar(v)})
             print_epoch(self.console, record, t.epochs)
         else:
             self.console.print(f"epoch {epoch}/{t.epochs}: loss {fmt('loss', record['loss'])}")
-        key = record_key(sel)
-        value = record.get(key) if key else None
-        chosen = sel["split"] == "last" or (value is not None and is_better(sel, value))
-        if chosen:
-            self._best = {**sel, "value": value, "epoch": epoch}
+        chosen = self.selection.observe(record)
         if self.events:
             record["events"], self.events = self.events, []
         self.history.append(record)
         self.save(best=chosen)
         if self.rank == 0:
             self.write_run_files()
-            plot_history(self.history, self.run_dir, self._best["epoch"])
+            plot_history(self.history, self.run_dir, self.selection.best["epoch"])
         self.emit("on_epoch_logged", record=record)  # the complete record, as metrics.jsonl has it
 
     def loader(self, split: Split, train: bool = True) -> torch.utils.data.DataLoader:
@@ -495,10 +494,15 @@ class Trainer:
         loss.backward()
         self.emit("on_after_backward")
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        for p in self._decayed:
+            if p.grad is not None:
+                p.grad.add_(p.detach(), alpha=self.settings.weight_decay)
         if self.settings.grad_clip > 0:
             norm = nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
         else:
             norm = nn.utils.get_total_norm([p.grad for p in params]) if params else None  # fused, one sync
+        if self.settings.grad_clip_value > 0:
+            nn.utils.clip_grad_value_(params, self.settings.grad_clip_value)
         if not self.guard.step_ok(loss, norm, self.epoch + 1, self.step + 1):
             self.optimizer.zero_grad(set_to_none=True)
             return None

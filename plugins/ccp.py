@@ -60,7 +60,9 @@ def check_uses_reference(base: torch.nn.Module, name: str) -> None:
         try:
             value = base(x, labels, ref, labels.clone())
         except Exception as exc:
-            raise OptionError(f"ccp cannot wrap loss '{name}': it fails on a batch and a reference set ({exc})") from None
+            raise OptionError(
+                f"ccp cannot wrap loss '{name}': it fails on a batch and a reference set ({exc})"
+            ) from None
         if not isinstance(value, Tensor) or not value.requires_grad:
             continue
         (grad,) = torch.autograd.grad(value, ref, allow_unused=True)
@@ -113,6 +115,13 @@ class CCPLoss(MetricLoss):
         metric: the validation metric the plateau rule watches.
         initializer: the proxy initializer, a name or ``{name = ..., options}``.
         seed: seed of the initializer's random choices.
+        keep_optimizer_state: keep the optimizer's moments of the proxies across a re-initialisation
+            (ccp-dml's behaviour); false drops them, as for a new parameter.
+        preset: ``paper``: the paper's settings for the run's dataset (cub200, cars196, sop, inshop): the
+            base loss's margins from the supplement, K and b, and the run protocol (Adam 1e-5, batch 32 = 8
+            classes x 4, 128-d, an epoch of 25 steps (250 on SOP/In-shop) validated each time, early stop
+            after 60 validations without gain, weight decay and clipping as ccp-dml). ``dmlkit train
+            --dry-run`` shows each setting and where it comes from; your own settings win.
     """
 
     nested_options = {"base_options": ("loss", "base"), "initializer": ("proxy_initializer", None)}
@@ -166,6 +175,8 @@ class CCPLoss(MetricLoss):
         metric: str = "map_at_r",
         initializer: str | dict = "greedy_kcenter",
         seed: int = 0,
+        keep_optimizer_state: bool = False,
+        preset: str = "",
     ):
         super().__init__()
         registry = dmlkit.get_registry()
@@ -179,6 +190,8 @@ class CCPLoss(MetricLoss):
             raise OptionError(f"need 1 <= proxies_per_class <= pool_rounds; got {proxies_per_class}, {pool_rounds}")
         if lam < 0 or patience < 1 or interval < 1:
             raise OptionError("need lam >= 0, patience >= 1, interval >= 1")
+        if preset not in PRESETS:
+            raise OptionError(f"ccp preset must be one of {', '.join(repr(p) for p in PRESETS)}; got {preset!r}")
         spec = registry.get("loss", base)
         ctx = {"num_classes": num_classes, "embedding_size": embedding_size}
         self.base = registry.build("loss", base, context=ctx, **_base_options(spec, base_options, proxies_per_class))
@@ -209,7 +222,7 @@ class CCPLoss(MetricLoss):
         self.k, self.rounds, self.num_classes = proxies_per_class, pool_rounds, num_classes
         self.batch_weight, self.proxy_weight, self.lam = batch_weight, proxy_weight, lam
         self.schedule, self.patience, self.min_delta, self.interval = schedule, patience, min_delta, interval
-        self.metric, self.seed = metric, seed
+        self.metric, self.seed, self.keep_optimizer_state = metric, seed, keep_optimizer_state
         self.state: dict[str, Any] = {
             "instance": 0,
             "best": -float("inf"),
@@ -261,10 +274,13 @@ class CCPLoss(MetricLoss):
                 p.grad.add_(p.detach() - anchor[name], alpha=self.lam)
 
     def on_validation_end(self, trainer, metrics: dict) -> None:
+        """The plateau rule counts one kind of validation: with ``train.val_every_steps`` the periodic
+        ones (as ccp-dml), else each epoch's."""
         if self.schedule != "plateau":
             return
         value = metrics.get(f"val_{self.metric}")
-        if value is None:
+        every = trainer.settings["val_every_steps"]
+        if value is None or (every and metrics.get("step", 0) % every):
             return
         if value > self.state["best"] + self.min_delta:
             self.state.update(
@@ -293,7 +309,14 @@ class CCPLoss(MetricLoss):
         instance = self.state["instance"] + 1
         info: dict[str, Any] = {}
         for bank, prev in zip(self.driven, previous):
-            got = bank.reinitialise(trainer, self.init, rounds=self.rounds, seed=self.seed + instance, previous=prev)
+            got = bank.reinitialise(
+                trainer,
+                self.init,
+                rounds=self.rounds,
+                seed=self.seed + instance,
+                previous=prev,
+                keep_optimizer_state=self.keep_optimizer_state,
+            )
             for k, v in got.items():
                 info[k] = info.get(k, 0) + v if k != "mean_min_distance" else v
         self.state.update(instance=instance, best=-float("inf"), bad=0)
@@ -306,11 +329,47 @@ class CCPLoss(MetricLoss):
         )
 
 
-def _recommends(options: dict[str, Any]) -> dict[str, Any]:
-    """The paper's run settings: Adam with weight decay 1e-4, gradient clipping at 10, raw
-    (un-normalised) network outputs, and for the plateau schedule a class-disjoint quarter of
-    the training classes validated every 25 steps. The learning rate stays the run's: the
-    paper's 1e-5 is for a pretrained network (the pretrained backbones recommend their own)."""
+#: The presets: "" (dmlkit's defaults) and "paper" (the paper's settings per dataset).
+PRESETS = ("", "paper")
+
+#: The supplement's per-dataset settings of the base losses (C2 margins, triplet margin, MS alpha,
+#: beta, lambda): the values behind the paper's tables, where its code defaults differ.
+PAPER_DATASET_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "contrastive": {
+        "cub200": {"pos_margin": 0.0, "neg_margin": 0.3841},
+        "cars196": {"pos_margin": 0.2652, "neg_margin": 0.5409},
+        "sop": {"pos_margin": 0.2858, "neg_margin": 0.5130},
+        "inshop": {"pos_margin": 0.2858, "neg_margin": 0.5130},
+    },
+    "triplet": {
+        "cub200": {"margin": 0.0961},
+        "cars196": {"margin": 0.1190},
+        "sop": {"margin": 0.0451},
+        "inshop": {"margin": 0.0451},
+    },
+    "multi_similarity": {
+        "cub200": {"alpha": 2.0, "beta": 40.0, "base": 0.5},
+        "cars196": {"alpha": 14.35, "beta": 75.83, "base": 0.66},
+        "sop": {"alpha": 2.0, "beta": 40.0, "base": 0.5},
+        "inshop": {"alpha": 8.49, "beta": 57.38, "base": 0.41},
+    },
+}
+#: K proxies per class, b pool rounds, and steps per validation ("epoch") per dataset.
+PAPER_SCALE = {
+    "cub200": (8, 12, 25),
+    "cars196": (8, 12, 25),
+    "sop": (4, 7, 250),
+    "inshop": (4, 7, 250),
+}
+
+
+def _recommends(options: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """Without a preset: Adam with weight decay 1e-4, gradient clipping at 10, raw (un-normalised)
+    network outputs, and for the plateau schedule a class-disjoint quarter of the training
+    classes validated every 25 steps; the learning rate stays the run's. With ``preset =
+    "paper"``: the paper's settings for the run's dataset (see ``preset``)."""
+    if options.get("preset") == "paper":
+        return paper_settings(options, config)
     train: dict[str, Any] = {
         "optimizer": "adam",
         "weight_decay": 1e-4,
@@ -320,6 +379,45 @@ def _recommends(options: dict[str, Any]) -> dict[str, Any]:
     if options.get("schedule") == "plateau":
         train.update(val_fraction=0.25, val_every_steps=25)
     return {"train": train}
+
+
+def paper_settings(options: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The paper's settings for the run's dataset and base loss."""
+    dataset = (config.get("dataset") or {}).get("name", "")
+    if dataset not in PAPER_SCALE:
+        raise OptionError(
+            f"ccp preset=paper has the paper's settings for {', '.join(PAPER_SCALE)}, not for dataset '{dataset}'; "
+            "drop the preset and set the base loss's options yourself (--loss-opt base_options.NAME=VALUE)"
+        )
+    base = dmlkit.get_registry().get("loss", options.get("base", "contrastive")).name
+    k, rounds, steps = PAPER_SCALE[dataset]
+    loss: dict[str, Any] = {"proxies_per_class": k, "pool_rounds": rounds, "keep_optimizer_state": True}
+    if base in PAPER_DATASET_OPTIONS:
+        loss["base_options"] = dict(PAPER_DATASET_OPTIONS[base][dataset])
+    return {
+        "loss": loss,
+        "sampler": {"name": "m_per_class", "m": 4, "batches_per_epoch": steps},
+        "train": {
+            "optimizer": "adam",
+            "lr": 1e-5,
+            "scheduler": "none",
+            "batch_size": 32,
+            "embedding_size": 128,
+            "normalize_embeddings": False,
+            "weight_decay": 1e-4,
+            "weight_decay_norms": False,
+            "weight_decay_before_clip": True,
+            "grad_clip": 10.0,
+            "grad_clip_value": 10.0,
+            "freeze_bn": True,
+            "val_fraction": 0.25,
+            "val_split": "classes",
+            "val_every_steps": 0,
+            "epochs": 10_000,
+            "patience": 60,
+            "min_delta": 1e-5,
+        },
+    }
 
 
 @dmlkit.hookimpl
