@@ -104,12 +104,8 @@ def _replaces(kind: str, spec: Any) -> str:
 
 
 def show_cmd(
-    kind: Annotated[
-        str,
-        typer.Argument(
-            help="Component kind.", autocompletion=lambda incomplete: [k for k in KINDS if k.startswith(incomplete)]
-        ),
-    ],  # fmt: skip
+    kind: Annotated[str, typer.Argument(help="Component kind.", autocompletion=lambda incomplete: [
+        k for k in KINDS if k.startswith(incomplete)])],  # fmt: skip
     name: Annotated[str, typer.Argument(help="Component name or alias.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -192,11 +188,7 @@ def _nested_rows(kind: str, spec: Any, defaults: dict[str, Any]) -> list[dict[st
         rows = [r for r in _option_rows(sub, sub.resolved_defaults(), f"{option}.") if r["name"] != f"{option}.name"]
         flag = f"--{kind.replace('_', '-')}-opt"
         named_by = f"'{name_option}'" if name_option else f"'{option}'"
-        how = (
-            f"{flag} {option}.NAME=VALUE"
-            if name_option
-            else f"{flag} {option}.name={sub_name} {flag} {option}.NAME=VALUE"
-        )
+        how = f"{flag} {option}.NAME=VALUE" if name_option else f"{flag} {option}.name={sub_name} {flag} {option}.NAME=VALUE"
         out.append(
             {
                 "option": option,
@@ -235,25 +227,13 @@ Opts = Annotated[list[str] | None, typer.Option(help="key=value, repeatable.", m
 
 def train_cmd(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML run configuration.")] = None,
-    dataset: Annotated[
-        str | None, typer.Option(help="Dataset name (default digits).", autocompletion=_complete("dataset"))
-    ] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset name (default digits).", autocompletion=_complete("dataset"))] = None,
     data_root: Annotated[str | None, typer.Option(help="Dataset folder (sets the dataset's root option).")] = None,
-    backbone: Annotated[
-        str | None, typer.Option(help="Backbone name (default smallcnn).", autocompletion=_complete("backbone"))
-    ] = None,
-    loss: Annotated[
-        str | None, typer.Option(help="Loss name (default proxynca).", autocompletion=_complete("loss"))
-    ] = None,
-    miner: Annotated[
-        str | None, typer.Option(help="Miner name; 'none' for none.", autocompletion=_complete("miner"))
-    ] = None,
-    sampler: Annotated[
-        str | None, typer.Option(help="Sampler name (default m_per_class).", autocompletion=_complete("sampler"))
-    ] = None,
-    evaluator: Annotated[
-        str | None, typer.Option(help="Evaluator name (default retrieval).", autocompletion=_complete("evaluator"))
-    ] = None,
+    backbone: Annotated[str | None, typer.Option(help="Backbone name (default smallcnn).", autocompletion=_complete("backbone"))] = None,
+    loss: Annotated[str | None, typer.Option(help="Loss name (default proxynca).", autocompletion=_complete("loss"))] = None,
+    miner: Annotated[str | None, typer.Option(help="Miner name; 'none' for none.", autocompletion=_complete("miner"))] = None,
+    sampler: Annotated[str | None, typer.Option(help="Sampler name (default m_per_class).", autocompletion=_complete("sampler"))] = None,
+    evaluator: Annotated[str | None, typer.Option(help="Evaluator name (default retrieval).", autocompletion=_complete("evaluator"))] = None,
     dataset_opt: Opts = None,
     backbone_opt: Opts = None,
     loss_opt: Opts = None,
@@ -269,9 +249,7 @@ def train_cmd(
             autocompletion=_complete("callback"),
         ),
     ] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", "-s", help="Train setting key=value, repeatable.", metavar="KEY=VALUE")
-    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Train setting key=value, repeatable.", metavar="KEY=VALUE")] = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
     lr: Annotated[float | None, typer.Option(help="Base learning rate.")] = None,
@@ -685,7 +663,7 @@ def report_cmd(
         from dmlkit.report_data import embed_run, example_queries
 
         for run in loaded:
-            data = embed_run(run, console)
+            data = embed_run(run, lambda run_dir: _trainer_from(run_dir, "best"))
             if pngs and grid:
                 shown = example_queries(data, top_k, worst=0, random=queries)
                 written.append(retrieval_grid(shown.random, data.split, out, run["name"]))

@@ -136,7 +136,7 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
     if run.get("protocol") == "mlrc":
         folds = [summary(f) for f in run["folds"]]
         concat = run["mlrc"]["concatenated"]
-        metric = cfg.get("train", {}).get("best_metric", "map_at_r")
+        metric = run["mlrc"].get("best_metric") or cfg.get("train", {}).get("best_metric", "map_at_r")
         row.update(
             protocol="mlrc",
             epochs=max(f["epochs"] for f in folds),
@@ -166,14 +166,16 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
                     f"run {run['name']} has no results.json and no test metrics: it has not finished; "
                     f"`dmlkit evaluate {run['dir']}` measures its checkpoint"
                 )
-            metrics = evaluated[-1]
+            last = evaluated[-1]  # an epoch record: only its test metrics, not its loss, lr or val_ values
+            metrics = {k: v for k, v in last.items() if k in SUMMARY or k.startswith("recall_at_")}
             row.update(
-                best_epoch=metrics["epoch"],
+                best_epoch=last["epoch"],
                 selected_by="last evaluated epoch (no results.json)",
                 selection_split="test",
             )
     row.update({k: metrics[k] for k in SUMMARY if k in metrics})
-    row.update({k: metrics[k] for k in metrics if k.startswith("recall_at_")})
+    # every other metric too (Recall@K, an evaluator's own), counts such as "queries" left out
+    row.update({k: v for k, v in metrics.items() if isinstance(v, float) and k not in row})
     if run.get("protocol") == "mlrc":
         row["folds"] = folds
     return row
@@ -189,9 +191,11 @@ def shown_metrics(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def epoch_series(run: dict[str, Any], metric: str) -> tuple[str, list[tuple[int, float]]]:
-    """A plain run's per-epoch values of ``metric``: its validation values (``val_`` keys) when it
-    logged any, else the test values of runs that tested every epoch. Returns (split, points)."""
-    for split, key in (("val", f"val_{metric}"), ("test", metric)):
+    """A plain run's per-epoch values of ``metric`` (``loss``: the training loss): its validation
+    values (``val_`` keys) when it logged any, else the test values of runs that tested every epoch.
+    Returns (split, points), the split ``train`` for the loss."""
+    keys = [("train", "loss")] if metric == "loss" else [("val", f"val_{metric}"), ("test", metric)]
+    for split, key in keys:
         pts = [(h["epoch"], float(h[key])) for h in run["history"] if isinstance(h.get(key), int | float)]
         if pts:
             return split, pts
@@ -242,11 +246,7 @@ def curves_figure(runs: list[dict[str, Any]]) -> Any:
     for ax, (key, title) in zip(axes, panels, strict=True):
         for i, run in enumerate(parts):
             colour = colours[i % len(colours)]
-            if key == "loss":
-                split = "train"
-                pts = [(h["epoch"], float(h["loss"])) for h in run["history"] if isinstance(h.get("loss"), int | float)]
-            else:
-                split, pts = epoch_series(run, key)
+            split, pts = epoch_series(run, key)
             if not pts:
                 continue
             label = run["name"] if split in ("val", "train") else f"{run['name']} ({split})"

@@ -9,7 +9,9 @@ import hashlib
 import importlib.util
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,14 +58,15 @@ def map_method(name: str) -> str:
     return name
 
 
-def embed_run(run: dict[str, Any], console: Any = None) -> Embedded:
+def embed_run(run: dict[str, Any], load_trainer: Callable[[Path], Any]) -> Embedded:
     """The test embeddings of a run's best checkpoint; for an mlrc run the L2-normalised embeddings
-    of its fold models concatenated, as mlrc.json's ``concatenated`` metrics were computed."""
-    from dmlkit.train import load_run as load_trainer
+    of its fold models concatenated, as mlrc.json's ``concatenated`` metrics were computed.
 
+    ``load_trainer(run_dir)`` gives the trainer of a run directory's best checkpoint (the CLI passes
+    ``dmlkit.train.load_run``): the report reads runs, it does not import the trainer."""
     parts = []
     for part in run.get("folds", [run]):
-        trainer = load_trainer(part["dir"], "best", console=console)
+        trainer = load_trainer(part["dir"])
         emb, _ = trainer.embed(trainer.test_split, f"embedding {part['name']}'s test images")
         parts.append(l2_normalise(emb) if "folds" in run else emb)
     ev = trainer.cfg["evaluator"]
@@ -227,10 +230,11 @@ def embedding_map(embeddings: np.ndarray, method: str, seed: int = 0) -> np.ndar
 
 
 class Thumbnails:
-    """Small images as data: URLs (JPEG for photos, PNG for arrays), each item's made once; the same
-    picture from two runs (same path, or equal array) is stored once, under one id."""
+    """Small images as data: URLs, each item's made once; the same picture from two runs (same path,
+    or equal array) is stored once, under one id. Small arrays (digits' 8 x 8) are enlarged by a
+    whole factor into a sharp PNG; photos and larger arrays are shrunk into a JPEG."""
 
-    def __init__(self, size: int = 80):
+    def __init__(self, size: int = 64):
         self.size = size
         self.urls: list[str] = []
         self._ids: dict[str, int] = {}
@@ -262,15 +266,16 @@ class Thumbnails:
             arr = _picture(item)
         except DmlkitError:  # a file moved or deleted since training: the page shows a gap
             return None
-        if arr.dtype != np.uint8:  # arrays scaled to 0..1: pixels enlarged by a whole factor, kept sharp
-            img = Image.fromarray(np.round(arr * 255).astype(np.uint8))
-            factor = max(1, self.size // max(img.size))
+        if arr.dtype != np.uint8:  # arrays scaled to 0..1
+            arr = np.round(arr * 255).astype(np.uint8)
+        img = Image.fromarray(arr)
+        if max(img.size) <= self.size // 2:  # a small array: pixels enlarged by a whole factor, kept sharp
+            factor = self.size // max(img.size)
             img = img.resize((img.size[0] * factor, img.size[1] * factor), Image.NEAREST)
             fmt, mime = "PNG", "image/png"
         else:
-            img = Image.fromarray(arr)
             img.thumbnail((self.size, self.size))
             fmt, mime = "JPEG", "image/jpeg"
         buf = io.BytesIO()
-        img.save(buf, format=fmt, **({"quality": 80} if fmt == "JPEG" else {"optimize": True}))
+        img.save(buf, format=fmt, **({"quality": 75} if fmt == "JPEG" else {"optimize": True}))
         return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"

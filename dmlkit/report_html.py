@@ -133,7 +133,10 @@ def _fmt(v: Any, key: str = "") -> str:
 def _metric_keys(rows: list[dict[str, Any]]) -> list[str]:
     recall = sorted({k for r in rows for k in r if k.startswith("recall_at_")}, key=lambda k: int(k[10:]))
     ordered = ["precision_at_1", "r_precision", "map_at_r", *recall, "nmi", "ami"]
-    return [k for k in ordered if any(k in r for r in rows)]
+    others = sorted(
+        {k for r in rows for k, v in r.items() if isinstance(v, float) and k not in ordered} - {"train_time_s"}
+    )
+    return [k for k in ordered if any(k in r for r in rows)] + others
 
 
 def metric_name(key: str) -> str:
@@ -199,7 +202,8 @@ def runs_section(runs: list[dict[str, Any]], rows: list[dict[str, Any]], analyse
             diffs = ", ".join(f"{metric_name(k)} {s:.4f} in the file, {m:.4f} now" for k, (s, m) in a["differ"].items())
             out.append(
                 f'<p class="warn">{e(a["name"])}: the test metrics recomputed from the checkpoint differ from '
-                f"its results file ({e(diffs)}): the data, the code or the checkpoint changed since training. "
+                f"its results file ({e(diffs)}): the data, the code, the checkpoint or the device (bf16 autocast on a GPU) "
+                "changed since training. "
                 "The examples below come from the checkpoint as it is now.</p>"
             )
     for run, row in zip(runs, rows, strict=True):
@@ -348,11 +352,7 @@ def curves_section(runs: list[dict[str, Any]], rows: list[dict[str, Any]]) -> st
     for key, title in [("loss", "training loss"), *((k, f"validation {v}") for k, v in CURVES.items())]:
         series = []
         for i, run in enumerate(parts):
-            if key == "loss":
-                split = "train"
-                pts = [(h["epoch"], float(h["loss"])) for h in run["history"] if isinstance(h.get("loss"), int | float)]
-            else:
-                split, pts = epoch_series(run, key)
+            split, pts = epoch_series(run, key)
             label = run["name"] if split in ("train", "val") else f"{run['name']} (test each epoch)"
             series.append(
                 {"label": label, "colour": PALETTE[i % len(PALETTE)], "points": pts, "mark": chosen_epoch(run)}
