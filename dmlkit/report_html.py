@@ -253,7 +253,11 @@ def differing_settings(runs: list[dict[str, Any]]) -> dict[str, list[Any]]:
     """The settings whose values are not the same in every run (absent: None)."""
     flats = [flat_settings(r["config"]) for r in runs]
     keys = sorted({k for f in flats for k in f} - set(NOT_SETTINGS))
-    return {k: [f.get(k) for f in flats] for k in keys if len({json.dumps(f.get(k)) for f in flats}) > 1}
+
+    def same(v: Any) -> str:  # 512 and 512.0 are the same setting (a resumed run's config may write either)
+        return json.dumps(int(v) if isinstance(v, float) and v.is_integer() else v)
+
+    return {k: [f.get(k) for f in flats] for k in keys if len({same(f.get(k)) for f in flats}) > 1}
 
 
 def _setting(v: Any) -> str:
