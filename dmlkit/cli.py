@@ -650,6 +650,14 @@ def report_cmd(
         method = resolve_map(map_method)
         if html.is_dir():
             raise DmlkitError(f"--html {html} is a folder; give a file name such as {html / 'report.html'}")
+        if html.parent.exists() and not html.parent.is_dir():
+            raise DmlkitError(f"--html {html}: {html.parent} is a file, not a folder")
+        try:  # before any work: a page that cannot be written is refused at once
+            html.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            from dmlkit.rundir import writable_error
+
+            raise writable_error(html, exc, "file") from None
     loaded = [load_run(r) for r in runs]
     rows = [summary(r) for r in loaded]
     pngs = out is not None or html is None
@@ -678,7 +686,6 @@ def report_cmd(
     if html is not None:
         from dmlkit.report_html import write_page
 
-        html.parent.mkdir(parents=True, exist_ok=True)
         written.append(write_page(html, loaded, rows, analyses))
         for a in analyses:
             if a["differ"]:

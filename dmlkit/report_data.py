@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.metadata
 import importlib.util
 import io
 import warnings
@@ -50,12 +51,21 @@ def map_method(name: str) -> str:
     refuses an unknown name or UMAP without umap-learn before any work."""
     if name not in MAP_METHODS:
         raise OptionError(f"--map must be one of {', '.join(MAP_METHODS)}; got {name!r}")
-    has_umap = importlib.util.find_spec("umap") is not None
+    has_umap = umap_installed()
     if name == "umap" and not has_umap:
         raise OptionError("--map umap needs umap-learn: pip install 'dmlkit[umap]' (or use --map pca or tsne)")
     if name == "auto":
         return "umap" if has_umap else "pca"
     return name
+
+
+def umap_installed() -> bool:
+    """Whether umap-learn is installed (its distribution, not a stray ``umap`` folder left behind)."""
+    try:
+        importlib.metadata.version("umap-learn")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return importlib.util.find_spec("umap") is not None
 
 
 def embed_run(run: dict[str, Any], load_trainer: Callable[[Path], Any]) -> Embedded:
@@ -166,29 +176,33 @@ def confused_pairs(query_labels: np.ndarray, neighbour_labels: np.ndarray, top: 
 
     ``a_to_b``: neighbours of class b in the top k of class a's queries (``b_to_a`` the reverse);
     ``share``: (a_to_b + b_to_a) over the top-k slots of both classes' queries. Ranked by share,
-    then by count."""
+    then by count. Only the pairs that occur are counted (no classes x classes table: SOP has 11,316
+    classes)."""
     k = neighbour_labels.shape[1]
-    a = np.repeat(query_labels, k)
-    b = neighbour_labels.reshape(-1)
+    a = np.repeat(query_labels, k).astype(np.int64)
+    b = neighbour_labels.reshape(-1).astype(np.int64)
     wrong = a != b
     a, b = a[wrong], b[wrong]
     if not len(a):
         return []
-    n_classes = int(max(query_labels.max(), neighbour_labels.max())) + 1
-    directed = np.bincount(a * n_classes + b, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
-    queries = np.bincount(query_labels, minlength=n_classes)
-    lo, hi = np.triu_indices(n_classes, 1)
-    both = directed[lo, hi] + directed[hi, lo]
-    keep = both > 0
-    lo, hi, both = lo[keep], hi[keep], both[keep]
+    n = int(max(query_labels.max(), neighbour_labels.max())) + 1
+    codes, counts = np.unique(a * n + b, return_counts=True)
+    pairs, both = np.unique(np.minimum(a, b) * n + np.maximum(a, b), return_counts=True)
+    lo, hi = pairs // n, pairs % n
+    queries = np.bincount(query_labels, minlength=n)
     share = both / (k * (queries[lo] + queries[hi]))
     order = np.lexsort((-both, -share))[:top]
+
+    def directed(x: int, y: int) -> int:
+        i = np.searchsorted(codes, x * n + y)
+        return int(counts[i]) if i < len(codes) and codes[i] == x * n + y else 0
+
     return [
         {
             "a": int(lo[i]),
             "b": int(hi[i]),
-            "a_to_b": int(directed[lo[i], hi[i]]),
-            "b_to_a": int(directed[hi[i], lo[i]]),
+            "a_to_b": directed(int(lo[i]), int(hi[i])),
+            "b_to_a": directed(int(hi[i]), int(lo[i])),
             "share": float(share[i]),
         }
         for i in order

@@ -72,7 +72,9 @@ def analyse(
     }
 
 
-def write_page(path: Path, runs: list[dict[str, Any]], rows: list[dict[str, Any]], analyses: list[dict[str, Any]]):
+def write_page(
+    path: Path, runs: list[dict[str, Any]], rows: list[dict[str, Any]], analyses: list[dict[str, Any]]
+) -> Path:
     """Write the page for ``runs`` (their summary ``rows`` and :func:`analyse` results) to ``path``."""
     from dmlkit.rundir import writable_error, write_text
 

@@ -116,13 +116,16 @@ def test_report_refuses_test_set_selection_and_bad_options(cli, runs, tmp_path):
     if not _has_umap():
         code, _, err = cli("report", str(runs / "a"), "--html", str(tmp_path / "p.html"), "--map", "umap")
         assert code == 1 and "pip install 'dmlkit[umap]'" in err
-    assert list(tmp_path.iterdir()) == []  # refused before any work
+    (tmp_path / "file").write_text("")
+    code, _, err = cli("report", str(runs / "a"), "--html", str(tmp_path / "file" / "p.html"))
+    assert code == 1 and "is a file, not a folder" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]  # refused before any work
 
 
 def _has_umap():
-    import importlib.util
+    from dmlkit.report_data import umap_installed
 
-    return importlib.util.find_spec("umap") is not None
+    return umap_installed()
 
 
 def test_curves_draw_the_logged_validation_values_and_mark_the_chosen_epoch(runs):
