@@ -35,6 +35,7 @@ PALETTE = (
     "#1f77b4 #ff7f0e #2ca02c #d62728 #9467bd #8c564b #e377c2 #7f7f7f #bcbd22 #17becf "
     "#aec7e8 #ffbb78 #98df8a #ff9896 #c5b0d5 #c49c94 #f7b6d2 #c7c7c7 #dbdb8d #9edae5"
 ).split()
+HIGHER_IS_BETTER = ("precision_at_1", "r_precision", "map_at_r", "nmi", "ami")
 METRIC_NAMES = {"precision_at_1": "P@1", "r_precision": "R-Precision", "map_at_r": "MAP@R", "nmi": "NMI", "ami": "AMI"}
 #: Per-class tables longer than this show the lowest and highest half of it (by the first run's MAP@R).
 MAX_CLASS_ROWS = 1000
@@ -114,8 +115,8 @@ def page(runs: list[dict[str, Any]], rows: list[dict[str, Any]], analyses: list[
 <style>{STYLE}</style></head>
 <body>
 <header><h1>{e(title)}</h1>
-<p class="meta">Written by dmlkit {e(dmlkit.__version__)} on {stamp}. Each run is shown at the epoch its own
-selection chose; the test set chose nothing. One file: it opens offline.</p>
+<p class="meta">Written by dmlkit {e(dmlkit.__version__)} on {stamp}. {e(_selection_note(rows))}
+One file: it opens offline.</p>
 <nav>{nav}</nav></header>
 {body}
 <div id="tip" hidden><img alt=""><span></span></div>
@@ -126,6 +127,16 @@ selection chose; the test set chose nothing. One file: it opens offline.</p>
 
 
 # -- runs and settings ----------------------------------------------------------------------------
+def _selection_note(rows: list[dict[str, Any]]) -> str:
+    on_test = [r["run"] for r in rows if r.get("selection_split") == "test"]
+    if not on_test:
+        return "Each run is shown at the epoch its own selection chose on validation data; the test set chose nothing."
+    return (
+        f"Each run is shown at the epoch its own selection chose; for {', '.join(on_test)} that was the test set "
+        "(no results.json), so its numbers are optimistic."
+    )
+
+
 def _fmt(v: Any, key: str = "") -> str:
     if isinstance(v, float):
         return f"{v:.1f}" if key.endswith("_s") else f"{v:.4f}"
@@ -134,7 +145,7 @@ def _fmt(v: Any, key: str = "") -> str:
 
 def _metric_keys(rows: list[dict[str, Any]]) -> list[str]:
     recall = sorted({k for r in rows for k in r if k.startswith("recall_at_")}, key=lambda k: int(k[10:]))
-    ordered = ["precision_at_1", "r_precision", "map_at_r", *recall, "nmi", "ami"]
+    ordered = [*HIGHER_IS_BETTER[:3], *recall, *HIGHER_IS_BETTER[3:]]
     others = sorted(
         {k for r in rows for k, v in r.items() if isinstance(v, float) and k not in ordered} - {"train_time_s"}
     )
@@ -177,7 +188,10 @@ def runs_section(runs: list[dict[str, Any]], rows: list[dict[str, Any]], analyse
     out.append('<tr class="group"><th colspan="99">test metrics at the chosen epoch (from results.json)</th></tr>')
     for key in _metric_keys(rows):
         values = [r.get(key) for r in rows]
+        # the best in bold where higher is better: the retrieval and clustering metrics, not an evaluator's own
         best = max((v for v in values if isinstance(v, float)), default=None)
+        if key not in HIGHER_IS_BETTER and not key.startswith("recall_at_"):
+            best = None
         cells = []
         for i, v in enumerate(values):
             if not isinstance(v, float):
