@@ -720,53 +720,118 @@ def embed_cmd(
 
 
 def report_cmd(
-    runs: Annotated[list[Path], typer.Argument(help="Run directories to compare.")],
-    out: Annotated[Path, typer.Option(help="Folder for the figures and report.json.")] = Path("report"),
-    grid: Annotated[bool, typer.Option(help="Draw a retrieval grid per run (embeds its test set).")] = True,
-    queries: Annotated[int, typer.Option(help="Queries in each retrieval grid.")] = 6,
+    runs: Annotated[
+        list[Path], typer.Argument(help="Run directories to compare (a --protocol mlrc directory counts as one run).")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for the PNG figures and report.json [default: report, or none with --html]."),
+    ] = None,
+    html: Annotated[
+        Path | None, typer.Option(help="Write one self-contained HTML page (opens offline) to this file.")
+    ] = None,
+    grid: Annotated[bool, typer.Option(help="Draw a retrieval grid PNG per run (embeds its test set).")] = True,
+    queries: Annotated[int, typer.Option(help="Random queries in each retrieval grid and on the page.")] = 6,
     top_k: Annotated[int, typer.Option(help="Neighbours shown per query.")] = 5,
+    worst: Annotated[int, typer.Option(help="Worst queries shown on the page.")] = 6,
+    map_method: Annotated[
+        str, typer.Option("--map", help="2-D map of the page: auto (umap when installed, else pca), pca, tsne, umap.")
+    ] = "auto",
+    map_points: Annotated[int, typer.Option(help="Test images drawn on the map (a random sample beyond).")] = 1000,
     best_metric: Annotated[
         str | None, typer.Option(help="Deprecated: each run's epoch is the one its own validation chose.")
     ] = None,
 ) -> None:
-    """Compare runs in one table and write PNG figures: metric curves, Recall@K, retrieval grids."""
+    """Compare runs in one table; write PNG figures (curves, Recall@K, retrieval grids) and/or an HTML page."""
     from dmlkit.report import load_run, plot_curves, plot_recall_at_k, retrieval_grid, summary
 
     if queries < 1 or top_k < 1:
         raise DmlkitError("--queries and --top-k must be >= 1")
+    if worst < 0 or map_points < 3:
+        raise DmlkitError("--worst must be >= 0 and --map-points >= 3")
     if best_metric is not None:
         raise DmlkitError(
             "--best-metric is gone: picking each run's best epoch by a test metric is selection on the test set; "
             "the report shows each run at the epoch its validation chose (train.best_metric)"
         )
+    method = None
+    if html is not None:
+        from dmlkit.report_data import map_method as resolve_map
+
+        method = resolve_map(map_method)
+        if html.is_dir():
+            raise DmlkitError(f"--html {html} is a folder; give a file name such as {html / 'report.html'}")
+        if html.parent.exists() and not html.parent.is_dir():
+            raise DmlkitError(f"--html {html}: {html.parent} is a file, not a folder")
+        try:  # before any work: a page that cannot be written is refused at once
+            html.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            from dmlkit.rundir import writable_error
+
+            raise writable_error(html, exc, "file") from None
     loaded = [load_run(r) for r in runs]
     rows = [summary(r) for r in loaded]
-    out.mkdir(parents=True, exist_ok=True)
-    figures = [plot_curves(loaded, out), plot_recall_at_k(rows, out)]
-    if grid:
+    pngs = out is not None or html is None
+    out = out if out is not None else Path("report")
+    written = []
+    if pngs:
+        out.mkdir(parents=True, exist_ok=True)
+        written += [plot_curves(loaded, out), plot_recall_at_k(rows, out)]
+    analyses = []
+    if (pngs and grid) or html is not None:
+        from dmlkit.report_data import embed_run, example_queries
+
         for run in loaded:
-            figures.append(retrieval_grid(_trainer_from(run["dir"], "best"), out, run["name"], queries, top_k))
-    (out / "report.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
-    table = Table(title="runs: test metrics at the epoch each run chose (all metrics in report.json)")
+            data = embed_run(run, lambda run_dir: _trainer_from(run_dir, "best"))
+            if pngs and grid:
+                shown = example_queries(data, top_k, worst=0, random=queries)
+                written.append(retrieval_grid(shown.random, data.split, out, run["name"]))
+            if html is not None:
+                from dmlkit.report_html import analyse
+
+                with console.status(f"analysing {run['name']}'s test embeddings"):
+                    analyses.append(analyse(run, data, method, top_k, worst, queries, map_points))
+    if pngs:
+        (out / "report.json").write_text(json.dumps(rows, indent=2, default=str), encoding="utf-8")
+        written.append(out / "report.json")
+    if html is not None:
+        from dmlkit.report_html import write_page
+
+        written.append(write_page(html, loaded, rows, analyses))
+        for a in analyses:
+            if a["differ"]:
+                err_console.print(
+                    f"[yellow]warning: {escape(a['name'])}'s test metrics recomputed from its checkpoint differ from "
+                    "its results file (the data, code or checkpoint changed since training); the page says so[/yellow]"
+                )
+    table = Table(title="runs: test metrics at the epoch each run's selection chose (on the split named)")
     names = {
         "run": "run",
         "loss": "loss",
         "miner": "miner",
         "best_epoch": "epoch",
-        "selected_by": "chosen by",
+        "selection_split": "on",
         "precision_at_1": "P@1",
         "r_precision": "R-Prec",
         "map_at_r": "MAP@R",
         "nmi": "NMI",
         "train_time_s": "time (s)",
     }
-    cols = [c for c in names if any(c in row for row in rows)]
-    for c in cols:
-        table.add_column(names[c], justify="left" if c in ("run", "loss", "miner", "selected_by") else "right")
+    # an mlrc run's folds follow it with their epochs, named by fold alone so that the table stays narrow
+    shown_rows = []
     for row in rows:
+        folds = row.get("folds", [])
+        shown_rows.append({**row, "best_epoch": ""} if folds else row)
+        shown_rows += [{**f, "run": "  " + f["run"].rsplit("/", 1)[-1]} for f in folds]
+    cols = [c for c in names if any(c in row for row in shown_rows)]
+    for c in cols:
+        text = c in ("run", "loss", "miner", "selection_split")
+        table.add_column(names[c], justify="left" if text else "right", no_wrap=True)
+    for row in shown_rows:
         table.add_row(*[_num(row[c], c) if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols])
-    console.print(table)
-    console.print(f"wrote {', '.join(str(f) for f in figures)} and {out / 'report.json'}")
+    # in a log file the table keeps whole columns instead of being cut at 80 characters
+    (console if console.is_terminal else Console(width=160, highlight=False)).print(table)
+    console.print(f"wrote {', '.join(escape(str(f)) for f in written)}", soft_wrap=True)
 
 
 def _trainer_from(run: Path, which: str) -> Any:

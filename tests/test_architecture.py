@@ -20,7 +20,7 @@ LAYERS = {
         "components",
     ],
     "orchestration": ["train", "folds", "testing"],
-    "interfaces": ["cli", "report", "scaffold", "mlrc", "__main__"],
+    "interfaces": ["cli", "report", "report_data", "report_html", "scaffold", "mlrc", "__main__"],
 }  # fmt: skip
 RANK = {module: i for i, modules in enumerate(LAYERS.values()) for module in modules}
 #: The only modules that may import the trainer.

@@ -1,45 +1,79 @@
 import json
+import re
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from dmlkit.evaluation import l2_normalise, retrieval_metrics
 
 
-def test_report_compares_runs_and_draws_figures(cli, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert cli("train", "--epochs", "2", "--run-dir", "a")[0] == 0
-    assert cli("train", "--epochs", "2", "--loss", "triplet", "--miner", "semihard", "--run-dir", "b")[0] == 0
-    code, out, err = cli("report", "a", "b", "--out", "rep", "--queries", "3", "--top-k", "4")
-    assert code == 0, err
-    rows = json.loads((tmp_path / "rep" / "report.json").read_text())
-    assert [r["run"] for r in rows] == ["a", "b"] and [r["loss"] for r in rows] == ["proxynca", "triplet"]
-    # each run at the epoch its validation chose, with the test metrics read there (results.json)
-    results_b = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert rows[1]["map_at_r"] == results_b["test"]["map_at_r"] and rows[1]["best_epoch"] == results_b["best_epoch"]
-    assert rows[1]["selected_by"] == "best by validation map_at_r"
-    assert cli("report", "a", "--best-metric", "map_at_r", "--no-grid")[0] == 1  # test-set selection is gone
-    for name in ("metric_curves.png", "recall_at_k.png", "retrieval_a.png", "retrieval_b.png"):
-        with Image.open(tmp_path / "rep" / name) as img:
-            assert img.size[0] > 200 and img.size[1] > 150
-    # the grid has 3 query rows of 1 + 4 pictures: it is wider than tall by about 5:3
-    with Image.open(tmp_path / "rep" / "retrieval_a.png") as img:
-        assert 1.3 < img.size[0] / img.size[1] < 2.5
+@pytest.fixture(scope="module")
+def mlrc_run(tmp_path_factory):
+    """One --protocol mlrc run of two epochs: four fold models under fold0..fold3 and mlrc.json."""
+    from dmlkit.cli import main
+
+    run = tmp_path_factory.mktemp("mlrc") / "mlrc"
+    try:
+        main(["train", "--protocol", "mlrc", "--dataset-opt", "train_classes=8", "--epochs", "2", "--set",
+              "batch_size=48", "--run-dir", str(run)])  # fmt: skip
+    except SystemExit as exc:
+        assert not exc.code, "mlrc training failed"
+    return run
 
 
 def test_report_refuses_a_folder_that_is_not_a_run(cli, tmp_path):
     code, _, err = cli("report", str(tmp_path))
     assert code == 1 and "is not a run directory: it has no metrics.jsonl" in err
+    (tmp_path / "fold0").mkdir()  # an mlrc run killed before it wrote mlrc.json
+    code, _, err = cli("report", str(tmp_path))
+    assert code == 1 and "unfinished --protocol mlrc run" in err and "fold0" in err
 
 
-def test_mlrc_protocol_trains_four_fold_models_and_concatenates(cli, tmp_path):
-    run = tmp_path / "mlrc"
-    code, out, err = cli(
-        "train", "--protocol", "mlrc", "--dataset-opt", "train_classes=8", "--epochs", "2", "--set", "batch_size=48",
-        "--run-dir", str(run),
-    )  # fmt: skip
+@pytest.mark.filterwarnings("error")
+def test_report_reads_an_mlrc_run(cli, mlrc_run, tmp_path):
+    page = tmp_path / "page.html"
+    code, out, err = cli("report", str(mlrc_run), "--out", str(tmp_path / "png"), "--html", str(page), "--queries", "2")
     assert code == 0, err
+    mlrc = json.loads((mlrc_run / "mlrc.json").read_text())
+    (row,) = json.loads((tmp_path / "png" / "report.json").read_text())
+    assert row["protocol"] == "mlrc" and row["map_at_r"] == mlrc["concatenated"]["map_at_r"]
+    assert [f["run"] for f in row["folds"]] == [f"mlrc/fold{i}" for i in range(4)]
+    for fold, model in zip(row["folds"], mlrc["models"], strict=True):
+        res = json.loads((mlrc_run / f"fold{model['fold']}" / "results.json").read_text())
+        assert fold["best_epoch"] == model["best_epoch"] == res["best_epoch"]
+        assert fold["map_at_r"] == model["map_at_r"] == res["test"]["map_at_r"]
+    assert "  fold3 " in out  # the table shows each fold under the concatenation
+    text = page.read_text()
+    cells = dict(
+        ((run, key), float(v))
+        for key, run, v in re.findall(r'data-metric="(\w+)" data-run="([^"]+)" data-value="([^"]+)"', text)
+    )
+    for key, value in mlrc["concatenated"].items():
+        if isinstance(value, float):
+            assert cells[("mlrc", key)] == value
+    for model in mlrc["models"]:
+        assert cells[(f"mlrc/fold{model['fold']}", "map_at_r")] == model["map_at_r"]
+    # the page's concatenated embeddings give mlrc.json's metrics again: no warning that they differ
+    assert 'class="warn"' not in text
+    # curves: one line per fold model, each with its chosen epoch starred
+    from dmlkit.report import curves_figure, load_run
+
+    fig = curves_figure([load_run(mlrc_run)])
+    for ax in fig.axes:
+        assert [ln.get_label() for ln in ax.lines if not ln.get_label().startswith("_")] == [
+            f"mlrc/fold{i}" for i in range(4)
+        ]
+        assert sum(ln.get_marker() == "*" for ln in ax.lines) == 4
+
+
+def test_report_refuses_a_damaged_mlrc_json(cli, tmp_path):
+    (tmp_path / "mlrc.json").write_text('{"protocol": "mlrc", "models": 3}')
+    code, _, err = cli("report", str(tmp_path))
+    assert code == 1 and "is not a dmlkit mlrc.json; the file is damaged" in err
+
+
+def test_mlrc_protocol_trains_four_fold_models_and_concatenates(cli, mlrc_run, tmp_path):
+    run = mlrc_run
     result = json.loads((run / "mlrc.json").read_text())
     assert [m["fold"] for m in result["models"]] == [0, 1, 2, 3]
     assert result["concatenated"]["dim"] == 4 * 128
