@@ -830,7 +830,7 @@ def report_cmd(
     for row in shown_rows:
         table.add_row(*[_num(row[c], c) if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols])
     # in a log file the table keeps whole columns instead of being cut at 80 characters
-    (console if console.is_terminal else Console(width=160, highlight=False)).print(table)
+    console.print(table)  # outside a terminal the console is wide: whole columns
     console.print(f"wrote {', '.join(escape(str(f)) for f in written)}", soft_wrap=True)
 
 
