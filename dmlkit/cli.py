@@ -356,11 +356,19 @@ def train_cmd(
     protocol: Annotated[
         str, typer.Option(help="'single', or 'mlrc': 4 models on 4 class-disjoint validation folds, then concatenated.")
     ] = "single",
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print the whole configuration, each value with where it comes from, build every component, and "
+            "stop: nothing is trained or written.",
+        ),
+    ] = False,
 ) -> None:
     """Train an embedding model composed from registry components; with no options, the digits default."""
-    flags = dict(locals())
+    flags = {k: v for k, v in locals().items() if k != "dry_run"}
     from dmlkit import checkpoint, distributed
-    from dmlkit.config import load_toml, merge, resolve, validate
+    from dmlkit.config import explain, load_toml, merge, resolve, validate
     from dmlkit.folds import run_mlrc
     from dmlkit.rundir import check_crash_env
     from dmlkit.train import Trainer
@@ -386,14 +394,25 @@ def train_cmd(
         if epochs is not None:
             cfg = merge(cfg, {"train": {"epochs": epochs}})
         cfg = validate(cfg, host.registry)
+        if dry_run:
+            given = [("--epochs", {"train": {"epochs": epochs}} if epochs is not None else {})]
+            rows = [
+                (p, v, src if src != "default" else f"the run's checkpoint {resume}")
+                for p, v, src in explain(cfg, given, {})
+            ]
+            return _dry_run(rows, cfg, out_dir, protocol)
     else:
         user, cli = load_toml(config) if config is not None else {}, command_line(flags)
         if "callbacks" in cli and isinstance(user.get("callbacks"), list):  # after the config file's [[callbacks]]
             cli["callbacks"] = [*user["callbacks"], *cli["callbacks"]]
-        cfg, recommended = resolve(merge(user, cli), host.registry)
-        if recommended and distributed.is_main():
+        recommenders: dict[tuple[str, ...], str] = {}
+        cfg, recommended = resolve(merge(user, cli), host.registry, recommenders)
+        if recommended and distributed.is_main() and not dry_run:
             console.print(f"[dim]recommended settings in use (yours win): {escape(_settings_text(recommended))}[/dim]")
         out_dir = distributed.broadcast(run_dir or Path(cfg["train"]["run_dir"] or _default_run_dir(cfg)))
+        if dry_run:
+            given = [("command line", cli), (f"config file {config}", user)]
+            return _dry_run(explain(cfg, given, recommenders), cfg, out_dir, protocol)
         if distributed.is_main() and _holds_run(out_dir):
             raise DmlkitError(
                 f"{out_dir} already holds a run; continue it with --resume {out_dir} or pick another --run-dir"
@@ -416,6 +435,40 @@ def train_cmd(
         trainer.fit()
     for line in done_lines(out_dir, trainer.results):
         say.print(line, soft_wrap=True)
+
+
+def _dry_run(rows: list[tuple[str, Any, str]], cfg: dict[str, Any], out_dir: Path, protocol: str) -> None:
+    """``train --dry-run``: the configuration with its sources, then every component built (the
+    dataset's index read, no image decoded, nothing written)."""
+    from rich.text import Text
+
+    from dmlkit.config import toml_value
+    from dmlkit.folds import MLRC_FOLDS, with_fold
+    from dmlkit.train import Trainer
+
+    table = Table(title=Text(f"dry run: the configuration of {out_dir} (nothing is trained or written)"))
+    for col in ("setting", "value", "from"):
+        table.add_column(col, overflow="fold")
+    for path, value, source in rows:
+        style = "" if source == "default" else "bold"
+        table.add_row(Text(path), Text(toml_value(value)), Text(source, style=style))
+    console.print(table)
+    if protocol == "mlrc":
+        cfg = with_fold(cfg, MLRC_FOLDS, 0)
+    trainer = Trainer(cfg, get_host().registry, out_dir, console=console)  # builds and checks every component
+    train, test = trainer.train_split, trainer.test_split
+    lines = [
+        f"dataset '{cfg['dataset']['name']}': {len(train):,} training items of {train.num_classes} classes, "
+        f"{len(test):,} test items of {test.num_classes} classes; {trainer.val_note}",
+        f"model: backbone '{cfg['backbone']['name']}', {trainer.embedding_size}-d embeddings, "
+        f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters on {trainer.device}",
+        f"loss '{cfg['loss']['name']}', miner '{cfg['miner']['name'] or 'none'}', sampler '{cfg['sampler']['name']}' "
+        f"({len(trainer.sampler)} batches per epoch), evaluator '{cfg['evaluator']['name']}': built",
+        f"{'MLRC: 4 such runs under' if protocol == 'mlrc' else 'a run would write'} {out_dir}"
+        + (" (it already holds a run: --resume it or pick another --run-dir)" if _holds_run(out_dir) else ""),
+    ]
+    for line in lines:
+        console.print(escape(line), soft_wrap=True)
 
 
 def _flag(param: str) -> str:

@@ -147,13 +147,16 @@ def leaves(cfg: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str,
     return out
 
 
-def resolve(user: dict[str, Any], registry: Registry) -> tuple[dict[str, Any], dict[str, Any]]:
+def resolve(
+    user: dict[str, Any], registry: Registry, sources: dict[tuple[str, ...], str] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """defaults < what the chosen components recommend < ``user`` (a TOML file and command-line options).
 
     Returns the validated config and the recommended settings that took effect (``{section: {key: value}}``:
     those the user did not set themselves). A recommended option that the chosen component does not
     have is dropped: a backbone may recommend a loss and its ``proxy_init``, and a user who picks
-    another loss keeps ``proxy_init`` if that loss takes one.
+    another loss keeps ``proxy_init`` if that loss takes one. ``sources``, when given, gets who
+    recommended each recommended setting, by its path.
     """
     user = copy.deepcopy(user)
     loss = user.get("loss")
@@ -163,7 +166,7 @@ def resolve(user: dict[str, Any], registry: Registry) -> tuple[dict[str, Any], d
         name = user.get(section, {}).get("name") if isinstance(user.get(section), dict) else None
         if isinstance(name, str) and name and (section, name) in registry:
             user[section]["name"] = registry.get(section, name).name
-    recs = recommendations(merge(default_config(), user), registry)
+    recs = recommendations(merge(default_config(), user), registry, sources)
     applied: dict[str, Any] = {}
     for section, body in list(recs.items()):
         mine = user.get(section, {})
@@ -187,6 +190,22 @@ def resolve(user: dict[str, Any], registry: Registry) -> tuple[dict[str, Any], d
         if kept:
             applied[section] = kept
     return validate(merge(merge(default_config(), recs), user), registry), applied
+
+
+def explain(
+    cfg: dict[str, Any], given: list[tuple[str, dict[str, Any]]], recommended: dict[tuple[str, ...], str]
+) -> list[tuple[str, Any, str]]:
+    """Each value of a resolved ``cfg`` with where it comes from: the first of ``given`` (``(source,
+    partial config)`` pairs, the command line before a config file) that sets it, else the component
+    that recommended it, else ``default``. Returns ``(dotted path, value, source)`` rows."""
+    given_paths = [(source, leaves(partial)) for source, partial in given]
+    rows = []
+    for path, value in leaves(cfg).items():
+        source = next((s for s, paths in given_paths if path in paths), None)
+        if source is None:
+            source = recommended.get(path, "default")
+        rows.append((".".join(path), value, source))
+    return rows
 
 
 def parse_combination(text: str, registry: Registry | None = None) -> dict[str, Any]:

@@ -120,7 +120,9 @@ class CCPLoss(MetricLoss):
         preset: ``paper``: the paper's settings for the run's dataset (cub200, cars196, sop, inshop): the
             base loss's margins from the supplement, K and b, and the run protocol (Adam 1e-5, batch 32 = 8
             classes x 4, 128-d, an epoch of 25 steps (250 on SOP/In-shop) validated each time, early stop
-            after 60 validations without gain, weight decay and clipping as ccp-dml). ``dmlkit train
+            after 60 validations without gain, weight decay and clipping as ccp-dml). ``auto`` (default):
+            ``paper`` on those four datasets, ``none`` on others. ``none``: dmlkit's lighter recommendation
+            (Adam, weight decay, clipping; ccp-dml's code defaults for the base loss). ``dmlkit train
             --dry-run`` shows each setting and where it comes from; your own settings win.
     """
 
@@ -176,7 +178,7 @@ class CCPLoss(MetricLoss):
         initializer: str | dict = "greedy_kcenter",
         seed: int = 0,
         keep_optimizer_state: bool = False,
-        preset: str = "",
+        preset: str = "auto",
     ):
         super().__init__()
         registry = dmlkit.get_registry()
@@ -329,8 +331,9 @@ class CCPLoss(MetricLoss):
         )
 
 
-#: The presets: "" (dmlkit's defaults) and "paper" (the paper's settings per dataset).
-PRESETS = ("", "paper")
+#: The presets: "paper" (the paper's settings per dataset), "none" (dmlkit's lighter recommendation),
+#: "auto" (paper on the paper's datasets, else none).
+PRESETS = ("auto", "paper", "none")
 
 #: The supplement's per-dataset settings of the base losses (C2 margins, triplet margin, MS alpha,
 #: beta, lambda): the values behind the paper's tables, where its code defaults differ.
@@ -368,7 +371,9 @@ def _recommends(options: dict[str, Any], config: dict[str, Any]) -> dict[str, An
     network outputs, and for the plateau schedule a class-disjoint quarter of the training
     classes validated every 25 steps; the learning rate stays the run's. With ``preset =
     "paper"``: the paper's settings for the run's dataset (see ``preset``)."""
-    if options.get("preset") == "paper":
+    preset = options.get("preset", "auto")
+    dataset = (config.get("dataset") or {}).get("name", "")
+    if preset == "paper" or (preset == "auto" and dataset in PAPER_SCALE):
         return paper_settings(options, config)
     train: dict[str, Any] = {
         "optimizer": "adam",
