@@ -701,7 +701,7 @@ def new_plugin_cmd(
 
     target = new_plugin(name, directory)
     console.print(f"wrote {escape(str(target))}: pyproject.toml, dmlkit_{escape(name)}.py, tests/, README.md")
-    console.print(f"next: cd {escape(str(target))} && pip install -e '.[test]' && python -m pytest", soft_wrap=True)
+    console.print(f"next: cd {escape(str(target))} && pip install -e '.\\[test]' && python -m pytest", soft_wrap=True)
 
 
 def build_app() -> typer.Typer:

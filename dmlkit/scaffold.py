@@ -110,14 +110,68 @@ documented under `Args:`), and the `ComponentSpec` that registers it.
 """
 
 
+#: Module names a plugin's name must never shadow, whether or not they import from here.
+RESERVED = {"dmlkit", "dmlkit_plugins", "plugins", "tests", "test", "conftest", "setup"}
+MAX_NAME = 60
+
+
+def name_problem(name: str) -> str:
+    """Why ``name`` cannot be a new plugin's name ("" when it can): not a lower-case identifier, a
+    module it or its module ``dmlkit_NAME`` would shadow (dmlkit's own, the standard library's, any
+    installed top-level module), a plugin of that name, or a registered loss of that name."""
+    import importlib.util
+    import sys
+
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name) or len(name) > MAX_NAME:
+        return f"must be a lower-case Python identifier of at most {MAX_NAME} characters (letters, digits, _)"
+    for module in (name, f"dmlkit_{name}"):
+        if module in RESERVED or module in sys.stdlib_module_names:
+            where = "dmlkit's own" if module in RESERVED else "a standard library module"
+            return f"would shadow the module '{module}' ({where})"
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            found = None
+        if found is not None:
+            return f"would shadow the installed module '{module}' ({found.origin or 'a namespace package'})"
+    from dmlkit.plugins import get_host
+
+    host = get_host()
+    for plugin, info in host.plugins.items():
+        if plugin == name:
+            return f"is the name of the plugin from {info.distribution or info.module}"
+    if ("loss", name) in host.registry:
+        spec = host.registry.get("loss", name)
+        return f"is taken by the loss '{spec.name}' of plugin '{spec.plugin}'"
+    return ""
+
+
 def new_plugin(name: str, parent: Path) -> Path:
-    """Write the package ``dmlkit-NAME`` into ``parent / f"dmlkit-{name}"`` and return its folder."""
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name):
-        raise DmlkitError(
-            f"plugin name {name!r} must be a lower-case Python identifier (letters, digits, _), e.g. my_loss"
+    """Write the package ``dmlkit-NAME`` into ``parent / f"dmlkit-{name}"`` and return its folder.
+
+    The files are written into a temporary folder beside it and renamed into place: a failure or
+    an interrupt leaves nothing behind."""
+    import os
+    import secrets
+    import shutil
+
+    from dmlkit import interrupts
+
+    problem = name_problem(name)
+    if problem:
+        suggestion = next(
+            (
+                alt
+                for alt in (f"my_{name}", f"{name}_loss", f"{name}2")
+                if re.fullmatch(r"[a-z]\w*", alt) and not name_problem(alt)
+            ),
+            "my_loss",
         )
+        raise DmlkitError(f"plugin name {name!r} {problem}; pick another name, e.g. {suggestion}")
+    if parent.exists() and not parent.is_dir():
+        raise DmlkitError(f"--dir {parent} is a file; --dir names the folder to write the package into")
     target = parent / f"dmlkit-{name.replace('_', '-')}"
-    if target.exists():
+    if target.exists() or target.is_symlink():
         raise DmlkitError(f"{target} already exists; choose another name or --dir")
     module = f"dmlkit_{name}"
     cls = "".join(part.capitalize() for part in name.split("_")) + "Loss"
@@ -128,8 +182,32 @@ def new_plugin(name: str, parent: Path) -> Path:
         "tests/test_plugin.py": TEST,
         "README.md": README,
     }
-    for rel, template in files.items():
-        path = target / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(template.format(**values))
+    made = [p for p in [parent, *parent.parents] if not p.exists()]
+    tmp = None
+    try:
+        for folder in reversed(made):
+            folder.mkdir()
+        tmp = parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()  # a new name: never one that holds anything
+        for rel, template in files.items():
+            path = tmp / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(template.format(**values), encoding="utf-8")
+        with interrupts.deferred():
+            if target.exists():  # made since the check
+                raise DmlkitError(f"{target} already exists; choose another name or --dir")
+            tmp.rename(target)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:
+            try:
+                folder.rmdir()  # only if empty
+            except OSError:
+                pass
+        if isinstance(exc, OSError):
+            from dmlkit.rundir import writable_error
+
+            raise writable_error(target, exc, "package folder") from None
+        raise
     return target

@@ -369,14 +369,14 @@ class _NewFolder:
             raise DmlkitError(f"{out} already holds {what}; pass --overwrite to replace it, or pick another --out")
 
     def __enter__(self) -> Path:
-        import tempfile
 
         missing = [p for p in [self.out.parent, *self.out.parent.parents] if not p.exists()]
         try:
             for folder in reversed(missing):
                 folder.mkdir()
                 self.created.append(folder)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+            self.tmp = _new_name(self.out, "tmp")
+            self.tmp.mkdir()  # a new name: never a folder that holds anything
         except OSError as exc:
             self._remove_created()
             raise writable_error(self.out.parent, exc, "to folder") from None
@@ -388,8 +388,6 @@ class _NewFolder:
                 folder.rmdir()  # only if empty
 
     def __exit__(self, exc_type: Any, *rest: Any) -> None:
-        import tempfile
-
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self._remove_created()
@@ -401,8 +399,8 @@ class _NewFolder:
             try:
                 self.check(self.out, self.marker, True, self.what, {})  # again: a file may have appeared since
                 if self.out.exists():
-                    old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-                    os.replace(self.out, old)
+                    old = _new_name(self.out, "old")
+                    os.rename(self.out, old)
                 os.replace(self.tmp, self.out)
             except (OSError, DmlkitError) as exc:
                 if old is not None and not self.out.exists():
@@ -417,6 +415,13 @@ class _NewFolder:
             for f in old.iterdir():
                 f.unlink()
             old.rmdir()
+
+
+def _new_name(out: Path, what: str) -> Path:
+    """A name beside ``out`` that nothing has: ``.OUT.tmp-PID-RANDOM``."""
+    import secrets
+
+    return out.parent / f".{out.name}.{what}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _read_regular(path: Path, limit: int | None = None) -> bytes:
