@@ -785,6 +785,8 @@ def _run(argv: list[str], debug: bool) -> int:
         # KeyboardInterrupt (130) instead of exiting; tests/test_reliability_cli.py pins this down
         returned = command.main(args=argv, prog_name="dmlkit", standalone_mode=False)
     except BaseException as exc:  # every way out of a command is reported here
+        if isinstance(exc, interrupts.Interrupted):
+            interrupts.note(exc.signum)
         if interrupts.received() is not None:  # whatever the signal left behind: report the signal
             if debug:
                 import traceback

@@ -109,6 +109,12 @@ def leave(code: int, in_process: bool) -> None:
         sys.exit(code)
 
 
+def note(signum: int) -> None:
+    """Record ``signum`` as the signal that stopped the command (an :class:`Interrupted` raised by code)."""
+    if _state.received is None:
+        _state.received = signum
+
+
 def received() -> int | None:
     """The signal that stopped the command, if one did."""
     return _state.received
