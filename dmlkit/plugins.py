@@ -152,6 +152,8 @@ class PluginHost:
         command or an earlier plugin has (the later registration is dropped and recorded on the
         plugin, so that `dmlkit plugins` shows it), nor remove or change what was registered
         before it; a failure is recorded on that plugin."""
+        builtin = {_entry_name(entry) for entry in [*app.registered_commands, *app.registered_groups]}
+        owners: dict[str, str] = {}  # command -> the plugin that added it to this app
         for impl in self.pm.hook.register_commands.get_hookimpls():
             info = self.plugins[impl.plugin_name]
             commands, groups = list(app.registered_commands), list(app.registered_groups)
@@ -160,15 +162,15 @@ class PluginHost:
             try:
                 _quietly(impl.function, **_args(impl, app=app))
             except (Exception, SystemExit) as exc:
-                info.errors.append(f"register_commands raised {_one_line(exc)}")
+                _note(info, f"register_commands raised {_one_line(exc)}")
             now = [*app.registered_commands[: len(commands)], *app.registered_groups[: len(groups)]]
             if [_fingerprint(entry) for entry in now] != before or app.registered_callback is not callback:
-                info.errors.append("register_commands changed or removed commands registered before it; undone")
+                _note(info, "register_commands changed or removed commands registered before it; undone")
                 for entry, (_, name, function) in zip([*commands, *groups], before):
                     entry.name, entry.callback = name, function
                 app.registered_callback = callback
-            taken = {_entry_name(entry): "it is a built-in command" for entry in [*commands, *groups]}
-            taken.update({c: f"it is a command of plugin '{p}'" for p, i in self.plugins.items() for c in i.commands})
+            taken = {name: "it is a built-in command" for name in builtin}
+            taken.update({c: f"it is a command of plugin '{p}'" for c, p in owners.items()})
             kept_commands, kept_groups, added = list(commands), list(groups), []
             for entry, into in [
                 *((c, kept_commands) for c in app.registered_commands[len(commands) :]),
@@ -177,13 +179,14 @@ class PluginHost:
                 name = _entry_name(entry)
                 if name in taken or name in added:
                     why = taken.get(name, "this plugin registers it twice")
-                    info.errors.append(f"command '{name}' not added: {why}")
+                    _note(info, f"command '{name}' not added: {why}")
                     continue
                 into.append(entry)
                 added.append(name)
             app.registered_commands[:] = kept_commands
             app.registered_groups[:] = kept_groups
             info.commands = added
+            owners.update(dict.fromkeys(added, impl.plugin_name))
 
     def plugin_of(self, kind: str, name: str) -> PluginInfo | None:
         return self.plugins.get(self.registry.get(kind, name).plugin)
@@ -195,6 +198,12 @@ def _entry_name(info: Any) -> str:
     if not name and getattr(info, "callback", None) is not None:
         name = info.callback.__name__.replace("_", "-")
     return str(name)
+
+
+def _note(info: PluginInfo, error: str) -> None:
+    """Record an error on a plugin once (the app is built again for each in-process command)."""
+    if error not in info.errors:
+        info.errors.append(error)
 
 
 def _fingerprint(entry: Any) -> tuple[int, Any, Any]:

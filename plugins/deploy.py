@@ -325,6 +325,15 @@ def ours(out: Path, marker: str) -> set[str] | None:
     return None
 
 
+def _manifest_kind(out: Path) -> str | None:
+    """The kind of result (export, index) that ``out``'s manifest describes, if it can be read."""
+    try:
+        kind = json.loads(_read_regular(out / MANIFEST, 1 << 20)).get("kind")
+    except (DmlkitError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
 class _NewFolder:
     """Write a folder's files into a sibling temporary folder, then put it in place: a failure or an
     interrupt leaves the old folder (or none) as it was. An existing folder is replaced only when
@@ -354,6 +363,12 @@ class _NewFolder:
         if not entries:
             return
         known = ours(out, marker)
+        other = _manifest_kind(out)
+        if known is None and other in KINDS.values() and other != KINDS[marker]:
+            raise DmlkitError(
+                f"--out {out} holds {'an index' if other == 'index' else 'an export'} (dmlkit {other}), not "
+                f"{what}; pick an empty or new --out folder"
+            )
         if known is None and ((out / MANIFEST).exists() or (out / MANIFEST).is_symlink()):
             raise DmlkitError(
                 f"--out {out} holds {MANIFEST}, which is not dmlkit's list of the files of {what} there, so dmlkit "
@@ -433,12 +448,14 @@ def _read_regular(path: Path, limit: int | None = None) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise DmlkitError(f"{path.name} cannot be opened ({exc.strerror or exc})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise DmlkitError(f"{path.name} is not a regular file")
+    if limit is not None and info.st_size > limit:
+        os.close(fd)
+        raise DmlkitError(f"{path.name} is {info.st_size:,} bytes, more than the {limit:,} it can be")
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise DmlkitError(f"{path.name} is not a regular file")
-        if limit is not None and info.st_size > limit:
-            raise DmlkitError(f"{path.name} is {info.st_size:,} bytes, more than the {limit:,} it can be")
         return f.read()
 
 
@@ -554,12 +571,12 @@ def index_cmd(
     if skip_bad:
         keep = Problems(skip_bad=True).readable(split.items)
         skipped = int((~keep).sum())
+        if not keep.any():
+            raise DataError(f"no readable images under {images}")
         if skipped:
             files = [f for f, k in zip(files, keep) if k]
             split = Split([str(f) for f in files], np.zeros(len(files), np.int64), split.transform, mode)
             err_console.print(f"[yellow]warning: left out {skipped} unreadable image(s)[/yellow]")
-        if not files:
-            raise DataError(f"no readable images under {images}")
     trainer.settings["amp"] = False  # float32, as search embeds its queries: an image finds itself at distance 0
     try:
         emb, _ = trainer.embed(split, f"embedding {len(files):,} images")

@@ -308,9 +308,10 @@ def _read_regular(path: Path) -> bytes:
     import stat
 
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DmlkitError(f"{path} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise DmlkitError(f"{path} is not a regular file")
         return f.read()
 
 
