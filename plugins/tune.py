@@ -170,7 +170,12 @@ def read_space(path: Path, overrides: dict[str, Any], registry: Any) -> tuple[di
             f"{path}: unknown [tune] key(s) {', '.join(sorted(unknown))}; known: {', '.join(TUNE_DEFAULTS)}"
         )
     settings = {**TUNE_DEFAULTS, **tune, **{k: v for k, v in overrides.items() if v is not None}}
-    settings["space"] = flatten_space(settings["space"] or {})
+    if not isinstance(settings["space"], dict):
+        raise OptionError(
+            f'{path}: [tune.space] must be a table of ranges, e.g. "train.lr" = {{ low = 1e-4, high = 1e-2 }}; '
+            f"got {settings['space']!r}"
+        )
+    settings["space"] = flatten_space(settings["space"])
     if not settings["space"]:
         raise OptionError(
             f'{path}: no [tune.space]; add ranges, e.g. "train.lr" = {{ low = 1e-4, high = 1e-2, log = true }}'
@@ -424,14 +429,17 @@ class Search:
         else:
             _write_json(spec_path, identity)
         trials_dir = study_dir / "trials"
-        if not journal.exists() and trials_dir.is_dir() and any(trials_dir.iterdir()):
+        empty = not journal.exists() or (
+            journal.is_file() and journal.stat().st_size == 0
+        )  # killed before its first record
+        if empty and trials_dir.is_dir() and any(trials_dir.iterdir()):
             raise DmlkitError(
                 f"{study_dir} is damaged, not new: it holds trial folders but no journal.log (the record of which "
                 "settings each trial ran); restore journal.log to continue it, or start afresh with another --study"
             )
-        if journal.exists():
+        if journal.exists() and not empty:
             _repair_journal(journal, console)
-        self.fresh = not journal.exists()  # this call starts the study
+        self.fresh = empty  # this call starts the study
         cfg, _ = resolve(user, registry)
         evaluator = registry.build("evaluator", cfg["evaluator"]["name"], **_options(cfg["evaluator"]))
         self.direction = "minimize" if metric_direction(evaluator, settings["metric"]) == "min" else "maximize"
@@ -442,9 +450,10 @@ class Search:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self.storage = JournalStorage(JournalFileBackend(str(journal)))
-                self.study = optuna.create_study(
-                    storage=self.storage, study_name=STUDY, direction=self.direction, load_if_exists=True
-                )
+                if self.fresh:
+                    self.study = optuna.create_study(storage=self.storage, study_name=STUDY, direction=self.direction)
+                else:  # loading writes nothing: a study refused below is left as it was
+                    self.study = optuna.load_study(storage=self.storage, study_name=STUDY)
                 trials = self.study.get_trials(deepcopy=False)
                 for t in trials:
                     self.trial_dir(t)  # a "dir" that leaves the study is damage

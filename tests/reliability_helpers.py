@@ -52,7 +52,9 @@ def one_error_line(code: int, out: str, err: str, match: str = "", what: object 
 
 
 def unchanged(folder: Path, before: dict, what: object = "") -> None:
-    assert snapshot(folder) == before, (what, "files created, changed or removed")
+    after = snapshot(folder)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k, "-") != after.get(k, "-"))
+    assert not changed, (what, "files created, changed or removed", changed[:10])
 
 
 @dataclass
