@@ -53,6 +53,7 @@ class _State:
         self.closing = False  # the command is over: a signal now only changes the exit status
         self.hints: list[Callable[[], str]] = []
         self.abandoned: list[threading.Thread] = []
+        self.quieted: dict[str, Any] = {}  # what _quiet_shutdown replaced
 
 
 _state = _State()
@@ -77,6 +78,12 @@ def restore() -> None:
         return
     for sig, handler in _state.previous.items():
         signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    if _state.quieted:  # a signal arrived during an in-process call: undo what stopping changed
+        import sys
+
+        sys.unraisablehook = _state.quieted["unraisablehook"]
+        if "SIGCHLD" in _state.quieted:
+            signal.signal(signal.SIGCHLD, _state.quieted["SIGCHLD"] or signal.SIG_DFL)
     _state.previous = {}
     _state.pid = None
 
@@ -188,6 +195,20 @@ def _handle(signum: int, frame: Any) -> None:
                 os.write(2, f"error: {message()}\n".encode(errors="replace"))
         os._exit(status(_state.received))
     _state.received = signum
+    _quiet_shutdown()
     if _state.deferred:
         return
     raise Interrupted(signum)
+
+
+def _quiet_shutdown() -> None:
+    """The process is stopping: DataLoader workers that a group-wide signal ended must not make
+    torch's SIGCHLD handler raise while it cleans up, and an error in a ``__del__`` at interpreter
+    shutdown (a DataLoader iterator's) must not print a traceback under the one line."""
+    import sys
+
+    _state.quieted = {"unraisablehook": sys.unraisablehook}
+    if hasattr(signal, "SIGCHLD"):
+        with contextlib.suppress(ValueError, OSError):
+            _state.quieted["SIGCHLD"] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    sys.unraisablehook = lambda unraisable: None

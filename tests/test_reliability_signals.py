@@ -121,6 +121,14 @@ def cases(p: dict[str, Path]) -> list[Case]:
         ),
         Case("train-sigterm", train, signal.SIGTERM, "resume it with dmlkit train --resume r", ready="r/last.pt"),
         Case(
+            "train-sigterm-to-the-group-with-workers",  # torch's workers die of it: no traceback at shutdown
+            [*train, "--set", "num_workers=2"],
+            signal.SIGTERM,
+            "resume it with dmlkit train --resume r",
+            ready="r/last.pt",
+            group=True,
+        ),
+        Case(
             "train-before-the-first-epoch",
             train,
             signal.SIGTERM,
