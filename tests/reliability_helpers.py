@@ -51,6 +51,19 @@ def one_error_line(code: int, out: str, err: str, match: str = "", what: object 
     return lines[0]
 
 
+def bad_input_case(cli, work: Path, build, match: str, what: object) -> str:
+    """Make ``work`` the working folder, build a case's command line in it, run it in-process and
+    check the failure (:func:`one_error_line`) and that nothing in ``work`` changed. The line."""
+    work.mkdir()
+    os.chdir(work)
+    argv = build(work)
+    before = snapshot(work)
+    code, out, err = cli(*argv)
+    line = one_error_line(code, out, err, match, what)
+    unchanged(work, before, what)
+    return line
+
+
 def unchanged(folder: Path, before: dict, what: object = "") -> None:
     after = snapshot(folder)
     changed = sorted(k for k in set(before) | set(after) if before.get(k, "-") != after.get(k, "-"))

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reliability_helpers import Proc, image_run, one_error_line, run_processes, unchanged
+from reliability_helpers import Proc, bad_input_case, image_run, one_error_line, run_processes, unchanged
 from test_fuzz import snapshot
 from torch import nn
 
@@ -393,17 +393,10 @@ def test_the_table_is_large_enough():
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_ends_with_one_line_and_changes_nothing(case, resources, tmp_path, monkeypatch, cli):
-    work = tmp_path / "case"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    argv = case.build(Ctx(work, resources))
-    before = snapshot(work)
-    code, out, err = cli(*argv)
-    line = one_error_line(code, out, err, case.match, case.id)
-    if "index" in argv[0:1] or argv[0] == "search":
-        if DAMAGED in line:
-            assert "rebuild it with dmlkit index" in line, line
-    unchanged(work, before, case.id)
+    monkeypatch.chdir(tmp_path)
+    line = bad_input_case(cli, tmp_path / "case", lambda work: case.build(Ctx(work, resources)), case.match, case.id)
+    if DAMAGED in line:
+        assert "rebuild it with dmlkit index" in line, line
 
 
 # --- never a hang: FIFOs and a model that never ends, as real processes ------------------------------

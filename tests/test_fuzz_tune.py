@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from reliability_helpers import Proc, one_error_line, run_processes, unchanged
+from reliability_helpers import Proc, bad_input_case, one_error_line, run_processes
 from test_fuzz import _main, snapshot
 
 BASE = """\
@@ -226,14 +226,8 @@ def test_the_table_is_large_enough():
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_ends_with_one_line_and_changes_nothing(case, study, tmp_path, monkeypatch, cli):
-    work = tmp_path / "case"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    argv = case.build(Ctx(work, study))
-    before = snapshot(work)
-    code, out, err = cli(*argv)
-    one_error_line(code, out, err, case.match, case.id)
-    unchanged(work, before, case.id)
+    monkeypatch.chdir(tmp_path)
+    bad_input_case(cli, tmp_path / "case", lambda work: case.build(Ctx(work, study)), case.match, case.id)
 
 
 # --- what issue 25 found, each as it happened ----------------------------------------------------------

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from test_deploy import shapes
-from test_fuzz import _main
+from reliability_helpers import image_run
+from test_fuzz_tune import SPACE
 
 #: A model call that tells the test it started (the file $DMLKIT_TEST_BUSY), then waits; with
 #: $DMLKIT_TEST_SLOW_CLEANUP it also waits in its clean-up after the first signal (a second
@@ -54,27 +54,6 @@ from dmlkit.cli import main
 main()
 """
 
-TINY_TUNE = """\
-[dataset]
-name = "digits"
-train_classes = 8
-
-[train]
-epochs = 1
-num_workers = 0
-
-[sampler]
-name = "m_per_class"
-batches_per_epoch = 2
-
-[tune]
-trials = 1
-folds = 1
-
-[tune.space]
-"train.lr" = { low = 1e-4, high = 1e-2, log = true }
-"""
-
 
 @dataclass
 class Case:
@@ -91,20 +70,11 @@ class Case:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> dict[str, Path]:
-    """An image run (for index/search), its index, a tune space."""
-    base = tmp_path_factory.mktemp("signals")
-    data = shapes(base / "shapes")
-    run = base / "run"
-    code, _, err = _main(
-        "train", "--dataset", "imagefolder", "--data-root", str(data), "--backbone-opt", "in_channels=3",
-        "--backbone-opt", "image_size=16", "--backbone-opt", "channels=8", "--epochs", "1", "--batch-size", "8",
-        "--set", "val_fraction=0.5", "--run-dir", str(run),
-    )  # fmt: skip
-    assert code == 0, err
-    code, _, err = _main("index", str(run), "--images", str(data / "test"), "--out", str(base / "idx"))
-    assert code == 0, err
-    (base / "space.toml").write_text(TINY_TUNE)
-    return {"run": run, "data": data, "idx": base / "idx", "space": base / "space.toml"}
+    """An image run (for index/search), its index, a tune space of one trial."""
+    res = image_run()
+    space = tmp_path_factory.mktemp("signals") / "space.toml"
+    space.write_text(SPACE)
+    return {"run": res["run"], "data": res["data"], "idx": res["index"], "space": space}
 
 
 def cases(p: dict[str, Path]) -> list[Case]:
