@@ -764,6 +764,9 @@ def main(argv: list[str] | None = None) -> None:
     interrupts.install()
     try:
         code = _run(argv, "--debug" in argv)
+    except interrupts.Interrupted as exc:  # arrived just after the command returned
+        interrupts.note(exc.signum)
+        code = interrupts.report(_print_error)
     finally:
         interrupts.restore() if in_process else interrupts.closing()
     interrupts.leave(code, in_process)

@@ -426,10 +426,18 @@ class _NewFolder:
                 if isinstance(exc, DmlkitError):
                     raise
                 raise writable_error(self.out, exc, "to folder") from None
-        if old is not None:  # only dmlkit's files were in it (checked above)
-            for f in old.iterdir():
-                f.unlink()
-            old.rmdir()
+        if old is not None:  # only dmlkit's files were in it (checked above); anything else stays
+            for name in ours(old, self.marker) or ():
+                with contextlib.suppress(OSError):
+                    (old / name).unlink()
+            try:
+                old.rmdir()
+            except OSError:  # a file appeared there while this command ran: keep it
+                err_console.print(
+                    f"[yellow]warning: files that appeared in {escape(str(self.out))} while dmlkit wrote it are "
+                    f"kept in {escape(str(old))}[/yellow]",
+                    soft_wrap=True,
+                )
 
 
 def _new_name(out: Path, what: str) -> Path:
