@@ -157,6 +157,12 @@ def new_plugin(name: str, parent: Path) -> Path:
 
     from dmlkit import interrupts
 
+    valid = re.fullmatch(r"[a-z][a-z0-9_]*", name) and not keyword.iskeyword(name) and len(name) <= MAX_NAME
+    if valid and parent.exists() and not parent.is_dir():
+        raise DmlkitError(f"--dir {parent} is a file; --dir names the folder to write the package into")
+    target = parent / f"dmlkit-{name.replace('_', '-')}"
+    if valid and (target.exists() or target.is_symlink()):  # first: the package may be this one, installed
+        raise DmlkitError(f"{target} already exists; choose another name or --dir")
     problem = name_problem(name)
     if problem:
         suggestion = next(
@@ -168,11 +174,6 @@ def new_plugin(name: str, parent: Path) -> Path:
             "my_loss",
         )
         raise DmlkitError(f"plugin name {name!r} {problem}; pick another name, e.g. {suggestion}")
-    if parent.exists() and not parent.is_dir():
-        raise DmlkitError(f"--dir {parent} is a file; --dir names the folder to write the package into")
-    target = parent / f"dmlkit-{name.replace('_', '-')}"
-    if target.exists() or target.is_symlink():
-        raise DmlkitError(f"{target} already exists; choose another name or --dir")
     module = f"dmlkit_{name}"
     cls = "".join(part.capitalize() for part in name.split("_")) + "Loss"
     values = {"name": name, "dist": name.replace("_", "-"), "module": module, "cls": cls}
