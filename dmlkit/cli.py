@@ -367,7 +367,7 @@ def train_cmd(
 ) -> None:
     """Train an embedding model composed from registry components; with no options, the digits default."""
     flags = {k: v for k, v in locals().items() if k != "dry_run"}
-    from dmlkit import checkpoint, distributed
+    from dmlkit import checkpoint, distributed, interrupts
     from dmlkit.config import explain, load_toml, merge, resolve, validate
     from dmlkit.folds import run_mlrc
     from dmlkit.rundir import check_crash_env
@@ -417,6 +417,7 @@ def train_cmd(
             raise DmlkitError(
                 f"{out_dir} already holds a run; continue it with --resume {out_dir} or pick another --run-dir"
             )
+    interrupts.resumable_run(out_dir, protocol)  # what `error: interrupted` tells the user to do
     if protocol == "mlrc":
         if ckpt is not None or distributed.world_size_from_env() > 1:
             raise DmlkitError("--protocol mlrc trains its own runs: it cannot resume, nor run under torchrun")
@@ -929,7 +930,7 @@ def new_plugin_cmd(
 
     target = new_plugin(name, directory)
     console.print(f"wrote {escape(str(target))}: pyproject.toml, dmlkit_{escape(name)}.py, tests/, README.md")
-    console.print(f"next: cd {escape(str(target))} && pip install -e '.[test]' && python -m pytest", soft_wrap=True)
+    console.print(f"next: cd {escape(str(target))} && pip install -e '.\\[test]' && python -m pytest", soft_wrap=True)
 
 
 def build_app() -> typer.Typer:
@@ -1008,10 +1009,28 @@ def _show_deprecations() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one red line and a non-zero exit (``--debug`` shows tracebacks)."""
+    """Entry point: user errors become one red line and a non-zero exit (``--debug`` shows tracebacks);
+    Ctrl-C and SIGTERM end with ``error: interrupted`` / ``error: terminated`` and status 130 / 143."""
+    from dmlkit import interrupts
+
+    in_process = argv is not None  # called from Python: give the signal handlers back afterwards
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
     _show_deprecations()
+    interrupts.install()
+    try:
+        code = _run(argv, "--debug" in argv)
+    except interrupts.Interrupted as exc:  # arrived just after the command returned
+        interrupts.note(exc.signum)
+        code = interrupts.report(_print_error)
+    finally:
+        interrupts.restore() if in_process else interrupts.closing()
+    interrupts.leave(code, in_process)
+
+
+def _run(argv: list[str], debug: bool) -> int:
+    """Run the command line; the exit status (the message is printed here)."""
+    from dmlkit import interrupts
+
     if hasattr(signal, "SIGXFSZ"):  # over the file size limit (ulimit -f): an OSError to report, not a kill
         try:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -1020,43 +1039,63 @@ def main(argv: list[str] | None = None) -> None:
     try:
         command = typer.main.get_command(build_app())
         _plain_flags(command)
-        command.main(args=argv, prog_name="dmlkit", standalone_mode=False)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err_console.print("[red]error: aborted[/red]")
-        sys.exit(130)
-    except typer.TyperException as exc:
+        # standalone_mode=False: typer *returns* the status of typer.Exit (--help: 0) and of a
+        # KeyboardInterrupt (130) instead of exiting; tests/test_reliability_cli.py pins this down
+        returned = command.main(args=argv, prog_name="dmlkit", standalone_mode=False)
+    except BaseException as exc:  # every way out of a command is reported here
+        if isinstance(exc, interrupts.Interrupted):
+            interrupts.note(exc.signum)
+        if interrupts.received() is not None:  # whatever the signal left behind: report the signal
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            return interrupts.report(_print_error)
+        return _failure(exc, debug)
+    if returned == 130:  # a KeyboardInterrupt that typer caught (raised by code, not by our handler)
+        return interrupts.report(_print_error)
+    return returned if isinstance(returned, int) and not isinstance(returned, bool) else 0
+
+
+def _print_error(text: str) -> None:
+    err_console.print(f"[red]error: {escape(text)}[/red]", soft_wrap=True)
+
+
+def _failure(exc: BaseException, debug: bool) -> int:
+    """The exit status of a command that raised ``exc``, after printing its one line."""
+    if isinstance(exc, typer.Exit):
+        return exc.exit_code
+    if isinstance(exc, SystemExit):  # sys.exit in a command or a plugin's code
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        _print_error(one_line(str(exc.code)))
+        return 1
+    if isinstance(exc, typer.Abort):
+        _print_error("aborted")
+        return 130
+    if isinstance(exc, typer.TyperException):
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `dmlkit`: show the help
             print(exc.format_message())
-            sys.exit(0)
+            return 0
         err_console.print(f"[red]error: {escape(exc.format_message())}[/red] (see --help)", soft_wrap=True)
-        sys.exit(2)
-    except DmlkitError as exc:
-        if debug:
-            raise
-        err_console.print(f"[red]error: {escape(one_line(str(exc), type(exc).__name__))}[/red]", soft_wrap=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        err_console.print("[red]error: interrupted[/red]")
-        sys.exit(130)
-    except OSError as exc:  # a path too long, a full disk, a read-only folder ...
-        if debug:
-            raise
-        err_console.print(f"[red]error: {escape(_os_error(exc))}[/red]", soft_wrap=True)
-        sys.exit(1)
-    except MemoryError:
-        if debug:
-            raise
-        err_console.print("[red]error: out of memory; use smaller settings (batch size, model, data)[/red]")
-        sys.exit(1)
-    except Exception as exc:  # a bug: one line that says so; --debug shows the traceback
-        if debug:
-            raise
-        text = escape(one_line(str(exc), ""))
-        err_console.print(
-            f"[red]error: internal error: {type(exc).__name__}{': ' + text if text else ''} (rerun with --debug "
-            "for the traceback and report it)[/red]",
-            soft_wrap=True,
+        return 2
+    if debug and isinstance(exc, Exception):
+        raise exc
+    if isinstance(exc, DmlkitError):
+        _print_error(one_line(str(exc), type(exc).__name__))
+    elif isinstance(exc, KeyboardInterrupt):
+        _print_error("interrupted")
+        return 130
+    elif isinstance(exc, OSError):  # a path too long, a full disk, a read-only folder ...
+        _print_error(_os_error(exc))
+    elif isinstance(exc, MemoryError):
+        _print_error("out of memory; use smaller settings (batch size, model, data)")
+    elif isinstance(exc, Exception):  # a bug: one line that says so; --debug shows the traceback
+        text = one_line(str(exc), "")
+        _print_error(
+            f"internal error: {type(exc).__name__}{': ' + text if text else ''} (rerun with --debug for the "
+            "traceback and report it)"
         )
-        sys.exit(1)
+    else:
+        raise exc
+    return 1

@@ -87,8 +87,29 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         cfg = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise OptionError(f"config file {p} is not valid TOML: {exc}") from None
+    except RecursionError:
+        cfg = None
+    if cfg is None or _depth(cfg) > MAX_DEPTH:  # later merges and copies recurse through it
+        raise OptionError(f"config file {p} nests tables or arrays more than {MAX_DEPTH} deep; no dmlkit config does")
     check_tables(cfg)  # before command-line options are merged over it
     return cfg
+
+
+#: The deepest nesting of tables and arrays a config file may have.
+MAX_DEPTH = 32
+
+
+def _depth(value: Any) -> int:
+    """How deep tables and arrays nest in ``value`` (a loop, not recursion: it may be very deep)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_DEPTH:
+            break
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def check_tables(cfg: dict[str, Any]) -> None:

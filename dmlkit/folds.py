@@ -55,23 +55,6 @@ def with_fold(cfg: dict[str, Any], folds: int, fold: int, metric: str | None = N
     return out
 
 
-def check_folds(labels: np.ndarray, folds: int, seed: int) -> None:
-    """Every fold must validate on two classes or more: with one, every neighbour shares the query's
-    class and MAP@R is 1.0 whatever the model, so the fold's selection means nothing."""
-    from dmlkit.errors import DmlkitError
-    from dmlkit.splits import class_disjoint_index
-
-    for fold in range(folds):
-        _, held = class_disjoint_index(labels, 0.0, seed, folds, fold)
-        n = len(np.unique(np.asarray(labels)[held]))
-        if n < 2:
-            raise DmlkitError(
-                f"fold {fold} of {folds} would validate on {n} class of the {len(np.unique(labels))} training "
-                f"classes, where the selection metric cannot tell models apart; {folds} folds need at least "
-                f"{2 * folds} training classes"
-            )
-
-
 def run_mlrc(cfg: dict[str, Any], registry: Registry, out_dir: Path, console: Console) -> dict[str, Any]:
     """Train the fold models under ``out_dir/fold{i}`` and write ``out_dir/mlrc.json``: each fold
     model's validation value (under the run's ``best_metric``) and test metrics at the epoch its
@@ -82,8 +65,6 @@ def run_mlrc(cfg: dict[str, Any], registry: Registry, out_dir: Path, console: Co
         run = out_dir / f"fold{fold}"
         console.print(f"[bold]MLRC fold {fold + 1}/{MLRC_FOLDS}[/bold]: {run}", markup=True, highlight=False)
         trainer = fold_trainer(with_fold(cfg, MLRC_FOLDS, fold), registry, run, console)
-        if fold == 0:
-            check_folds(trainer.full_train_split.labels, MLRC_FOLDS, cfg["train"]["seed"])
         trainer.fit()
         trainer.load_state_dict(checkpoint.load(checkpoint.best_checkpoint(run, repair=False)))
         emb, labels = trainer.embed(trainer.test_split)

@@ -148,28 +148,66 @@ class PluginHost:
                         info.errors.append(str(exc))
 
     def add_commands(self, app: Any) -> None:
-        """Let each plugin add its CLI subcommands; a failure is recorded on that plugin."""
+        """Let each plugin add its CLI subcommands. A plugin cannot take a name that a built-in
+        command or an earlier plugin has (the later registration is dropped and recorded on the
+        plugin, so that `dmlkit plugins` shows it), nor remove or change what was registered
+        before it; a failure is recorded on that plugin."""
+        builtin = {_entry_name(entry) for entry in [*app.registered_commands, *app.registered_groups]}
+        owners: dict[str, str] = {}  # command -> the plugin that added it to this app
         for impl in self.pm.hook.register_commands.get_hookimpls():
-            before = _command_names(app)
+            info = self.plugins[impl.plugin_name]
+            commands, groups = list(app.registered_commands), list(app.registered_groups)
+            before = [_fingerprint(entry) for entry in [*commands, *groups]]
+            callback = app.registered_callback
             try:
                 _quietly(impl.function, **_args(impl, app=app))
             except (Exception, SystemExit) as exc:
-                self.plugins[impl.plugin_name].errors.append(f"register_commands raised {_one_line(exc)}")
-            self.plugins[impl.plugin_name].commands = [c for c in _command_names(app) if c not in before]
+                _note(info, f"register_commands raised {_one_line(exc)}")
+            now = [*app.registered_commands[: len(commands)], *app.registered_groups[: len(groups)]]
+            if [_fingerprint(entry) for entry in now] != before or app.registered_callback is not callback:
+                _note(info, "register_commands changed or removed commands registered before it; undone")
+                for entry, (_, name, function) in zip([*commands, *groups], before):
+                    entry.name, entry.callback = name, function
+                app.registered_callback = callback
+            taken = {name: "it is a built-in command" for name in builtin}
+            taken.update({c: f"it is a command of plugin '{p}'" for c, p in owners.items()})
+            kept_commands, kept_groups, added = list(commands), list(groups), []
+            for entry, into in [
+                *((c, kept_commands) for c in app.registered_commands[len(commands) :]),
+                *((g, kept_groups) for g in app.registered_groups[len(groups) :]),
+            ]:
+                name = _entry_name(entry)
+                if name in taken or name in added:
+                    why = taken.get(name, "this plugin registers it twice")
+                    _note(info, f"command '{name}' not added: {why}")
+                    continue
+                into.append(entry)
+                added.append(name)
+            app.registered_commands[:] = kept_commands
+            app.registered_groups[:] = kept_groups
+            info.commands = added
+            owners.update(dict.fromkeys(added, impl.plugin_name))
 
     def plugin_of(self, kind: str, name: str) -> PluginInfo | None:
         return self.plugins.get(self.registry.get(kind, name).plugin)
 
 
-def _command_names(app: Any) -> list[str]:
-    """The names of a Typer app's subcommands and command groups, as a user types them."""
-    names = []
-    for info in [*getattr(app, "registered_commands", []), *getattr(app, "registered_groups", [])]:
-        name = info.name or (getattr(info, "typer_instance", None) and info.typer_instance.info.name)
-        if not name and getattr(info, "callback", None) is not None:
-            name = info.callback.__name__.replace("_", "-")
-        names.append(str(name))
-    return names
+def _entry_name(info: Any) -> str:
+    """The name a user types for one of a Typer app's registered commands or command groups."""
+    name = info.name or (getattr(info, "typer_instance", None) and info.typer_instance.info.name)
+    if not name and getattr(info, "callback", None) is not None:
+        name = info.callback.__name__.replace("_", "-")
+    return str(name)
+
+
+def _note(info: PluginInfo, error: str) -> None:
+    """Record an error on a plugin once (the app is built again for each in-process command)."""
+    if error not in info.errors:
+        info.errors.append(error)
+
+
+def _fingerprint(entry: Any) -> tuple[int, Any, Any]:
+    return id(entry), entry.name, getattr(entry, "callback", None)
 
 
 def _quietly(fn: Any, **kwargs: Any) -> Any:

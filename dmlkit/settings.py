@@ -7,6 +7,7 @@ components read them as a mapping (``settings["seed"]``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,8 @@ class Setting:
 
     def check(self, value: Any) -> None:
         """Refuse a value outside the bounds (the type is checked by the config's coercion)."""
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OptionError(f"train setting '{self.name}' must be a finite number; got {value}")
         if self.choices and value not in self.choices:
             raise OptionError(f"train setting '{self.name}' must be one of {', '.join(self.choices)}; got {value!r}")
         if self.minimum is not None and (value <= self.minimum if self.above else value < self.minimum):

@@ -76,6 +76,8 @@ def hold_out(train: Split, test_transform: Any, settings: Any) -> Validation:
     """The validation split that ``settings`` (``folds``/``fold``, ``val_fraction``, ``val_split``,
     ``seed``) ask for, evaluated with the test transform."""
     warnings: list[str] = []
+    if settings["folds"]:
+        check_folds(train.labels, settings["folds"], settings["seed"])
     if settings["folds"] or (settings["val_fraction"] > 0 and settings["val_split"] == "classes"):
         keep, held = class_disjoint_index(
             train.labels, settings["val_fraction"], settings["seed"], settings["folds"], settings["fold"]
@@ -97,6 +99,20 @@ def hold_out(train: Split, test_transform: Any, settings: Any) -> Validation:
     else:
         return Validation(train, None, None, None, "no validation: best = last epoch", warnings)
     return Validation(train.subset(keep), val.with_transform(test_transform), keep, held, note, warnings)
+
+
+def check_folds(labels: np.ndarray, folds: int, seed: int) -> None:
+    """Every fold must validate on two classes or more: with one, every neighbour shares the query's
+    class and MAP@R is 1.0 whatever the model, so the fold's selection means nothing."""
+    for fold in range(folds):
+        _, held = class_disjoint_index(labels, 0.0, seed, folds, fold)
+        n = len(np.unique(np.asarray(labels)[held]))
+        if n < 2:
+            raise DmlkitError(
+                f"fold {fold} of {folds} would validate on {n} class of the {len(np.unique(labels))} training "
+                f"classes, where the selection metric cannot tell models apart; {folds} folds need at least "
+                f"{2 * folds} training classes: use fewer folds, or more training classes"
+            )
 
 
 def check_splits(name: str, train: Split, test: Split) -> list[str]:

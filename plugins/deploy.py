@@ -9,7 +9,9 @@ so that ``dmlkit search INDEX IMAGE...`` needs nothing but the index folder.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import os
 import shutil
@@ -25,8 +27,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 import dmlkit
+from dmlkit import interrupts
 from dmlkit.data import Problems, Split, load_image
 from dmlkit.errors import DataError, DmlkitError
 from dmlkit.rundir import writable_error
@@ -38,6 +42,7 @@ err_console = Console(stderr=True)
 FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx", "pt2": "model.pt2"}
 TOLERANCE = 1e-5  # the largest |difference| from the run's own embeddings an exported file may have
 INDEX_FORMAT = "dmlkit-index"
+INDEX_VERSION = 2  # 2: index.json records each file's size and SHA-256
 
 
 # ------------------------------------------------------------------------------- preprocessing
@@ -287,59 +292,190 @@ def _write_json(path: Path, obj: Any) -> None:
         raise writable_error(path, exc, "file") from None
 
 
-class _NewFolder:
-    """Write a folder's files into a sibling temporary folder, then put it in place: a failure
-    leaves the old folder (or none) as it was. An existing folder is replaced only when
-    ``replace`` says so and ``marker`` is in it (it is one of ours)."""
+#: The file in an export or index folder that lists what dmlkit wrote there (``--overwrite`` replaces only those).
+MANIFEST = ".dmlkit-files.json"
+#: What dmlkit 0.1 wrote into an export or an index folder (before the manifest): its ``--overwrite`` replaces these.
+LEGACY_FILES = {
+    "export.json": {"export.json", "preprocessing.json", *FORMATS.values()},
+    "index.json": {"index.json", "items.json", "index.faiss", "preprocessing.json", "export.json", "model.ts"},
+}
+KINDS = {"export.json": "export", "index.json": "index"}
 
-    def __init__(self, out: Path, marker: str, replace: bool, what: str):
-        self.check(out, marker, replace, what)
-        self.out = out
-        self.tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (both resolved)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def ours(out: Path, marker: str) -> set[str] | None:
+    """The names of the files dmlkit wrote into ``out`` when it holds a folder of this kind (its
+    manifest, or a 0.1 folder's known files); None when it holds no such folder."""
+    if not (out / marker).is_file():
+        return None
+    if not (out / MANIFEST).exists() and not (out / MANIFEST).is_symlink():
+        return LEGACY_FILES[marker]
+    try:
+        record = json.loads(_read_regular(out / MANIFEST, 1 << 20))
+        listed = record["files"]
+        if record.get("kind") == KINDS[marker] and all(isinstance(f, str) and f == Path(f).name for f in listed):
+            return {*listed, MANIFEST}
+    except (DmlkitError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def _manifest_kind(out: Path) -> str | None:
+    """The kind of result (export, index) that ``out``'s manifest describes, if it can be read."""
+    try:
+        kind = json.loads(_read_regular(out / MANIFEST, 1 << 20)).get("kind")
+    except (DmlkitError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+class _NewFolder:
+    """Write a folder's files into a sibling temporary folder, then put it in place: a failure or an
+    interrupt leaves the old folder (or none) as it was. An existing folder is replaced only when
+    ``replace`` says so and every entry in it is a file dmlkit wrote there (:data:`MANIFEST`):
+    nothing a user put there is ever deleted."""
+
+    def __init__(self, out: Path, marker: str, replace: bool, what: str, inputs: dict[str, Path]):
+        self.check(out, marker, replace, what, inputs)
+        self.out, self.marker, self.what = out, marker, what
+        self.created: list[Path] = []  # parent folders this command made (removed again on failure)
 
     @staticmethod
-    def check(out: Path, marker: str, replace: bool, what: str) -> None:
-        """Refuse a file, a folder of other files, or an earlier result without ``--overwrite``."""
-        if out.exists():
-            if not out.is_dir():
-                raise DmlkitError(f"{out} is a file; --out names a folder")
-            if any(out.iterdir()):
-                if not (out / marker).is_file():
-                    raise DmlkitError(f"{out} holds other files; pick an empty or new --out folder")
-                if not replace:
-                    raise DmlkitError(
-                        f"{out} already holds {what}; pass --overwrite to replace it, or pick another --out"
-                    )
+    def check(out: Path, marker: str, replace: bool, what: str, inputs: dict[str, Path]) -> None:
+        """Refuse a file, a folder holding files dmlkit did not write, an input inside it, or an
+        earlier result without ``--overwrite``."""
+        for flag, path in inputs.items():
+            if _inside(path, out):
+                raise DmlkitError(
+                    f"{flag} {path} lies inside --out {out}: writing there could replace it; pick an --out folder "
+                    "outside it"
+                )
+        if not out.exists() and not out.is_symlink():
+            return
+        if not out.is_dir():
+            raise DmlkitError(f"--out {out} is a file; --out names a folder")
+        entries = sorted(out.iterdir())
+        if not entries:
+            return
+        known = ours(out, marker)
+        other = _manifest_kind(out)
+        if known is None and other in KINDS.values() and other != KINDS[marker]:
+            raise DmlkitError(
+                f"--out {out} holds {'an index' if other == 'index' else 'an export'} (dmlkit {other}), not "
+                f"{what}; pick an empty or new --out folder"
+            )
+        if known is None and ((out / MANIFEST).exists() or (out / MANIFEST).is_symlink()):
+            raise DmlkitError(
+                f"--out {out} holds {MANIFEST}, which is not dmlkit's list of the files of {what} there, so dmlkit "
+                "cannot tell its files from yours: pick an empty or new --out folder"
+            )
+        foreign = [e for e in entries if known is None or e.name not in known or e.is_symlink() or not e.is_file()]
+        if foreign:
+            raise DmlkitError(
+                f"--out {out} holds {foreign[0].name}, which dmlkit did not write there; dmlkit never replaces "
+                "files it did not write: pick an empty or new --out folder"
+            )
+        if not replace:
+            raise DmlkitError(f"{out} already holds {what}; pass --overwrite to replace it, or pick another --out")
 
     def __enter__(self) -> Path:
+
+        missing = [p for p in [self.out.parent, *self.out.parent.parents] if not p.exists()]
         try:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp.mkdir(parents=True)
+            for folder in reversed(missing):
+                folder.mkdir()
+                self.created.append(folder)
+            self.tmp = _new_name(self.out, "tmp")
+            self.tmp.mkdir()  # a new name: never a folder that holds anything
         except OSError as exc:
+            self._remove_created()
             raise writable_error(self.out.parent, exc, "to folder") from None
         return self.tmp
+
+    def _remove_created(self) -> None:
+        for folder in reversed(self.created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
 
     def __exit__(self, exc_type: Any, *rest: Any) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            self._remove_created()
             return
-        old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-        try:
-            if self.out.exists():
-                os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
-        except OSError as exc:
-            if old.exists() and not self.out.exists():
-                os.replace(old, self.out)
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise writable_error(self.out, exc, "to folder") from None
-        shutil.rmtree(old, ignore_errors=True)
+        files = sorted([p.name for p in self.tmp.iterdir()] + [MANIFEST])
+        _write_json(self.tmp / MANIFEST, {"written_by": "dmlkit", "kind": KINDS[self.marker], "files": files})
+        with interrupts.deferred():  # the two renames are never separated by Ctrl-C
+            old = None
+            try:
+                self.check(self.out, self.marker, True, self.what, {})  # again: a file may have appeared since
+                if self.out.exists():
+                    old = _new_name(self.out, "old")
+                    os.rename(self.out, old)
+                os.replace(self.tmp, self.out)
+            except (OSError, DmlkitError) as exc:
+                if old is not None and not self.out.exists():
+                    os.replace(old, self.out)
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                if old is not None and old.exists():
+                    old.rmdir()
+                if isinstance(exc, DmlkitError):
+                    raise
+                raise writable_error(self.out, exc, "to folder") from None
+        if old is not None:  # only dmlkit's files were in it (checked above); anything else stays
+            for name in ours(old, self.marker) or ():
+                with contextlib.suppress(OSError):
+                    (old / name).unlink()
+            try:
+                old.rmdir()
+            except OSError:  # a file appeared there while this command ran: keep it
+                err_console.print(
+                    f"[yellow]warning: files that appeared in {escape(str(self.out))} while dmlkit wrote it are "
+                    f"kept in {escape(str(old))}[/yellow]",
+                    soft_wrap=True,
+                )
+
+
+def _new_name(out: Path, what: str) -> Path:
+    """A name beside ``out`` that nothing has: ``.OUT.tmp-PID-RANDOM``."""
+    import secrets
+
+    return out.parent / f".{out.name}.{what}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _read_regular(path: Path, limit: int | None = None) -> bytes:
+    """A regular file's bytes. Anything else (a FIFO, a device, a folder) is refused without
+    blocking: the file is opened non-blocking and checked before it is read."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise DmlkitError(f"{path.name} cannot be opened ({exc.strerror or exc})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise DmlkitError(f"{path.name} is not a regular file")
+    if limit is not None and info.st_size > limit:
+        os.close(fd)
+        raise DmlkitError(f"{path.name} is {info.st_size:,} bytes, more than the {limit:,} it can be")
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 def _load(run: Path, checkpoint: str) -> Any:
     from dmlkit.train import load_run
 
     return load_run(run, checkpoint, console=console, err_console=err_console)
+
+
+def _run_folder(run: Path) -> Path:
+    """The run directory of a run argument (a directory, or a checkpoint file in one)."""
+    return run if run.is_dir() else run.parent
 
 
 def export_cmd(
@@ -349,17 +485,22 @@ def export_cmd(
         str, typer.Option("--format", help="Comma-separated: torchscript, onnx, pt2 (torch.export).")
     ] = "torchscript,onnx",
     checkpoint: Annotated[str, typer.Option(help="With a run directory: best or last.")] = "best",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export in --out.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier export in --out (only the files dmlkit wrote).")
+    ] = False,
 ) -> None:
     """Export a run's embedding model for inference, with preprocessing.json; each file is checked
     against the run's own embeddings (to 1e-5)."""
     formats = parse_formats(format)
+    inputs = {"RUN": _run_folder(run)}
+    if out is not None:
+        _NewFolder.check(out, "export.json", overwrite, "an export", inputs)  # before any work
     trainer = _load(run, checkpoint)
     out = out or (trainer.run_dir / "export")
-    with _NewFolder(out, "export.json", overwrite, "an export") as tmp:
+    with _NewFolder(out, "export.json", overwrite, "an export", inputs) as tmp:
         with console.status(f"exporting {', '.join(formats)}"):
             record = export_model(trainer, tmp, formats)
-    table = Table(title=f"{out}: epoch {record['epoch']} ({record['checkpoint']})")
+    table = Table(title=Text(f"{out}: epoch {record['epoch']} ({record['checkpoint']})"))
     table.add_column("format")
     table.add_column("file")
     table.add_column("max |difference| from the run", justify="right")
@@ -371,7 +512,8 @@ def export_cmd(
 
 # ------------------------------------------------------------------------------------ index
 def image_files(paths: list[Path], what: str) -> list[Path]:
-    """Image files: each path itself, or the images under a folder (sorted, recursively)."""
+    """Image files: each path itself, or the images under a folder (sorted, recursively). Only
+    regular files: a FIFO or a device is never opened (reading one could wait for ever)."""
     found: list[Path] = []
     for p in paths:
         if p.is_dir():
@@ -381,9 +523,21 @@ def image_files(paths: list[Path], what: str) -> list[Path]:
             found += inside
         elif p.is_file():
             found.append(p)
+        elif p.exists():
+            raise DataError(f"{what} {p} is not a regular file or a folder")
         else:
             raise DataError(f"{what} not found: {p}")
     return found
+
+
+def _digest(path: Path) -> dict[str, Any]:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
 def index_cmd(
@@ -397,7 +551,9 @@ def index_cmd(
     skip_bad: Annotated[
         bool, typer.Option("--skip-bad", help="Leave unreadable images out instead of failing.")
     ] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier index in --out.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier index in --out (only the files dmlkit wrote).")
+    ] = False,
 ) -> None:
     """Embed a folder of images with a run's model into a faiss index on disk, with the files'
     paths and the model and preprocessing that `dmlkit search` needs."""
@@ -405,8 +561,9 @@ def index_cmd(
 
     if not images.is_dir():
         raise DataError(f"--images {images} is not a folder of images")
+    inputs = {"--images": images, "RUN": _run_folder(run)}
+    _NewFolder.check(out, "index.json", overwrite, "an index", inputs)  # before any work
     files = image_files([images], "--images folder")
-    _NewFolder.check(out, "index.json", overwrite, "an index")  # before any work
     trainer = _load(run, checkpoint)
     try:
         index = faiss.index_factory(int(trainer.embedding_size), factory, faiss.METRIC_L2)
@@ -422,13 +579,16 @@ def index_cmd(
     if skip_bad:
         keep = Problems(skip_bad=True).readable(split.items)
         skipped = int((~keep).sum())
+        if not keep.any():
+            raise DataError(f"no readable images under {images}")
         if skipped:
             files = [f for f, k in zip(files, keep) if k]
             split = Split([str(f) for f in files], np.zeros(len(files), np.int64), split.transform, mode)
             err_console.print(f"[yellow]warning: left out {skipped} unreadable image(s)[/yellow]")
         if not files:
             raise DataError(f"no readable images under {images}")
-    trainer.settings = trainer.settings.replace(amp=False)  # float32, as search embeds its queries: an image finds itself at distance 0
+    # float32, as search embeds its queries: an image finds itself at distance 0
+    trainer.settings = trainer.settings.replace(amp=False)
     try:
         emb, _ = trainer.embed(split, f"embedding {len(files):,} images")
     except DataError as exc:
@@ -436,6 +596,9 @@ def index_cmd(
 
         raise DataError(f"{one_line(str(exc))} (pass --skip-bad to leave unreadable images out)") from None
     emb = np.ascontiguousarray(emb, dtype=np.float32)
+    if not np.isfinite(emb).all():
+        bad = files[int(np.flatnonzero(~np.isfinite(emb).all(1))[0])]
+        raise DmlkitError(f"the run's model gives NaN or inf embeddings (first for {bad}); nothing was indexed")
     if not index.is_trained:
         try:
             index.train(emb)
@@ -445,23 +608,25 @@ def index_cmd(
             ) from None
     index.add(emb)
     root = images.resolve()
-    with _NewFolder(out, "index.json", overwrite, "an index") as tmp:
+    with _NewFolder(out, "index.json", overwrite, "an index", inputs) as tmp:
         faiss.write_index(index, str(tmp / "index.faiss"))
         _write_json(
             tmp / "items.json", {"root": str(root), "paths": [str(f.resolve().relative_to(root)) for f in files]}
         )
         record = export_model(trainer, tmp, ["torchscript"])
+        checked = ("index.faiss", "items.json", FORMATS["torchscript"], "preprocessing.json")
         _write_json(
             tmp / "index.json",
             {
                 "format": INDEX_FORMAT,
-                "version": 1,
+                "version": INDEX_VERSION,
                 "count": int(index.ntotal),
                 "dim": int(emb.shape[1]),
                 "factory": factory,
                 "metric": "euclidean",
                 "model": FORMATS["torchscript"],
                 "preprocessing": "preprocessing.json",
+                "files": {name: _digest(tmp / name) for name in checked},
                 "run": record["run"],
                 "checkpoint": record["checkpoint"],
                 "epoch": record["epoch"],
@@ -473,48 +638,200 @@ def index_cmd(
 
 
 # ----------------------------------------------------------------------------------- search
+#: The longest a model call may take by default (seconds): a batch of query images, or the check at load.
+MODEL_TIMEOUT = 120.0
+#: The largest index.json / preprocessing.json dmlkit reads (bytes).
+SMALL_JSON = 1 << 20
+
+
+def call_with_limit(fn: Callable[[], Any], seconds: float, what: str) -> Any:
+    """``fn()`` in a worker thread, waited for at most ``seconds``: a model that never ends is an
+    error, not a hang (its thread is left behind; the CLI ends the process without waiting for it)."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=work, name="dmlkit-model", daemon=True)
+    interrupts.abandon(thread)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise DmlkitError(f"{what} did not finish within {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 class LoadedIndex:
-    """An index folder that ``dmlkit index`` wrote: the faiss index, the paths, the model."""
+    """An index folder that ``dmlkit index`` wrote: the faiss index, the paths, the model.
 
-    def __init__(self, folder: Path):
-        import faiss
+    Every file is checked before it is used: a regular file (never a FIFO), of the size and
+    SHA-256 that index.json records, JSON of the right shape, and a model that turns a probe image
+    (made by preprocessing.json's steps, of the input shape recorded there) into one finite
+    embedding of the index's dimension within ``timeout`` seconds. Any damage is one line that
+    says to rebuild the index.
+    """
 
+    def __init__(self, folder: Path, timeout: float = MODEL_TIMEOUT):
+        self.folder, self.timeout = folder, timeout
         meta_path = folder / "index.json"
-        if not meta_path.is_file():
+        if not folder.is_dir():
+            raise DmlkitError(
+                f"index folder not found: {folder}; build one with dmlkit index RUN --images DIR --out {folder}"
+            )
+        if not meta_path.exists() and not meta_path.is_symlink():
             raise DmlkitError(
                 f"{folder} is not a dmlkit index (no index.json); build one with dmlkit index RUN --images DIR --out {folder}"
             )
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            items = json.loads((folder / "items.json").read_text(encoding="utf-8"))
-            prep = json.loads((folder / meta["preprocessing"]).read_text(encoding="utf-8"))
-            if meta.get("format") != INDEX_FORMAT:
-                raise ValueError(f"format is {meta.get('format')!r}")
+            self._load(folder)
+        except _Damaged as exc:
+            raise DmlkitError(
+                f"index {folder} is damaged: {exc}; rebuild it with dmlkit index RUN --images DIR --out {folder} "
+                "--overwrite"
+            ) from None
+
+    def _load(self, folder: Path) -> None:
+        import faiss
+
+        meta = _json_file(folder / "index.json", SMALL_JSON)
+        _need(isinstance(meta, dict), "index.json is not a JSON object")
+        _need(
+            meta.get("format") == INDEX_FORMAT, f"index.json's format is {meta.get('format')!r}, not {INDEX_FORMAT!r}"
+        )
+        version = meta.get("version")
+        _need(_is_int(version) and version >= 1, f"index.json's version is {version!r}")
+        if version > INDEX_VERSION:
+            raise DmlkitError(
+                f"index {folder} was written by a newer dmlkit (index version {version}, this one reads up to "
+                f"{INDEX_VERSION}); upgrade dmlkit"
+            )
+        for key in ("count", "dim"):
+            _need(_is_int(meta.get(key)) and meta[key] >= 1, f"index.json's {key} is {meta.get(key)!r}")
+        for key in ("model", "preprocessing"):
+            name = meta.get(key)
+            _need(
+                isinstance(name, str) and name not in ("", ".", "..") and name == Path(name).name,
+                f"index.json's {key} is {name!r}, not a file name in the folder",
+            )
+        names = {"index.faiss", "items.json", meta["model"], meta["preprocessing"]}
+        if version >= 2:
+            files = meta.get("files")
+            _need(isinstance(files, dict) and names <= set(files), "index.json does not list the index's files")
+            for name in sorted(names):
+                _check_digest(folder / name, files[name])
+        items = _json_file(folder / "items.json")
+        _need(isinstance(items, dict), "items.json is not a JSON object")
+        root, paths = items.get("root"), items.get("paths")
+        _need(
+            isinstance(root, str) and Path(root).is_absolute(), f"items.json's root is {root!r}, not an absolute path"
+        )
+        _need(isinstance(paths, list) and all(isinstance(x, str) for x in paths), "items.json's paths are not strings")
+        _need(len(paths) == meta["count"], f"items.json lists {len(paths)} paths, index.json counts {meta['count']}")
+        _need(
+            all(x and not Path(x).is_absolute() and ".." not in Path(x).parts for x in paths),
+            "items.json holds a path outside its root",
+        )
+        prep = _json_file(folder / meta["preprocessing"], SMALL_JSON)
+        _need(isinstance(prep, dict), f"{meta['preprocessing']} is not a JSON object")
+        if prep.get("input") != "image":  # a run on tensors: a clear refusal, not damage
+            image_input(prep, f"index {folder}")
+        _need(
+            prep.get("color_mode") in ("RGB", "L"),
+            f"{meta['preprocessing']}'s color_mode is {prep.get('color_mode')!r}",
+        )
+        _need(isinstance(prep.get("steps"), list), f"{meta['preprocessing']}'s steps are not a list")
+        try:
+            self.mode, self.transform = image_input(prep, f"index {folder}")
+        except Exception as exc:
+            raise _Damaged(f"{meta['preprocessing']}'s steps cannot be rebuilt ({_first_line(exc)})") from None
+        shape = prep.get("input_shape")
+        _need(
+            isinstance(shape, list)
+            and len(shape) == 4
+            and all(_is_int(v) and 1 <= v <= limit for v, limit in zip(shape[1:], (4, 16384, 16384))),
+            f"{meta['preprocessing']}'s input_shape is {shape!r}",
+        )
+        try:
+            _regular(folder / "index.faiss")
             self.index = faiss.read_index(str(folder / "index.faiss"))
+        except _Damaged:
+            raise
+        except Exception as exc:
+            raise _Damaged(f"index.faiss is not a faiss index ({_first_line(exc)})") from None
+        _need(self.index.d == meta["dim"], f"index.faiss holds {self.index.d}-d vectors, index.json says {meta['dim']}")
+        _need(
+            self.index.ntotal == meta["count"],
+            f"index.faiss holds {self.index.ntotal} vectors, index.json counts {meta['count']}",
+        )
+        _need(self.index.metric_type == faiss.METRIC_L2, "index.faiss does not measure Euclidean distance")
+        try:
+            data = _read_regular(folder / meta["model"])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self.model = torch.jit.load(str(folder / meta["model"]), map_location="cpu").eval()
+                self.model = torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
+        except DmlkitError as exc:
+            raise _Damaged(str(exc)) from None
         except Exception as exc:
-            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-            raise DmlkitError(
-                f"index {folder} is damaged or incomplete ({first}); rebuild it with dmlkit index"
-            ) from None
-        if self.index.ntotal != len(items["paths"]):
-            raise DmlkitError(
-                f"index {folder} is damaged: {self.index.ntotal} vectors but {len(items['paths'])} paths; rebuild it"
-            )
-        self.root = Path(items["root"])
-        self.paths = items["paths"]
-        self.meta = meta
-        self.mode, self.transform = image_input(prep, f"index {folder}")
+            raise _Damaged(f"{meta['model']} is not a TorchScript model ({_first_line(exc)})") from None
+        self.root, self.paths, self.meta = Path(root), paths, meta
+        self._probe(prep, [int(v) for v in shape[1:]])
 
-    @torch.no_grad()
+    def _probe(self, prep: dict[str, Any], shape: list[int]) -> None:
+        """One blank image through the preprocessing and the model: the shapes and values must fit."""
+        from PIL import Image
+
+        try:
+            x = self.transform(Image.new(self.mode, (shape[-1], shape[-2])))
+        except Exception as exc:
+            raise _Damaged(f"preprocessing.json's steps fail on an image ({_first_line(exc)})") from None
+        _need(
+            isinstance(x, torch.Tensor) and list(x.shape) == shape,
+            f"preprocessing.json makes inputs of shape {list(getattr(x, 'shape', []))}, its model takes {shape}",
+        )
+        emb = self._run(x[None])
+        _need(
+            emb.shape[1] == self.index.d,
+            f"the model gives {emb.shape[1]}-d embeddings, the index holds {self.index.d}-d",
+        )
+
+    def _run(self, x: torch.Tensor) -> np.ndarray:
+        def call() -> Any:
+            with torch.no_grad():
+                return self.model(x)
+
+        try:
+            out = call_with_limit(call, self.timeout, f"the index's model, on {len(x)} image(s),")
+        except DmlkitError as exc:
+            raise _Damaged(f"{exc} (a model that never ends; --timeout sets the limit)") from None
+        except Exception as exc:
+            raise _Damaged(f"its model fails on an input of shape {list(x.shape)} ({_first_line(exc)})") from None
+        _need(
+            isinstance(out, torch.Tensor) and out.dim() == 2 and len(out) == len(x),
+            "its model does not return one embedding per image",
+        )
+        emb = np.ascontiguousarray(out.float().numpy(), dtype=np.float32)
+        _need(bool(np.isfinite(emb).all()), "its model gives NaN or inf embeddings")
+        return emb
+
     def embed(self, files: list[Path], batch_size: int = 64) -> np.ndarray:
         out = []
         for i in range(0, len(files), batch_size):
             x = torch.stack([self.transform(load_image(f, self.mode)) for f in files[i : i + batch_size]])
-            out.append(self.model(x).numpy())
-        return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+            try:
+                out.append(self._run(x))
+            except _Damaged as exc:
+                raise DmlkitError(
+                    f"index {self.folder} is damaged: {exc} (queries {files[i]} ...); rebuild it with dmlkit index "
+                    f"RUN --images DIR --out {self.folder} --overwrite"
+                ) from None
+        return np.concatenate(out)
 
     def search(self, files: list[Path], k: int) -> list[dict[str, Any]]:
         """Each query's top-k items: rank, path, Euclidean distance."""
@@ -525,14 +842,101 @@ class LoadedIndex:
             hits = [
                 {"rank": r + 1, "path": str(self.root / self.paths[i]), "distance": float(np.sqrt(max(d, 0.0)))}
                 for r, (d, i) in enumerate(zip(d_row, i_row))
-                if i >= 0
+                if 0 <= i < len(self.paths)
             ]
+            if not hits:
+                raise DmlkitError(
+                    f"index {self.folder} found no neighbour of {f} (a {self.meta.get('factory')} index can miss: "
+                    "rebuild it with --factory Flat)"
+                )
             results.append({"query": str(f.resolve()), "results": hits})
         return results
 
 
+class _Damaged(Exception):
+    """What is wrong with an index folder (LoadedIndex turns it into the one-line error)."""
+
+
+def _need(ok: bool, why: str) -> None:
+    if not ok:
+        raise _Damaged(why)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def _regular(path: Path) -> None:
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        raise _Damaged(f"{path.name} is missing") from None
+    _need(stat.S_ISREG(mode), f"{path.name} is not a regular file")
+
+
+def _json_file(path: Path, limit: int | None = None) -> Any:
+    if not path.exists():
+        raise _Damaged(f"{path.name} is missing")
+    try:
+        return json.loads(_read_regular(path, limit))
+    except DmlkitError as exc:
+        raise _Damaged(str(exc)) from None
+    except (ValueError, RecursionError) as exc:
+        raise _Damaged(f"{path.name} is not JSON ({_first_line(exc)})") from None
+
+
+def _check_digest(path: Path, want: Any) -> None:
+    _regular(path)
+    _need(
+        isinstance(want, dict) and _is_int(want.get("bytes")) and isinstance(want.get("sha256"), str),
+        f"index.json's record of {path.name} is damaged",
+    )
+    size = path.stat().st_size
+    _need(size == want["bytes"], f"{path.name} is {size:,} bytes, index.json records {want['bytes']:,}")
+    _need(_digest(path)["sha256"] == want["sha256"], f"{path.name} changed since dmlkit index wrote it (SHA-256)")
+
+
+GRID_MARK = "dmlkit search --grid"
+
+
+def check_grid(grid: Path, index: Path, queries: list[Path]) -> None:
+    """``--grid`` may name a new .png file, or one that an earlier ``search --grid`` wrote; never
+    another file, a query image, or a file inside the index folder."""
+    if grid.suffix.lower() != ".png":
+        raise DmlkitError(f"--grid {grid} must name a .png file")
+    if _inside(grid, index):
+        raise DmlkitError(f"--grid {grid} lies inside the index folder {index}; pick a file outside it")
+    for q in queries:
+        if grid.resolve() == q.resolve() or (q.is_dir() and _inside(grid, q)):
+            raise DmlkitError(f"--grid {grid} is (or lies among) the query images {q}; pick another file")
+    if not grid.exists() and not grid.is_symlink():
+        return
+    if not grid.is_file() or grid.is_symlink():
+        raise DmlkitError(f"--grid {grid} exists and is not a regular file; pick another file")
+    try:
+        from PIL import Image
+
+        _regular(grid)
+        with Image.open(grid) as img:
+            mine = img.format == "PNG" and img.info.get("Software") == GRID_MARK
+    except Exception:
+        mine = False
+    if not mine:
+        raise DmlkitError(
+            f"--grid {grid} exists and is not a grid that dmlkit search wrote; dmlkit never replaces other files: "
+            "pick another file"
+        )
+
+
 def draw_grid(results: list[dict[str, Any]], path: Path) -> Path:
-    """One row per query: the query, then its neighbours with their distances."""
+    """One row per query: the query, then its neighbours with their distances (written whole: a
+    temporary file, then renamed)."""
     from dmlkit.report import _picture, _plt
 
     plt = _plt()
@@ -545,17 +949,21 @@ def draw_grid(results: list[dict[str, Any]], path: Path) -> Path:
             [(res["query"], "query"), *((h["path"], f"#{h['rank']}  {h['distance']:.3f}") for h in res["results"])]
         ):
             try:
+                _regular(Path(file))  # an indexed file replaced by a FIFO must not hang the grid
                 row[c].imshow(_picture(file), cmap="gray")
-            except DmlkitError:  # an indexed file moved or deleted since dmlkit index: the grid still shows the rest
+            except (DmlkitError, _Damaged):  # moved or deleted since dmlkit index: the grid still shows the rest
                 row[c].text(0.5, 0.5, "file\nmissing", ha="center", va="center", fontsize=8)
             row[c].set_title(title, fontsize=8)
     fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=90)
+        fig.savefig(tmp, dpi=90, format="png", metadata={"Software": GRID_MARK})
+        os.replace(tmp, path)
     except OSError as exc:
         raise writable_error(path, exc, "file") from None
     finally:
+        tmp.unlink(missing_ok=True)
         plt.close(fig)
     return path
 
@@ -565,13 +973,22 @@ def search_cmd(
     images: Annotated[list[Path], typer.Argument(help="Query images (files or folders).")],
     k: Annotated[int, typer.Option("-k", "--top-k", help="Neighbours per query.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    grid: Annotated[Path | None, typer.Option(help="Also draw the queries and their neighbours into this PNG.")] = None,
+    grid: Annotated[
+        Path | None, typer.Option(help="Also draw the queries and their neighbours into this new .png file.")
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds the index's model may take for one batch of queries.")
+    ] = MODEL_TIMEOUT,
 ) -> None:
     """Print each query image's nearest indexed images and their distances."""
     if k < 1:
         raise DmlkitError(f"-k must be >= 1; got {k}")
-    loaded = LoadedIndex(index)
+    if not 0 < timeout < float("inf"):
+        raise DmlkitError(f"--timeout must be a positive number of seconds; got {timeout}")
+    if grid is not None:
+        check_grid(grid, index, images)  # before any work
     files = image_files(images, "query image")
+    loaded = LoadedIndex(index, timeout)
     results = loaded.search(files, k)
     if grid is not None:
         draw_grid(results, grid)
@@ -579,12 +996,12 @@ def search_cmd(
         print(json.dumps(results, indent=2))
         return
     for res in results:
-        table = Table(title=escape(res["query"]), title_justify="left")
+        table = Table(title=Text(res["query"]), title_justify="left")
         table.add_column("#", justify="right")
         table.add_column("distance", justify="right")
         table.add_column("path", overflow="fold")
         for h in res["results"]:
-            table.add_row(str(h["rank"]), f"{h['distance']:.4f}", escape(h["path"]))
+            table.add_row(str(h["rank"]), f"{h['distance']:.4f}", Text(h["path"]))
         console.print(table)
     if grid is not None:
         console.print(f"wrote {escape(str(grid))}")

@@ -467,8 +467,17 @@ class CombinedLoss(MetricLoss):
         _check("combined" not in names, "a combined loss cannot hold another combined loss")
         _check(len(set(names)) == len(names), f"each loss may appear once in a combination; got {terms}")
         _check(
-            weights is None or (len(weights) == len(terms) and all(isinstance(w, int | float) for w in weights)),
+            weights is None
+            or (
+                isinstance(weights, list | tuple)
+                and len(weights) == len(terms)
+                and all(isinstance(w, int | float) and not isinstance(w, bool) for w in weights)
+            ),
             f"weights must be {len(terms)} numbers, one per term; got {weights}",
+        )
+        _check(
+            weights is None or all(math.isfinite(w) and w > 0 for w in weights),
+            f"weights must be positive and finite (leave a term out rather than weigh it 0); got {weights}",
         )
         for key, table in options.items():
             if key in ("terms", "weights", "num_classes", "embedding_size"):

@@ -16,6 +16,7 @@ import fcntl
 import io
 import json
 import math
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -25,8 +26,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 import dmlkit
+from dmlkit import interrupts
 from dmlkit.config import load_toml, merge, resolve, to_toml, validate
 from dmlkit.errors import DmlkitError, OptionError
 from dmlkit.rundir import RunLock, writable_error
@@ -90,15 +93,40 @@ def check_dimension(name: str, spec: dict[str, Any]) -> None:
     unknown = set(spec) - RANGE_KEYS
     if unknown:
         raise OptionError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; use low, high, log, step or choices")
-    low, high = spec.get("low"), spec.get("high")
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)):
+    low, high, step = spec.get("low"), spec.get("high"), spec.get("step")
+    if not all(_is_number(v) for v in (low, high)):
         raise OptionError(f"{where}: low and high must both be numbers")
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise OptionError(f"{where}: low and high must be finite numbers; got {low}, {high}")
     if not low < high:
         raise OptionError(f"{where}: low must be below high; got {low}, {high}")
+    if not isinstance(spec.get("log", False), bool):
+        raise OptionError(f"{where}: log must be true or false; got {spec['log']!r}")
     if spec.get("log") and low <= 0:
         raise OptionError(f"{where}: a log range needs low > 0; got {low}")
-    if spec.get("log") and spec.get("step"):
-        raise OptionError(f"{where}: log and step cannot be combined")
+    if "step" in spec:
+        if spec.get("log"):
+            raise OptionError(f"{where}: log and step cannot be combined")
+        if not _is_number(step) or not math.isfinite(step) or step <= 0:
+            raise OptionError(f"{where}: step must be a positive number; got {step!r}")
+        if step > high - low:
+            raise OptionError(f"{where}: step {step} is larger than the range {low}..{high}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def extremes(spec: dict[str, Any]) -> list[Any]:
+    """The values a dimension can take at its ends (every choice of a categorical one)."""
+    if "choices" in spec:
+        return list(spec["choices"])
+    low, high, step = spec["low"], spec["high"], spec.get("step")
+    if step:  # the largest value on the grid low, low + step, ...
+        high = low + step * math.floor((high - low) / step + 1e-9)
+        if is_int(spec):
+            high = int(high)
+    return [low, high]
 
 
 def is_int(spec: dict[str, Any]) -> bool:
@@ -115,7 +143,7 @@ def suggest(trial: Any, name: str, spec: dict[str, Any]) -> Any:
 
 
 def assign(name: str, value: Any) -> dict[str, Any]:
-    """``"loss.base.margin", 0.2`` -> ``{"loss": {"base": {"margin": 0.2}}}``."""
+    """``"loss.base_options.margin", 0.2`` -> ``{"loss": {"base_options": {"margin": 0.2}}}``."""
     out: Any = value
     for part in reversed(name.split(".")):
         out = {part: out}
@@ -142,16 +170,25 @@ def read_space(path: Path, overrides: dict[str, Any], registry: Any) -> tuple[di
             f"{path}: unknown [tune] key(s) {', '.join(sorted(unknown))}; known: {', '.join(TUNE_DEFAULTS)}"
         )
     settings = {**TUNE_DEFAULTS, **tune, **{k: v for k, v in overrides.items() if v is not None}}
-    settings["space"] = flatten_space(settings["space"] or {})
+    if not isinstance(settings["space"], dict):
+        raise OptionError(
+            f'{path}: [tune.space] must be a table of ranges, e.g. "train.lr" = {{ low = 1e-4, high = 1e-2 }}; '
+            f"got {settings['space']!r}"
+        )
+    settings["space"] = flatten_space(settings["space"])
     if not settings["space"]:
         raise OptionError(
             f'{path}: no [tune.space]; add ranges, e.g. "train.lr" = {{ low = 1e-4, high = 1e-2, log = true }}'
         )
-    for key in ("trials", "folds"):
-        if not isinstance(settings[key], int) or isinstance(settings[key], bool) or settings[key] < 1:
-            raise OptionError(f"tune {key} must be an integer >= 1; got {settings[key]!r}")
+    for key, most in (("trials", 100_000), ("folds", 100), ("seed", 2**32 - 1)):
+        least = 0 if key == "seed" else 1
+        value = settings[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= most:
+            raise OptionError(f"tune {key} must be an integer from {least} to {most:,}; got {value!r}")
     if settings["sampler"] not in ("tpe", "random"):
         raise OptionError(f"tune sampler must be tpe or random; got {settings['sampler']!r}")
+    if not isinstance(settings["metric"], str):
+        raise OptionError(f"tune metric must be a metric's name, e.g. map_at_r; got {settings['metric']!r}")
     for name, spec in settings["space"].items():
         check_dimension(name, spec)
         values = spec["choices"] if "choices" in spec else [spec["low"], spec["high"]]
@@ -170,38 +207,63 @@ def read_space(path: Path, overrides: dict[str, Any], registry: Any) -> tuple[di
     return user, settings
 
 
+def check_before_trials(user: dict[str, Any], settings: dict[str, Any], registry: Any, where: Path) -> None:
+    """What a trial would find out when it starts, found before the first one (nothing is written):
+    the trainer of every fold with the base settings (each fold must validate on two classes at
+    least), and of the first fold with each end of each dimension (a batch size larger than the
+    data, an m no class has, ...)."""
+    import contextlib
+
+    from dmlkit.folds import with_fold
+    from dmlkit.train import Trainer
+
+    quiet = Console(file=io.StringIO(), width=10_000)
+    combos: list[tuple[str, dict[str, Any]]] = [("", {})]
+    for name, spec in settings["space"].items():
+        combos += [(f"tune.space {name!r} = {v!r}", {name: v}) for v in extremes(spec)]
+    for label, params in combos:
+        cfg, _ = resolve(with_params(user, params), registry)
+        for fold in range(settings["folds"]) if not params else [0]:
+            fold_cfg = with_fold(cfg, settings["folds"], fold, settings["metric"])
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    trainer = Trainer(validate(fold_cfg, registry), registry, where / ".check", console=quiet)
+            except DmlkitError as exc:
+                what, why = label or f"fold {fold} of {settings['folds']}", one_line(str(exc))
+                raise OptionError(
+                    why if not label and why.startswith("fold ") else f"{what} cannot train: {why}"
+                ) from None
+            held_out = trainer.val_split.num_classes if trainer.val_split is not None else 0
+            if held_out < 2:
+                raise OptionError(
+                    f"fold {fold} of {settings['folds']} validates on {held_out} class of the training set, where "
+                    f"{settings['metric']} cannot tell models apart; use fewer folds, or more training classes"
+                )
+
+
+def one_line(text: str) -> str:
+    from dmlkit.cli import one_line as line
+
+    return line(text)
+
+
 # ---------------------------------------------------------------------------------- the trials
-def fold_settings(folds: int, fold: int, metric: str) -> dict[str, Any]:
-    """One fold's validation: class-disjoint, chosen on validation, no test reads."""
-    common = {"selection": "validation", "test_every_epoch": False, "best_metric": metric, "val_split": "classes"}
-    if folds == 1:  # one held-out share of the training classes (train.val_fraction)
-        return {**common, "folds": 0, "fold": 0}
-    return {**common, "folds": folds, "fold": fold, "val_fraction": 0.0}
-
-
 def run_trial(
     user: dict[str, Any], params: dict[str, Any], settings: dict[str, Any], trial_dir: Path, registry: Any, say: Console
 ) -> list[float]:
     """Train the trial's fold models (reusing finished folds, resuming a cut one); their validation values."""
-    from dmlkit.train import Trainer, load_checkpoint
+    from dmlkit.folds import fold_trainer, with_fold
 
     cfg, _ = resolve(with_params(user, params), registry)
     record_path = trial_dir / "folds.json"
-    done = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    done = _read_folds(record_path, say)
     values = []
     for fold in range(settings["folds"]):
         if str(fold) in done:
             values.append(done[str(fold)])
             continue
-        run = trial_dir / f"fold{fold}"
-        if (run / "last.pt").is_file():
-            ckpt = load_checkpoint(run)
-            trainer = Trainer(validate(ckpt["config"], registry), registry, run, console=say)
-            trainer.load_state_dict(ckpt)
-        else:
-            fold_cfg = copy.deepcopy(cfg)
-            fold_cfg["train"].update(fold_settings(settings["folds"], fold, settings["metric"]))
-            trainer = Trainer(validate(fold_cfg, registry), registry, run, console=say)
+        fold_cfg = with_fold(cfg, settings["folds"], fold, settings["metric"])
+        trainer = fold_trainer(fold_cfg, registry, trial_dir / f"fold{fold}", say)
         held_out = trainer.val_split.num_classes if trainer.val_split is not None else 0
         if held_out < 2:
             raise SearchError(
@@ -218,6 +280,33 @@ def run_trial(
     return values
 
 
+def _read_folds(path: Path, say: Console) -> dict[str, float]:
+    """The finished folds' values; a damaged record is scored again (each fold resumes its own run)."""
+    if not path.exists():
+        return {}
+    try:
+        done = json.loads(_read_regular(path))
+        if isinstance(done, dict) and all(k.isdigit() and _is_number(v) and math.isfinite(v) for k, v in done.items()):
+            return done
+    except (OSError, ValueError, DmlkitError):
+        pass
+    say.print(f"warning: {escape(str(path))} is damaged; the trial's folds are scored again", soft_wrap=True)
+    return {}
+
+
+def _read_regular(path: Path) -> bytes:
+    """A regular file's bytes; a FIFO or a device is refused without blocking."""
+    import os
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DmlkitError(f"{path} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -227,6 +316,47 @@ def _write_json(path: Path, obj: Any) -> None:
         raise writable_error(path, exc, "file") from None
 
 
+def _repair_journal(path: Path, say: Console) -> None:
+    """A kill in the middle of a journal write leaves a cut last line (no newline at the end);
+    Optuna would append the next record to it and never read the study again. Under the journal's
+    own lock, the cut line is removed and the complete lines kept; a line that is not JSON anywhere
+    else is damage, reported in one line."""
+    import os
+    import stat
+
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise DmlkitError(
+            f"{path} is not a regular file; the study folder is damaged: start afresh with another --study"
+        )
+    lock = JournalFileSymlinkLock(str(path))
+    lock.acquire()
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                keep = data.rfind(b"\n") + 1
+                f.truncate(keep)
+                data = data[:keep]
+                say.print(
+                    f"[yellow]warning: removed the cut last line of {escape(str(path))} (a kill while it was "
+                    "written); its complete lines are kept[/yellow]",
+                    soft_wrap=True,
+                )
+    finally:
+        lock.release()
+    for number, line in enumerate(data.splitlines(), 1):
+        try:
+            if not isinstance(json.loads(line), dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            raise DmlkitError(
+                f"{path} is damaged at line {number} (not a journal record); restore it from a copy, or start afresh "
+                "with another --study"
+            ) from None
+
+
 class _AskLock:
     """A blocking flock on STUDY/.ask.lock: one worker at a time looks for stale trials and asks."""
 
@@ -234,8 +364,18 @@ class _AskLock:
         self.path = study_dir / ".ask.lock"
 
     def __enter__(self) -> None:
-        self.f = open(self.path, "a")  # noqa: SIM115
-        fcntl.flock(self.f.fileno(), fcntl.LOCK_EX)
+        import os
+        import stat
+
+        try:  # non-blocking open: a FIFO put there must not hang the search
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
+        except OSError as exc:
+            raise DmlkitError(f"cannot open {self.path} ({exc.strerror}); the study folder is damaged") from None
+        self.f = os.fdopen(fd, "ab")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            self.f.close()
+            raise DmlkitError(f"{self.path} is not a regular file; the study folder is damaged")
+        fcntl.flock(fd, fcntl.LOCK_EX)
 
     def __exit__(self, *exc: Any) -> None:
         self.f.close()
@@ -245,49 +385,78 @@ class Search:
     """A study folder: its Optuna journal, trial folders, trials.json and best.toml."""
 
     def __init__(self, study_dir: Path, user: dict[str, Any], settings: dict[str, Any], registry: Any):
-        from dmlkit.train import metric_direction
+        from dmlkit.selection import metric_direction
 
         optuna = _optuna()
         self.optuna, self.dir, self.user, self.settings, self.registry = optuna, study_dir, user, settings, registry
         identity = {"base": user, "space": settings["space"], "folds": settings["folds"], "metric": settings["metric"]}
+        if study_dir.exists() and not study_dir.is_dir():
+            raise DmlkitError(f"--study {study_dir} is a file; --study names a folder")
         try:
             study_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise writable_error(study_dir, exc, "to study folder") from None
-        spec_path = study_dir / "study.json"
-        if spec_path.is_file():
+        spec_path, journal = study_dir / "study.json", study_dir / "journal.log"
+        if spec_path.exists():
             try:
-                known = json.loads(spec_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise DmlkitError(f"{spec_path} is damaged ({exc}); start a new study with another --study") from None
+                known = json.loads(_read_regular(spec_path))
+                if not isinstance(known, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError, DmlkitError) as exc:
+                raise DmlkitError(
+                    f"{spec_path} is damaged ({one_line(str(exc))}); start a new study with another --study"
+                ) from None
             if known != json.loads(json.dumps(identity)):
                 raise DmlkitError(
                     f"{study_dir} holds a study of another config, space, folds or metric; run it with the same "
                     "file (only --trials may change), or pick another --study"
                 )
-        elif (study_dir / "journal.log").exists() or any(study_dir.iterdir()):
+        elif journal.exists() or any(study_dir.iterdir()):
             raise DmlkitError(f"{study_dir} holds other files; pick a new or empty --study folder")
         else:
             _write_json(spec_path, identity)
-        self.fresh = not (study_dir / "journal.log").exists()  # this call starts the study
+        trials_dir = study_dir / "trials"
+        empty = not journal.exists() or (
+            journal.is_file() and journal.stat().st_size == 0
+        )  # killed before its first record
+        if empty and trials_dir.is_dir() and any(trials_dir.iterdir()):
+            raise DmlkitError(
+                f"{study_dir} is damaged, not new: it holds trial folders but no journal.log (the record of which "
+                "settings each trial ran); restore journal.log to continue it, or start afresh with another --study"
+            )
+        if journal.exists() and not empty:
+            _repair_journal(journal, console)
+        self.fresh = empty  # this call starts the study
         cfg, _ = resolve(user, registry)
         evaluator = registry.build("evaluator", cfg["evaluator"]["name"], **_options(cfg["evaluator"]))
         self.direction = "minimize" if metric_direction(evaluator, settings["metric"]) == "min" else "maximize"
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        self.storage = JournalStorage(JournalFileBackend(str(study_dir / "journal.log")))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.study = optuna.create_study(
-                storage=self.storage, study_name=STUDY, direction=self.direction, load_if_exists=True
-            )
-            # a continued study draws new settings: the seed moves on by the trials it already holds
-            seed = settings["seed"] + len(self.study.get_trials(deepcopy=False))
-            samplers = optuna.samplers
-            self.study.sampler = (
-                samplers.RandomSampler(seed) if settings["sampler"] == "random" else samplers.TPESampler(seed=seed)
-            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.storage = JournalStorage(JournalFileBackend(str(journal)))
+                if self.fresh:
+                    self.study = optuna.create_study(storage=self.storage, study_name=STUDY, direction=self.direction)
+                else:  # loading writes nothing: a study refused below is left as it was
+                    self.study = optuna.load_study(storage=self.storage, study_name=STUDY)
+                trials = self.study.get_trials(deepcopy=False)
+                for t in trials:
+                    self.trial_dir(t)  # a "dir" that leaves the study is damage
+        except DmlkitError:
+            raise
+        except Exception as exc:
+            raise DmlkitError(
+                f"{journal} is damaged ({type(exc).__name__}: {one_line(str(exc))}); restore it from a copy, or start "
+                "afresh with another --study"
+            ) from None
+        # a continued study draws new settings: the seed moves on by the trials it already holds
+        seed = (settings["seed"] + len(trials)) % 2**32
+        samplers = optuna.samplers
+        self.study.sampler = (
+            samplers.RandomSampler(seed) if settings["sampler"] == "random" else samplers.TPESampler(seed=seed)
+        )
         self.study_id = self.storage.get_study_id_from_name(STUDY)
 
     def remove(self) -> None:
@@ -301,7 +470,14 @@ class Search:
             pass
 
     def trial_dir(self, trial: Any) -> Path:
-        return self.dir / trial.user_attrs.get("dir", f"trials/{trial.number:04d}")
+        """``trials/NNNN`` of the study; the journal's ``dir`` attribute can name no other place."""
+        name = trial.user_attrs.get("dir", f"trials/{trial.number:04d}")
+        if not isinstance(name, str) or not re.fullmatch(r"trials/\d{4,9}", name):
+            raise DmlkitError(
+                f"{self.dir / 'journal.log'} is damaged: trial {trial.number} names the folder {name!r}, not one of "
+                "the study's trials/NNNN; restore the journal from a copy, or start afresh with another --study"
+            )
+        return self.dir / name
 
     def counted(self) -> list[Any]:
         """Trials that count towards --trials: finished, or failed by their settings (not killed)."""
@@ -359,6 +535,11 @@ class Search:
                 lock.__enter__()
             try:
                 self._one(trial, params, say, len(self.counted()) + 1, target)
+            except (interrupts.Interrupted, KeyboardInterrupt):
+                raise  # left running: the same command runs its settings again in its folder
+            except BaseException as exc:  # not the settings' fault: recorded as failed, not as killed
+                self._fail(trial, exc)
+                raise
             finally:
                 lock.__exit__(None, None, None)
         self.write_summary()
@@ -372,11 +553,47 @@ class Search:
             say.file.seek(0)
             say.file.truncate()
 
+    def _fail(self, trial: Any, exc: BaseException) -> None:
+        """Mark a trial that an error (not its settings) stopped as failed, with the error."""
+        states = self.optuna.trial.TrialState
+        try:
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
+            if self.storage.get_trial(trial_id).state == states.RUNNING:
+                text = one_line(str(exc)) if str(exc) else type(exc).__name__
+                self.storage.set_trial_user_attr(trial_id, "error", f"{type(exc).__name__}: {text}")
+                self.storage.set_trial_state_values(trial_id, states.FAIL)
+            self.write_summary()
+        except Exception:  # the original error is the one to report
+            pass
+
+    def _claim(self, trial: Any, params: dict[str, Any]) -> None:
+        """A trial folder is reused only by a trial of the same settings (a retry after a kill)."""
+        folder = self.trial_dir(trial)
+        record = folder / "params.json"
+        wanted = json.loads(json.dumps(params))
+        if record.exists():
+            try:
+                recorded = json.loads(_read_regular(record))
+            except (OSError, ValueError, DmlkitError):
+                recorded = "(unreadable)"
+            if recorded != wanted:
+                raise SearchError(
+                    f"trial folder {folder} holds the runs of other settings ({recorded}) than trial {trial.number} "
+                    f"({wanted}): the study is damaged; move that folder out of the study to run the trial again"
+                )
+            return
+        if folder.is_dir() and any(p.name != ".lock" for p in folder.iterdir()):
+            raise SearchError(
+                f"trial folder {folder} holds runs but no params.json, so they cannot be told to be trial "
+                f"{trial.number}'s: the study is damaged; move that folder out of the study to run the trial again"
+            )
+        _write_json(record, params)
+
     def _one(self, trial: Any, params: dict[str, Any], say: Console, n: int, target: int) -> None:
         states = self.optuna.trial.TrialState
         shown = "  ".join(f"{k}={_short(v)}" for k, v in params.items())
         console.print(f"trial {trial.number} ({n}/{target}): {escape(shown)}", soft_wrap=True)
-        _write_json(self.trial_dir(trial) / "params.json", params)
+        self._claim(trial, params)
         try:
             values = run_trial(self.user, params, self.settings, self.trial_dir(trial), self.registry, say)
         except SearchError:
@@ -384,8 +601,6 @@ class Search:
             raise
         except DmlkitError as exc:  # settings that cannot train (NaN loss, out of memory ...): the search goes on
             self._warnings(say)
-            from dmlkit.cli import one_line
-
             trial.set_user_attr("error", one_line(str(exc)))
             self.study.tell(trial, state=states.FAIL)
             console.print(f"  [yellow]failed: {escape(one_line(str(exc)))}[/yellow]", soft_wrap=True)
@@ -435,6 +650,10 @@ class Search:
                 raise writable_error(path, exc, "file") from None
 
 
+def _complete(search: Search) -> list[Any]:
+    return [t for t in search.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+
+
 def _options(section: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in section.items() if k != "name"}
 
@@ -467,17 +686,19 @@ def tune_cmd(
     _optuna()
     user, settings = read_space(space, {"trials": trials, "folds": folds, "metric": metric}, registry)
     study_dir = study or Path("runs") / f"tune-{space.stem}"
+    check_before_trials(user, settings, registry, study_dir)
     search = Search(study_dir, user, settings, registry)
+    interrupts.hint(f"continue the study: run the same command again (dmlkit tune {space} --study {study_dir})")
     try:
         search.run(verbose)
     except SearchError:
-        if search.fresh and not search.counted():  # nothing of value yet: the fixed command starts afresh
+        if search.fresh and not _complete(search):  # nothing of value yet: the fixed command starts afresh
             search.remove()
         raise
-    complete = [t for t in search.study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    complete = _complete(search)
     if not complete:
         raise DmlkitError(f"no trial finished; see {study_dir / 'trials.json'} for each one's error")
-    table = Table(title=f"{study_dir}: best trials by validation {settings['metric']} (test set not read)")
+    table = Table(title=Text(f"{study_dir}: best trials by validation {settings['metric']} (test set not read)"))
     table.add_column("trial", justify="right")
     table.add_column(settings["metric"], justify="right")
     for name in settings["space"]:

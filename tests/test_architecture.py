@@ -10,7 +10,7 @@ CORE = Path(__file__).resolve().parent.parent / "dmlkit"
 
 #: Each module of dmlkit/ and its layer; a module may import its own layer and those below.
 LAYERS = {
-    "leaves": ["errors", "fileio", "console", "runtime", "hookspecs", "distributed"],
+    "leaves": ["errors", "fileio", "console", "runtime", "hookspecs", "distributed", "interrupts"],
     "contracts and data": [
         "registry", "settings", "contract", "compat", "config", "data", "model", "losses", "evaluation", "plugins",
         "__init__",

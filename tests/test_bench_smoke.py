@@ -20,7 +20,16 @@ def test_gpu_suite_smoke_runs_every_step(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     steps = {s["step"]: s for s in result["steps"]}
-    assert set(steps) == {"eval", "eval_clustering", "losses", "ccp_selection", "throughput", "accuracy", "ccp_protocol", "oneshot"}
+    assert set(steps) == {
+        "eval",
+        "eval_clustering",
+        "losses",
+        "ccp_selection",
+        "throughput",
+        "accuracy",
+        "ccp_protocol",
+        "oneshot",
+    }
     assert all(s["status"] == "ok" for s in steps.values()), {k: s.get("why") for k, s in steps.items()}
     # each step's own result came back, with numbers in it
     ccp = steps["ccp_protocol"]["result"]

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 
 from dmlkit.data import load_image
 from dmlkit.train import load_run
+from dmlkit_plugins.deploy import MANIFEST
 
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40), (200, 40, 200), (40, 200, 200)]
 
@@ -92,7 +93,12 @@ def test_exported_models_reproduce_the_runs_embeddings(image_run, cli, tmp_path)
     assert code == 1 and "--overwrite" in err
     code, _, err = cli("export", str(run), "--format", "pt2", "--out", str(tmp_path / "exp"), "--overwrite")
     assert code == 0, err
-    assert {p.name for p in (tmp_path / "exp").iterdir()} == {"model.pt2", "preprocessing.json", "export.json"}
+    assert {p.name for p in (tmp_path / "exp").iterdir()} == {
+        "model.pt2",
+        "preprocessing.json",
+        "export.json",
+        MANIFEST,
+    }
 
 
 def test_export_default_folder_and_bad_formats(image_run, cli, monkeypatch):

@@ -271,6 +271,7 @@ def _csv(rows: list[str], header: str = "label,path,split,is_query,is_gallery", 
     return build
 
 
+COMBINED = '[loss]\nname = "combined"\nterms = ["triplet", "contrastive"]\nweights = {}\n'
 GOOD_ROWS = [f"{'ab'[i % 2]},{i}.png,train,0,0" for i in range(4)] + [
     f"{'cd'[i % 2]},{i + 4}.png,validation,1,1" for i in range(4)
 ]
@@ -343,6 +344,14 @@ CASES = [
     Case("toml-digits-classes", _toml('[dataset]\nname = "digits"\ntrain_classes = 10\n'), "train_classes"),
     Case("toml-options-no-name", _toml("[miner]\nepsilon = 0.1\n"), "has options but no component name"),
     Case("toml-runtime-option", _toml('[loss]\nname = "proxynca"\nnum_classes = 3\n'), "is set by the trainer"),
+    Case("toml-deep", _toml("a = " + "[" * 3000 + "]" * 3000 + "\n"), "nests tables or arrays more than 32 deep"),
+    Case("toml-deep-tables", _toml("a = " + "{ b = " * 40 + "1" + " }" * 40 + "\n"), "nests tables or arrays more than 32 deep"),
+    Case("combined-weight-zero", _toml(COMBINED.format("[0.0, 1.0]")), "weights must be positive and finite"),
+    Case("combined-weight-negative", _toml(COMBINED.format("[1.0, -0.5]")), "weights must be positive and finite"),
+    Case("combined-weight-inf", _toml(COMBINED.format("[inf, 1.0]")), "weights must be positive and finite"),
+    Case("combined-weight-nan", _toml(COMBINED.format("[nan, 1.0]")), "weights must be positive and finite"),
+    Case("combined-weight-bool", _toml(COMBINED.format("[true, 1.0]")), "weights must be 2 numbers"),
+    Case("combined-weight-count", _toml(COMBINED.format("[1.0]")), "weights must be 2 numbers"),
     # --- resume and run directories -----------------------------------------------------------
     Case("resume-from-best-cuts", lambda c: ["train", "--resume", str(_resumable(c) / "best.pt"), "--epochs", "4"], "would overwrite epochs 2-6"),
     Case("resume-from-best-same-epochs", lambda c: ["train", "--resume", str(_resumable(c) / "best.pt")], "would overwrite"),

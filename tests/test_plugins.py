@@ -172,7 +172,7 @@ def test_new_plugin_writes_a_package_that_installs_and_passes_its_own_tests(tmp_
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(package / "tests")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "3 passed" in proc.stdout, proc.stdout + proc.stderr
     add_site(site)
     from dmlkit.plugins import reset_host
 

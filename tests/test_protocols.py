@@ -46,7 +46,12 @@ def test_ccp_paper_preset_gives_the_supplements_settings_per_dataset(dataset, ba
     assert (train["optimizer"], train["lr"], train["scheduler"], train["batch_size"], sampler["m"]) == (
         "adam", 1e-5, "none", 32, 4,
     )  # fmt: skip
-    assert (train["embedding_size"], train["patience"], train["min_delta"], train["val_every_steps"]) == (128, 60, 1e-5, 0)
+    assert (train["embedding_size"], train["patience"], train["min_delta"], train["val_every_steps"]) == (
+        128,
+        60,
+        1e-5,
+        0,
+    )
     assert train["weight_decay_before_clip"] and not train["weight_decay_norms"] and train["grad_clip_value"] == 10
     assert loss["keep_optimizer_state"] and train["freeze_bn"] and not train["normalize_embeddings"]
 
@@ -158,7 +163,9 @@ def test_weight_decay_before_clipping_without_norm_layers_equals_a_manual_step(t
     for p, e in zip(trainer.model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-6)
     groups = {g["name"]: g["weight_decay"] for g in trainer.optimizer.param_groups}
-    assert groups["backbone"] == groups["head"] == 0.0 and groups["loss.bank.vectors"] == 0.05  # proxies: in the optimizer
+    assert (
+        groups["backbone"] == groups["head"] == 0.0 and groups["loss.bank.vectors"] == 0.05
+    )  # proxies: in the optimizer
     assert groups.get("backbone.norms", 0.0) == 0.0
 
 
@@ -197,4 +204,4 @@ def test_a_bank_keeps_or_drops_the_optimizer_state_of_reinitialised_proxies():
         bank.assign(torch.zeros(3, 2, 4), opt, keep_optimizer_state=keep)
         assert torch.equal(bank.vectors.detach(), torch.zeros(3, 2, 4))
         state = opt.state[bank.vectors]
-        assert (torch.equal(state["exp_avg"], before) if keep else state == {})
+        assert torch.equal(state["exp_avg"], before) if keep else state == {}

@@ -34,9 +34,13 @@ def test_show_lists_nested_options_under_the_dotted_names_the_cli_sets(cli, tmp_
     base = nested["base_options"]
     assert (base["kind"], base["component"]) == ("loss", "contrastive")
     contrastive = get_registry().get("loss", "contrastive").resolved_defaults()
-    assert {r["name"]: r["default"] for r in base["options"]} == {f"base_options.{k}": v for k, v in contrastive.items()}
+    assert {r["name"]: r["default"] for r in base["options"]} == {
+        f"base_options.{k}": v for k, v in contrastive.items()
+    }
     init = nested["initializer"]
-    assert init["component"] == "greedy_kcenter" and "initializer.seed_with_previous" in {r["name"] for r in init["options"]}
+    assert init["component"] == "greedy_kcenter" and "initializer.seed_with_previous" in {
+        r["name"] for r in init["options"]
+    }
     # the dotted name shown is the one a run accepts
     code, _, err = cli("train", "--loss", "ccp", "--loss-opt", "base_options.neg_margin=0.3", "--epochs", "1",
                        "--run-dir", str(tmp_path / "r"))  # fmt: skip

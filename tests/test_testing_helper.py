@@ -74,7 +74,9 @@ def test_every_builtin_plugin_passes_check_plugin(plugin):
                  "resnet18": no_download, "resnet50": no_download,
                  "combined": {"terms": ["triplet", "contrastive"]}},
     )  # fmt: skip
-    assert report.components and all(report.built[f"{k}:{n}"] is not None for k, ns in report.components.items() for n in ns)
+    assert report.components and all(
+        report.built[f"{k}:{n}"] is not None for k, ns in report.components.items() for n in ns
+    )
 
 
 def test_every_example_in_the_hook_reference_passes_check_plugin():
@@ -174,7 +176,11 @@ class LyingBackbone(torch.nn.Module):
         ("register_samplers", GoodSampler, None),
         ("register_samplers", UnevenSampler, "ranks 0 and 1 of 2 get 9 and 8 batches"),
         ("register_samplers", LyingSampler, "len() says 3 batches but iterating gave"),
-        ("register_losses", WrongDefault, "the default of option 'samples' is 'three' (str) but its annotation says int"),
+        (
+            "register_losses",
+            WrongDefault,
+            "the default of option 'samples' is 'three' (str) but its annotation says int",
+        ),
         ("register_miners", NoSuperMiner, "call super().__init__() first in __init__"),
         ("register_miners", OutOfBatchMiner, "index outside the batch of 16"),
         ("register_evaluators", ForgetfulEvaluator, "declares metric 'precision_at_1' but did not return it"),

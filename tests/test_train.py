@@ -456,7 +456,9 @@ def test_printed_numbers_have_one_format_in_and_out_of_a_terminal(tmp_path):
         if terminal:  # a table in a terminal, one line in a log
             row = rf"│\s*{fmt('loss', record['loss'])} │\s*{fmt('images_per_s', record['images_per_s'])} │"
         else:
-            row = rf"epoch 1/1: loss {fmt('loss', record['loss'])}, img/s {fmt('images_per_s', record['images_per_s'])}, "
+            row = (
+                rf"epoch 1/1: loss {fmt('loss', record['loss'])}, img/s {fmt('images_per_s', record['images_per_s'])}, "
+            )
         assert re.search(row, text), text
     assert "loss -  img/s -" in outputs[True] and "img/s 0 " not in outputs[True]
     assert "img/s" not in outputs[False].split("epoch 1")[0]  # no progress bar when not a terminal
