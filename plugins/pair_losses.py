@@ -98,18 +98,32 @@ def _pair_weights(
     return cpos * pos, cneg * neg, len(a1) <= 1 and len(a2) <= 1
 
 
-def _weighted_mean(values: Tensor, weight: Tensor) -> Tensor:
-    """Mean of ``values`` over a pair list given as [n, m] weights (counts or a mask)."""
-    return (values * weight).sum() / weight.sum()
+def _entries(weight: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The (row, column) of each pair in [n, m] weights, and its count (None for a mask: once each)."""
+    if weight.dtype == torch.bool:
+        return (*weight.nonzero(as_tuple=True), None)
+    rows, cols = (weight > 0).nonzero(as_tuple=True)
+    return rows, cols, weight[rows, cols]
 
 
-def _avg_nonzero(values: Tensor, weight: Tensor) -> Tensor:
+def _values(matrix: Tensor, weight: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The entries of ``matrix`` at the pairs in ``weight``, and their counts (None for a mask)."""
+    if weight.dtype == torch.bool:
+        return matrix.masked_select(weight), None
+    kept = weight > 0
+    return matrix.masked_select(kept), weight.masked_select(kept)
+
+
+def _mean(values: Tensor, count: Tensor | None) -> Tensor:
+    """Mean over a pair list, each value counted ``count`` times."""
+    return values.mean() if count is None else (values * count).sum() / count.sum()
+
+
+def _avg_nonzero(values: Tensor, count: Tensor | None) -> Tensor:
     """PML's AvgNonZeroReducer over a pair list: the mean over the pairs with a positive value (0 if none)."""
-    return (values * weight).sum() / (weight * (values > 0)).sum().clamp_min(1)
-
-
-def _has_any(weight: Tensor) -> bool:
-    return bool((weight > 0).any())
+    if count is None:
+        return values.sum() / (values > 0).sum().clamp_min(1)
+    return (values * count).sum() / (count * (values > 0)).sum().clamp_min(1)
 
 
 def _refuse_reference(name: str, ref: Tensor | None, why: str) -> None:
@@ -384,11 +398,12 @@ class NTXentLoss(MetricLoss):
     def compute(self, emb, labels, ref, ref_labels, indices):
         x, y = _unit(emb, ref, self.normalize)
         pos, neg, few = _pair_weights(labels, ref_labels, indices, len(x), len(y), x.dtype)
-        if few or not _has_any(pos) or not _has_any(neg):
+        a, p, count = _entries(pos)
+        if few or len(a) == 0 or not bool(neg.any()):
             return zero_loss(emb, y)
         logits = (x @ y.T) / self.temperature
         negatives = _lse_weighted(logits, neg)  # [n]: each anchor's negatives (about -inf when none)
-        return _weighted_mean(_log1p_exp(negatives[:, None] - logits), pos)
+        return _mean(_log1p_exp(negatives[a] - logits[a, p]), count)
 
 
 # =========================================================================================== supcon
@@ -449,14 +464,15 @@ class LiftedStructureLoss(MetricLoss):
         _refuse_reference("lifted_structure", ref, "the negatives of a positive's second item are pairs of the batch")
         x, _ = _unit(emb, None, self.normalize)
         pos, neg, few = _pair_weights(labels, None, indices, len(x), len(x), x.dtype)
-        if few or not _has_any(pos) or not _has_any(neg):
+        i, j, count = _entries(pos)
+        if few or len(i) == 0 or not bool(neg.any()):
             return zero_loss(emb)
         dist = pairwise_distance(x, x)
         per_row = _lse_weighted(self.neg_margin - dist, neg)  # [n]: each item's negative pairs
-        has = (neg > 0).any(1)
-        both = torch.logaddexp(per_row[:, None], per_row[None, :])  # the negatives of i and of j
-        both = torch.where(has[:, None] | has[None, :], both, 0.0)
-        return _weighted_mean((both + dist - self.pos_margin).clamp_min(0).square() / 2, pos)
+        has = neg.any(1) if neg.dtype == torch.bool else (neg > 0).any(1)
+        both = torch.logaddexp(per_row[i], per_row[j])  # the negatives of i and of j
+        both = torch.where(has[i] | has[j], both, 0.0)
+        return _mean((both + dist[i, j] - self.pos_margin).clamp_min(0).square() / 2, count)
 
 
 def _check_margins(neg_margin: float, pos_margin: float) -> None:
@@ -522,14 +538,14 @@ class TupletMarginLoss(MetricLoss):
     def compute(self, emb, labels, ref, ref_labels, indices):
         x, y = _unit(emb, ref, self.normalize)
         pos, neg, few = _pair_weights(labels, ref_labels, indices, len(x), len(y), x.dtype)
-        if few or not _has_any(pos) or not _has_any(neg):
+        a, p, count = _entries(pos)
+        if few or len(a) == 0 or not bool(neg.any()):
             return zero_loss(emb, y)
-        sim = x @ y.T
-        # acos only where a positive pair is (elsewhere 0), so no infinite gradient leaks from the diagonal
-        cos_pos = torch.where(pos > 0, sim, 0.0).clamp(-1 + _ACOS_EPS, 1 - _ACOS_EPS)
-        target = torch.cos(torch.acos(cos_pos) - math.radians(self.margin))
-        negatives = _lse_weighted(self.scale * sim, neg)  # [n]
-        return _weighted_mean(_log1p_exp(negatives[:, None] - self.scale * target), pos)
+        scaled = self.scale * (x @ y.T)
+        negatives = _lse_weighted(scaled, neg)  # [n]
+        cos_ap = (scaled[a, p] / self.scale).clamp(-1 + _ACOS_EPS, 1 - _ACOS_EPS)
+        target = torch.cos(torch.acos(cos_ap) - math.radians(self.margin))
+        return _mean(_log1p_exp(negatives[a] - self.scale * target), count)
 
 
 # ========================================================================================== angular
@@ -571,8 +587,15 @@ class AngularLoss(MetricLoss):
         if len(a) == 0 or len(a2) == 0:
             return zero_loss(emb, y)
         sq_tan = math.tan(math.radians(self.alpha)) ** 2
-        xa, xp = x[a], y[p]
-        f = 4 * sq_tan * (xa + xp) @ y.T - 2 * (1 + sq_tan) * (xa * xp).sum(1, keepdim=True)  # [pairs, m]
+        # (x_a + x_p)^T x_n from the [n, m] and [m, m] similarities, gathered per pair: one product of
+        # the batch with the reference set instead of one per positive pair
+        sim = x @ y.T
+        if ref is None:
+            sim_p = sim[p]
+        else:
+            used, which = torch.unique(p, return_inverse=True)
+            sim_p = (y[used] @ y.T)[which]
+        f = 4 * sq_tan * (sim[a] + sim_p) - 2 * (1 + sq_tan) * sim[a, p][:, None]  # [pairs, m]
         keep = labels[a][:, None] != ref_l[None, :]
         return _log1p_exp(_lse(f, keep)).mean()
 
@@ -592,9 +615,7 @@ class NCALoss(MetricLoss):
     ``-softmax_scale |x_a - x_j|^2`` (squared Euclidean distance on normalised embeddings, PML's
     default; the paper's on the raw projections is ``normalize=False``); the loss is the mean over
     anchors with a same-class neighbour of ``-log P(same class)``. Mined indices weight each
-    anchor by how often it appears in them (relative to the most frequent), as in PML. Where PML's
-    softmax underflows to exactly 0 (a very large scale) PML drops the anchor; dmlkit keeps its
-    finite loss.
+    anchor by how often it appears in them (relative to the most frequent), as in PML.
 
     Args:
         softmax_scale: the scale of the negative squared distances, > 0.
@@ -611,15 +632,21 @@ class NCALoss(MetricLoss):
         x, y = _unit(emb, ref, self.normalize)
         if len(x) <= 1:
             return zero_loss(emb, y)
-        logits = -self.softmax_scale * pairwise_distance(x, y, squared=True)
+        # -scale |x_i - y_j|^2 without its |x_i|^2 term, which the row's softmax cancels: one fused product
+        bias = (-self.softmax_scale * (y * y).sum(1)).expand(len(x), len(y))
+        logits = torch.addmm(bias, x, y.T, alpha=2 * self.softmax_scale)
         same = labels[:, None] == (labels if ref_labels is None else ref_labels)[None, :]
         if ref is None:
-            eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
-            logits, same = logits.masked_fill(eye, -math.inf), same & ~eye
-        log_p = _lse(logits, same) - torch.logsumexp(logits, 1)
-        valid = same.any(1)
-        losses = -log_p * _anchor_weights(indices, len(x), ref is not None, x.dtype, x.device)
-        return losses[valid].mean() if bool(valid.any()) else zero_loss(emb, y)
+            logits = logits.fill_diagonal_(-math.inf)
+            same.fill_diagonal_(False)
+        p_same = (torch.softmax(logits, 1) * same).sum(1)  # P(a picks a same-class neighbour)
+        valid = p_same > 0  # PML's rule: no same-class neighbour (or a softmax underflow) drops the anchor
+        if not bool(valid.any()):
+            return zero_loss(emb, y)
+        losses = -torch.log(p_same[valid])
+        if indices is not None:
+            losses = losses * _anchor_weights(indices, len(x), ref is not None, x.dtype, x.device)[valid]
+        return losses.mean()
 
 
 def _anchor_weights(indices: tuple | None, n: int, using_ref: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -664,9 +691,11 @@ class SNRContrastiveLoss(MetricLoss):
         if few:
             return zero_loss(emb, y)
         dist = snr_distance(x, y)
-        pos_l = (dist - self.pos_margin).clamp_min(0)
-        neg_l = (self.neg_margin - dist).clamp_min(0)
-        return _avg_nonzero(pos_l, pos) + _avg_nonzero(neg_l, neg)
+        pos_d, pos_count = _values(dist, pos)
+        neg_d, neg_count = _values(dist, neg)
+        pos_l = (pos_d - self.pos_margin).clamp_min(0)
+        neg_l = (self.neg_margin - neg_d).clamp_min(0)
+        return _avg_nonzero(pos_l, pos_count) + _avg_nonzero(neg_l, neg_count)
 
 
 def snr_distance(x: Tensor, y: Tensor) -> Tensor:
@@ -703,16 +732,16 @@ class IntraPairVarianceLoss(MetricLoss):
     def compute(self, emb, labels, ref, ref_labels, indices):
         x, y = _unit(emb, ref, self.normalize)
         pos, neg, few = _pair_weights(labels, ref_labels, indices, len(x), len(y), x.dtype)
-        if few or not (_has_any(pos) or _has_any(neg)):
+        if few:
             return zero_loss(emb, y)
         sim = x @ y.T
         total = zero_loss(emb, y)
-        if _has_any(pos):
-            spread = ((1 - self.pos_eps) * _weighted_mean(sim, pos) - sim).clamp_min(0).square()
-            total = total + _weighted_mean(spread, pos)
-        if _has_any(neg):
-            spread = (sim - (1 + self.neg_eps) * _weighted_mean(sim, neg)).clamp_min(0).square()
-            total = total + _weighted_mean(spread, neg)
+        s, count = _values(sim, pos)
+        if len(s):
+            total = total + _mean(((1 - self.pos_eps) * _mean(s, count) - s).clamp_min(0).square(), count)
+        s, count = _values(sim, neg)
+        if len(s):
+            total = total + _mean((s - (1 + self.neg_eps) * _mean(s, count)).clamp_min(0).square(), count)
         return total
 
 
@@ -753,7 +782,7 @@ class InstanceLoss(MetricLoss):
                 "batch order (e.g. labels = arange(batch size), each item its own class)"
             )
         x, _ = _unit(emb, None, self.normalize)
-        return F.cross_entropy(self.gamma * (x @ x.T), target)
+        return F.cross_entropy(torch.mm(x, x.T) * self.gamma, target)
 
 
 # =========================================================================================== vicreg
