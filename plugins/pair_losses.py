@@ -259,8 +259,9 @@ class MarginLoss(MetricLoss):
         dist = pairwise_distance(x, y)
         beta = self.beta.to(dist.dtype)
         per_class = beta.numel() > 1
-        if per_class and (int(labels.min()) < 0 or int(labels.max()) >= beta.numel()):
-            raise ValueError(f"margin with per-class beta needs labels in [0, {beta.numel()}); got {labels.tolist()}")
+        if per_class and bool(((labels < 0) | (labels >= beta.numel())).any()):
+            bad = labels[(labels < 0) | (labels >= beta.numel())][0].item()
+            raise ValueError(f"margin with per-class beta needs labels in [0, {beta.numel()}); got label {bad}")
         graph = (emb, y, *([self.beta] if self.learn_beta else []))
         if indices is None and self.triplets_per_anchor == "all":
             # every triplet, per anchor: a positive pair counts once per negative of its anchor and
@@ -355,9 +356,9 @@ class NPairsLoss(MetricLoss):
 
     def compute(self, emb, labels, ref, ref_labels, indices):
         _refuse_reference("npairs", ref, "its pairs and their negatives all come from the batch")
-        x, _ = _unit(emb, None, self.normalize)
         if indices is None:
-            a, p = label_masks(labels, None)[0].nonzero(as_tuple=True)
+            same = labels[:, None] == labels[None, :]
+            a, p = same.fill_diagonal_(False).nonzero(as_tuple=True)
         else:
             a, p, _, _ = triplets_to_pairs(indices) if len(indices) == 3 else indices
             ok = (labels[a] == labels[p]) & (a != p)
@@ -367,13 +368,25 @@ class NPairsLoss(MetricLoss):
         classes, which = torch.unique(labels[a], return_inverse=True)
         order = torch.arange(len(a), device=a.device)
         first = torch.full((len(classes),), len(a), device=a.device).scatter_reduce(0, which, order, "amin")
-        a, p = a[first], p[first]
-        logits = x[a] @ x[p].T
-        return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
+        anchors, positives = _unit(emb[a[first]], emb[p[first]], self.normalize)  # only the rows used
+        return F.cross_entropy(anchors @ positives.T, torch.arange(len(first), device=a.device))
 
 
-# =========================================================================================== ntxent
-class NTXentLoss(MetricLoss):
+# ==================================================================================== ntxent, supcon
+class _TemperatureLoss(MetricLoss):
+    """A softmax with temperature over cosine (or, without ``normalize``, dot-product) similarities."""
+
+    def __init__(self, temperature: float, normalize: bool):
+        super().__init__()
+        _finite(temperature=temperature)
+        _check(temperature > 0, f"temperature must be > 0; got {temperature}")
+        self.temperature, self.normalize = temperature, normalize
+
+    def logits(self, x: Tensor, y: Tensor) -> Tensor:
+        return (x @ y.T) / self.temperature
+
+
+class NTXentLoss(_TemperatureLoss):
     """NT-Xent, the normalised temperature-scaled cross-entropy of SimCLR (Chen et al., "A Simple
     Framework for Contrastive Learning of Visual Representations", ICML 2020; InfoNCE, van den
     Oord et al. 2018), equal to PML's ``NTXentLoss``.
@@ -390,10 +403,7 @@ class NTXentLoss(MetricLoss):
     """
 
     def __init__(self, temperature: float = 0.07, normalize: bool = True):
-        super().__init__()
-        _finite(temperature=temperature)
-        _check(temperature > 0, f"temperature must be > 0; got {temperature}")
-        self.temperature, self.normalize = temperature, normalize
+        super().__init__(temperature, normalize)
 
     def compute(self, emb, labels, ref, ref_labels, indices):
         x, y = _unit(emb, ref, self.normalize)
@@ -401,13 +411,12 @@ class NTXentLoss(MetricLoss):
         a, p, count = _entries(pos)
         if few or len(a) == 0 or not bool(neg.any()):
             return zero_loss(emb, y)
-        logits = (x @ y.T) / self.temperature
+        logits = self.logits(x, y)
         negatives = _lse_weighted(logits, neg)  # [n]: each anchor's negatives (about -inf when none)
         return _mean(_log1p_exp(negatives[a] - logits[a, p]), count)
 
 
-# =========================================================================================== supcon
-class SupConLoss(MetricLoss):
+class SupConLoss(_TemperatureLoss):
     """Supervised contrastive loss (Khosla et al., "Supervised Contrastive Learning", NeurIPS
     2020, its L_out form), equal to PML's ``SupConLoss``.
 
@@ -421,17 +430,14 @@ class SupConLoss(MetricLoss):
     """
 
     def __init__(self, temperature: float = 0.1, normalize: bool = True):
-        super().__init__()
-        _finite(temperature=temperature)
-        _check(temperature > 0, f"temperature must be > 0; got {temperature}")
-        self.temperature, self.normalize = temperature, normalize
+        super().__init__(temperature, normalize)
 
     def compute(self, emb, labels, ref, ref_labels, indices):
         x, y = _unit(emb, ref, self.normalize)
         pos, neg = pair_masks(labels, ref_labels, indices, len(x), len(y), x.device)
         if _pml_guard(pos, neg, indices) or not bool(pos.any()) or not bool(neg.any()):
             return zero_loss(emb, y)
-        logits = (x @ y.T) / self.temperature
+        logits = self.logits(x, y)
         log_prob = logits - _lse(logits, pos | neg)[:, None]
         losses = -torch.where(pos, log_prob, 0.0).sum(1) / pos.sum(1).clamp_min(1)
         losses = losses[losses > 0]
