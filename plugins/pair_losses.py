@@ -393,9 +393,10 @@ class NTXentLoss(_TemperatureLoss):
 
     For each positive pair (a, p): ``-log(exp(s_ap / t) / (exp(s_ap / t) + sum_n exp(s_an / t)))``
     over the negatives of anchor a (all of them, or the mined ones), averaged over positive
-    pairs. With labels that give each image's two views the same label (PML's self-supervised
-    use: ``labels = arange`` for the batch and again for the reference set of second views), it
-    is SimCLR's loss. The default temperature is PML's (MoCo's 0.07); SimCLR reports 0.1 to 0.5.
+    pairs. On a batch of two stacked views whose labels are the image ids (``torch.cat([z,
+    z_prime])`` with labels ``torch.cat([ids, ids])``), each view's positive is the other view and
+    its negatives the 2N - 2 others: SimCLR's loss. The default temperature is PML's (MoCo's
+    0.07); SimCLR reports 0.1 to 0.5.
 
     Args:
         temperature: the softmax temperature t, > 0.
@@ -798,7 +799,7 @@ class VICRegLoss(MetricLoss):
 
     ``lambda * mean |z - z'|^2 + mu (v(z) + v(z')) + nu (c(z) + c(z'))`` for two views z, z' of
     the same images: ``v`` the mean over dimensions of ``[1 - sqrt(var + eps)]+ / 2``, ``c`` the sum
-    of squared off-diagonal covariances over the dimension.
+    of the squared off-diagonal covariances divided by the dimension.
 
     How dmlkit passes the two views (labels only check the pairing; they are otherwise unused):
 

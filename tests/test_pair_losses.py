@@ -298,6 +298,22 @@ def test_angular_follows_the_paper_and_equals_pml_on_unit_vectors():
         assert_same(P.AngularLoss(), PMLOnUnitVectors(40), emb, labels, ref, ref_labels)
 
 
+def test_ntxent_on_two_stacked_views_is_simclrs_loss():
+    """Chen et al. 2020, eq. 1: l(i, j) = -log(exp(s_ij / t) / sum_{k != i} exp(s_ik / t)), averaged
+    over the 2N views, written here as a loop."""
+    g = torch.Generator().manual_seed(90)
+    views = torch.randn(12, 8, generator=g, dtype=torch.float64)
+    ids = torch.randperm(6, generator=g)
+    z = F.normalize(views, dim=1)
+    terms = []
+    for i in range(12):
+        j = (i + 6) % 12
+        others = torch.stack([z[i] @ z[k] / 0.5 for k in range(12) if k != i])
+        terms.append(-(z[i] @ z[j] / 0.5 - torch.logsumexp(others, 0)))
+    expected = torch.stack(terms).mean()
+    torch.testing.assert_close(P.NTXentLoss(temperature=0.5)(views, torch.cat([ids, ids])), expected, **TOL)
+
+
 # ------------------------------------------------------------------------------------ instance
 def test_instance_equals_pml_on_instance_labels_and_refuses_other_batches():
     for seed in SEEDS:
