@@ -8,8 +8,8 @@ Conventions:
 - a miner is called the same way (without ``indices``) and returns either triplets
   ``(anchor, positive, negative)`` or pairs ``(anchor1, positive, anchor2, negative)``, index
   tensors whose anchors index the batch and whose other entries index the reference set.
-- losses compute in float32 even under autocast, and return a zero that still
-  back-propagates when nothing in the batch contributes.
+- losses compute in float32 even under autocast (float64 inputs stay float64), and return a zero
+  that still back-propagates when nothing in the batch contributes.
 """
 
 from __future__ import annotations
@@ -85,8 +85,14 @@ def zero_loss(*tensors: Tensor) -> Tensor:
     return sum((t.sum() * 0.0 for t in tensors if t.requires_grad), torch.zeros((), device=tensors[0].device))
 
 
+def _at_least_float32(t: Tensor) -> Tensor:
+    """Half precision raised to float32; float64 kept (tests compare losses in float64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class MetricLoss(nn.Module):
-    """Base class of dmlkit losses: float32 maths, optional reference set, optional mined indices."""
+    """Base class of dmlkit losses: float32 maths (float64 inputs stay float64), optional reference
+    set, optional mined indices."""
 
     def forward(
         self,
@@ -102,8 +108,8 @@ class MetricLoss(nn.Module):
         if (ref_embeddings is None) != (ref_labels is None):
             raise ValueError("pass both ref_embeddings and ref_labels, or neither")
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            emb = embeddings.float()
-            ref = None if ref_embeddings is None else ref_embeddings.float()
+            emb = _at_least_float32(embeddings)
+            ref = None if ref_embeddings is None else _at_least_float32(ref_embeddings)
             return self.compute(emb, labels, ref, ref_labels, indices)
 
     def compute(

@@ -43,4 +43,4 @@ class CircleLoss(MetricLoss):
 
 @dmlkit.hookimpl
 def register_losses(register):
-    register(dmlkit.ComponentSpec("circle", CircleLoss, "Circle loss (Sun et al., CVPR 2020)"))
+    register(dmlkit.ComponentSpec("my_circle", CircleLoss, "Circle loss (Sun et al., CVPR 2020)"))
