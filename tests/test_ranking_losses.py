@@ -432,3 +432,22 @@ def test_a_ranking_loss_combines_with_a_pair_loss():
     value = combined(emb, labels)
     expected = FastAPLoss()(emb, labels) + dmlkit.get_registry().build("loss", "contrastive")(emb, labels)
     assert float(value) == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["threshold_consistent_margin", "dynamic_soft_margin"])
+def test_ccp_wraps_the_losses_that_take_a_reference_set(name):
+    """CCP calls its base with its proxies as the reference set, on unit-ball vectors (normalize off)."""
+    ccp = dmlkit.get_registry().build("loss", "ccp", context={"num_classes": 4, "embedding_size": 8}, base=name)
+    assert ccp.base.normalize is False
+    emb, labels = batch(0, n=16, classes=4)
+    emb = emb.float().requires_grad_(True)
+    value = ccp(emb, labels)
+    value.backward()
+    assert torch.isfinite(value) and float(emb.grad.abs().sum()) > 0
+
+
+def test_ccp_over_a_loss_without_reference_set_stops_with_its_message():
+    ccp = dmlkit.get_registry().build("loss", "ccp", context={"num_classes": 4, "embedding_size": 8}, base="fastap")
+    emb, labels = batch(0, n=16, classes=4)
+    with pytest.raises(ValueError, match="fastap ranks each item against the rest of its own batch"):
+        ccp(emb.float(), labels)
