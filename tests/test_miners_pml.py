@@ -317,3 +317,27 @@ def test_a_run_trains_a_step_with_each_kind_of_miner(miner, loss):
     value = reg.build("loss", loss)(emb, labels, indices=m(emb, labels))
     value.backward()
     assert m.stats()["mined"] > 0 and float(emb.grad.abs().sum()) > 0
+
+
+PML_CLASSES = {
+    "angular": "AngularMiner",
+    "batch_easy_hard": "BatchEasyHardMiner",
+    "distance_weighted": "DistanceWeightedMiner",
+    "hdc": "HDCMiner",
+    "pair_margin": "PairMarginMiner",
+    "triplet_margin": "TripletMarginMiner",
+    "uniform_histogram": "UniformHistogramMiner",
+}
+
+
+@pytest.mark.parametrize("name", PML_CLASSES)
+@pytest.mark.parametrize("labels", [[0, 1, 2, 3, 4, 5], [0, 0, 0, 0, 0, 0], [0]], ids=["distinct", "one-class", "one"])
+def test_batches_without_positives_or_negatives_mine_as_much_as_pml(name, labels):
+    """Nothing to mine on one side: as many tuples as PML (none, or every pair of the other side),
+    as int64 index tensors."""
+    emb, _ = batch(0, n=len(labels))
+    labels = torch.tensor(labels)
+    ours = mine(dmlkit.get_registry().build("miner", name), emb, labels)
+    theirs = pml(getattr(pml_miners, PML_CLASSES[name])(), emb, labels)
+    assert [len(t) for t in ours] == [len(t) for t in theirs]
+    assert all(t.dtype == torch.long for t in ours)
