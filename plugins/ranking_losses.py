@@ -180,10 +180,10 @@ class PNPLoss(MetricLoss):
     Enough", AAAI 2022), on cosine similarity.
 
     For anchor i and positive j (i itself included), R_ij = sum over negatives k of
-    sigmoid((sim_ik - sim_ij) / anneal), the exponent clipped to +-50 as in PML; the loss is the
-    mean over anchors with a positive of the mean over positives of f(R): ``O`` R, ``Ds``
-    log(1 + R), ``Dq`` 1 - mean 1 / (1 + R)^alpha, ``Iu`` (1 + R) log(1 + R), ``Ib``
-    (b R - log(1 + b R)) / b^2. PML's default variant is ``O``; the paper recommends ``Dq``.
+    sigmoid((sim_ik - sim_ij) / anneal); the loss is the mean over anchors with a positive of
+    the mean over positives of f(R): ``O`` R, ``Ds`` log(1 + R), ``Dq`` 1 - mean
+    1 / (1 + R)^alpha, ``Iu`` (1 + R) log(1 + R), ``Ib`` (b R - log(1 + b R)) / b^2. PML's
+    default variant is ``O``; the paper favours the decreasing-gradient ones (``Ds``, ``Dq``).
     No reference set (as in PML).
 
     Differs from PML: PML refuses mined indices; dmlkit restricts each anchor's positives and
@@ -220,9 +220,9 @@ class PNPLoss(MetricLoss):
         pos = pos | torch.diag(with_pos)  # each anchor is its own positive (PML's I_pos diagonal)
         a, p = pos.nonzero(as_tuple=True)
         sim = _similarity(emb, emb, self.normalize)
-        # PML's clipped sigmoid of (sim_ik - sim_ij) / anneal, over the anchor's negatives k: [pairs, N]
-        exponent = (-(sim[a] - sim[a, p][:, None]) / self.anneal).clamp(-50, 50)
-        rank = ((1.0 / (1.0 + torch.exp(exponent))) * neg[a]).sum(1)
+        # sigmoid((sim_ik - sim_ij) / anneal) over the anchor's negatives k: [pairs, N]. PML clips the
+        # exponent to +-50 (against overflow, which torch.sigmoid avoids): a change below 2e-22
+        rank = (torch.sigmoid((sim[a] - sim[a, p][:, None]) / self.anneal) * neg[a]).sum(1)
         f = self._transform(rank)
         per_anchor = torch.zeros(n, dtype=f.dtype, device=f.device).index_add(0, a, f) / pos.sum(1).clamp_min(1)
         loss = per_anchor[with_pos].mean()
@@ -408,29 +408,32 @@ class DynamicSoftMarginLoss(MetricLoss):
         x = _unit(emb, self.normalize)
         other = x if ref is None else _unit(ref, self.normalize)
         dist = pairwise_distance(x, other)
-        if indices is None:  # every triplet (PML's t_per_anchor="all"), as [positive pairs, m]
+        if indices is None:  # every triplet (PML's t_per_anchor="all"): [positive pairs, m], negatives masked
             pos, neg = label_masks(labels, ref_labels)
             a, p = pos.nonzero(as_tuple=True)
-            diff = (dist[a, p][:, None] - dist[a])[neg[a]]
+            diff = dist[a, p][:, None] - dist[a]
+            mask = neg[a].to(diff.dtype)
         else:
             a, p, ng = pairs_to_triplets(indices)
             diff = dist[a, p] - dist[a, ng]
-        if diff.numel() == 0:
+            mask = torch.ones_like(diff)
+        count = mask.sum()
+        if count == 0:
             return zero_loss(emb, other)
         t = (diff.detach() - self.min_val) / self.delta
         lo = t.floor()
-        self._update(lo.long(), t - lo)
-        cdf = self.hist.cumsum(0)
-        return (cdf[lo.long().clamp(0, self.num_bins - 1)] * diff).mean()
+        self._update(lo.long(), t - lo, mask)
+        weight = self.hist.cumsum(0)[lo.long().clamp(0, self.num_bins - 1)] * mask  # constant CDF weights
+        return (weight * diff).sum() / count
 
     @torch.no_grad()
-    def _update(self, lo: Tensor, frac: Tensor) -> None:
+    def _update(self, lo: Tensor, frac: Tensor, mask: Tensor) -> None:
         hist = self.hist.to(frac.dtype)
         momentum = self.momentum if bool(hist.sum() != 0) else 1.0
         last = self.num_bins - 1
         hist = (1 - momentum) * hist
-        hist = hist.scatter_add(0, lo.clamp(0, last), momentum * (1 - frac))
-        hist = hist.scatter_add(0, (lo + 1).clamp(0, last), momentum * frac)
+        hist = hist.scatter_add(0, lo.clamp(0, last).flatten(), (momentum * (1 - frac) * mask).flatten())
+        hist = hist.scatter_add(0, (lo + 1).clamp(0, last).flatten(), (momentum * frac * mask).flatten())
         self.hist = hist / hist.sum()
 
 
