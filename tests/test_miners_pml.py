@@ -341,3 +341,38 @@ def test_batches_without_positives_or_negatives_mine_as_much_as_pml(name, labels
     theirs = pml(getattr(pml_miners, PML_CLASSES[name])(), emb, labels)
     assert [len(t) for t in ours] == [len(t) for t in theirs]
     assert all(t.dtype == torch.long for t in ours)
+
+
+@pytest.mark.parametrize(
+    "miner, options, few",
+    [
+        ("pair_margin", {"pos_margin": 1.7, "neg_margin": 0.6}, True),
+        ("batch_easy_hard", {}, True),
+        ("uniform_histogram", {"num_bins": 5, "pos_per_bin": 4, "neg_per_bin": 4}, True),  # repeats
+        ("pair_margin", {}, False),
+        ("triplet_margin", {}, False),
+    ],
+)
+def test_contrastive_over_a_miners_pairs_counts_each_distinct_valid_pair_once(miner, options, few):
+    """The contrastive loss gathers a miner's few pairs, and masks many (plugins/losses.py): both
+    give the value and gradient of the mean over the distinct mined pairs, computed here; equal
+    to PML's ContrastiveLoss where the miner repeats no pair (PML counts repeats)."""
+    emb, labels = batch(5)
+    idx = mine(dmlkit.get_registry().build("miner", miner, **options), emb, labels)
+    assert (sum(len(t) for t in idx) <= 32 * 32 // 8) == few  # the gathering path, or the masks
+    loss = dmlkit.get_registry().build("loss", "contrastive", pos_margin=0.3, neg_margin=0.9)
+    x = emb.clone().requires_grad_(True)
+    value = loss.compute(x, labels, None, None, idx)
+    value.backward()
+    a1, p, a2, n = (idx[0], idx[1], idx[0], idx[2]) if len(idx) == 3 else idx
+    y = emb.clone().requires_grad_(True)
+    d = torch.cdist(F.normalize(y, dim=1), F.normalize(y, dim=1))
+    pos = [(d[i, j] - 0.3).clamp_min(0) for i, j in sorted(as_set(a1, p)) if labels[i] == labels[j] and i != j]
+    neg = [(0.9 - d[i, j]).clamp_min(0) for i, j in sorted(as_set(a2, n)) if labels[i] != labels[j]]
+    expected = sum(pos) / max(1, sum(1 for v in pos if v > 0)) + sum(neg) / max(1, sum(1 for v in neg if v > 0))
+    expected.backward()
+    assert float(value) == pytest.approx(float(expected), rel=1e-10)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-8, atol=1e-10)
+    if len(as_set(a1, p)) == len(a1) and len(as_set(a2, n)) == len(a2):
+        pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+        assert float(value) == pytest.approx(float(pml_losses.ContrastiveLoss(0.3, 0.9)(emb, labels, idx)), rel=1e-10)
