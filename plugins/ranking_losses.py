@@ -45,6 +45,16 @@ def _unit(x: Tensor, normalize: bool) -> Tensor:
     return F.normalize(x, dim=1) if normalize else x
 
 
+def _in_range(name: str, what: str, values: Tensor, low: float, high: float) -> None:
+    """Refuse values a histogram over [low, high] cannot place (embeddings not normalised)."""
+    lo, hi = float(values.min()), float(values.max())
+    if lo < low - 1e-5 or hi > high + 1e-5:
+        raise ValueError(
+            f"{name}: with normalize=False the {what} must lie in [{low:g}, {high:g}] (vectors in the unit "
+            f"ball); got [{lo:.4g}, {hi:.4g}]: normalise the embeddings or set normalize=true"
+        )
+
+
 def _similarity(emb: Tensor, other: Tensor, normalize: bool) -> Tensor:
     """Cosine similarity (PML's CosineSimilarity), or the dot product with ``normalize=False``."""
     return _unit(emb, normalize) @ _unit(other, normalize).T
@@ -87,7 +97,7 @@ class FastAPLoss(MetricLoss):
 
     Args:
         num_bins: histogram bins over the distance range [0, 4].
-        normalize: L2-normalise the embeddings first (CCP turns it off).
+        normalize: L2-normalise the embeddings first (off: they must lie in the unit ball).
     """
 
     def __init__(self, num_bins: int = 10, normalize: bool = True):
@@ -104,6 +114,8 @@ class FastAPLoss(MetricLoss):
         if not bool(with_pos.any()):
             return zero_loss(emb)
         dist = pairwise_distance(x, x, squared=True)
+        if not self.normalize:
+            _in_range("fastap", "squared distances", dist, 0.0, 4.0)
         t = dist / (4.0 / self.num_bins)  # distance in bin widths
         nodes = self.num_bins + 1
         pos_hist = _soft_histogram(t, pos.to(t.dtype), nodes)
@@ -149,7 +161,7 @@ class SmoothAPLoss(MetricLoss):
 
     Args:
         temperature: sigmoid temperature (0.01, the paper's and PML's default).
-        normalize: cosine similarity (True) or the dot product (False, for CCP's unit ball).
+        normalize: cosine similarity (True) or the dot product (False).
     """
 
     def __init__(self, temperature: float = 0.01, normalize: bool = True):
@@ -195,7 +207,7 @@ class PNPLoss(MetricLoss):
         alpha: the exponent of the ``Dq`` variant.
         anneal: the sigmoid temperature.
         variant: one of ``O``, ``Ds``, ``Dq``, ``Iu``, ``Ib``.
-        normalize: cosine similarity (True) or the dot product (False, for CCP's unit ball).
+        normalize: cosine similarity (True) or the dot product (False).
     """
 
     VARIANTS = ("Ds", "Dq", "Iu", "Ib", "O")
@@ -257,7 +269,7 @@ class HistogramLoss(MetricLoss):
     Args:
         n_bins: number of histogram bins on [-1, 1] (default 100 when delta is not given).
         delta: the bin width, 2 / n_bins.
-        normalize: cosine similarity (True) or the dot product (False, for CCP's unit ball).
+        normalize: cosine similarity (True) or the dot product (False: vectors in the unit ball).
     """
 
     def __init__(self, n_bins: int | None = None, delta: float | None = None, normalize: bool = True):
@@ -295,6 +307,8 @@ class HistogramLoss(MetricLoss):
             pos_pairs[torch.minimum(a, p), torch.maximum(a, p)] = True  # unordered, each pair once
             neg_pairs[torch.minimum(a, ng), torch.maximum(a, ng)] = True
         sim = _similarity(emb, emb, self.normalize)
+        if not self.normalize:
+            _in_range("histogram", "dot products", sim, -1.0, 1.0)
         p_pos = self._density(sim[pos_pairs])
         p_neg = self._density(sim[neg_pairs])
         return (p_neg * p_pos.cumsum(0)).sum()

@@ -451,3 +451,15 @@ def test_ccp_over_a_loss_without_reference_set_stops_with_its_message():
     emb, labels = batch(0, n=16, classes=4)
     with pytest.raises(ValueError, match="fastap ranks each item against the rest of its own batch"):
         ccp(emb.float(), labels)
+
+
+@pytest.mark.parametrize("name, what", [("fastap", "squared distances"), ("histogram", "dot products")])
+def test_histogram_losses_refuse_unnormalised_values_they_cannot_bin(name, what):
+    """Their histograms span [0, 4] (squared distances) or [-1, 1] (similarities): without
+    normalisation, vectors outside the unit ball would fall off them unnoticed."""
+    loss = dmlkit.get_registry().build("loss", name, normalize=False)
+    emb, labels = batch(0, n=16, classes=4)
+    with pytest.raises(ValueError, match=f"{name}: with normalize=False the {what} must lie in"):
+        loss(emb.float() * 3, labels)
+    inside = F.normalize(emb.float(), dim=1) * 0.9  # the unit ball: accepted
+    assert torch.isfinite(loss(inside, labels))
