@@ -196,7 +196,7 @@ class AngularMiner(Miner):
 
 
 class BatchEasyHardMiner(Miner):
-    """Per anchor, one positive and one negative picked by strategy (Xuan, Stylianou, Liu, Pless,
+    """Per anchor, one positive and one negative picked by strategy (Xuan et al.,
     "Improved Embeddings with Easy Positive Triplet Mining", WACV 2020), as PML's
     ``BatchEasyHardMiner``: positives ``easy`` (closest), ``hard`` (farthest), ``semihard``
     (farthest closer than the chosen negative) or ``all``; negatives ``hard`` (closest),
