@@ -52,7 +52,10 @@ def test_plugins_lists_what_each_plugin_provides(tmp_path, add_site, cli, monkey
     code, out, _ = cli("plugins")
     row = next(line for line in out.splitlines() if "hello" in line and "dmlkit-hello" in line)
     assert "loss: hello_center" in row and "commands: hello" in out
-    assert "miner: batch_all, batch_hard, multi_similarity, semihard" in out
+    assert (
+        "miner: angular, batch_all, batch_easy_hard, batch_hard, distance_weighted, hdc, multi_similarity, "
+        "pair_margin, semihard, triplet_margin, uniform_histogram" in out
+    )
 
 
 def test_broken_plugin_is_reported_and_builtins_still_work(tmp_path, add_site, cli, monkeypatch):
