@@ -627,8 +627,8 @@ class P2SGradLoss(ClassWeightLoss):
         v.copy_(v.renorm(2, 0, 1e-5).mul(1e5))
 
     def similarity(self, x, w):
-        sim = x @ w.T
-        return sim / x.norm(dim=1, keepdim=True) if self.normalize else sim
+        # x / |x| before the product: PML's (x w) / |x|, without an [N, C] division
+        return (x / x.norm(dim=1, keepdim=True) if self.normalize else x) @ w.T
 
     def logits(self, emb, w):
         """[N, C] the clamped cosines to the class weights (unit-normalised, as each call projects them)."""
@@ -637,8 +637,8 @@ class P2SGradLoss(ClassWeightLoss):
     def sample_losses(self, emb, rows):
         self.project()  # then the weights are used as they are: their gradient is PML's, not projected
         cos = self.class_similarity(emb, self.weights(emb.dtype))[0].clamp(-1, 1)
-        target = F.one_hot(rows, cos.shape[1]).to(cos.dtype)
-        return (cos - target).square().mean(1)
+        # mean_c (cos_c - [c = y])^2 without a one-hot [N, C] tensor
+        return (cos.square().sum(1) - 2 * cos.gather(1, rows[:, None])[:, 0] + 1) / cos.shape[1]
 
 
 # ====================================================================================== manifold
