@@ -16,7 +16,9 @@ Conventions shared by every loss here:
   loss (PML then weights every sample 1, as if nothing had been mined);
 - a reference set is refused with a ``ValueError``: these losses compare the batch with their
   class weights, as in PML, which refuses ``ref_emb`` for all of them;
-- classification losses have ``get_logits(embeddings) -> [N, C]``, equal to PML's.
+- classification losses have ``get_logits(embeddings) -> [N, C]``, equal to PML's;
+- PML's ``distance``, ``reducer``, ``weight_init_func`` and regulariser options are not offered:
+  each loss uses PML's default (cosine similarity, the mean over samples, PML's initialisation).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class ClassWeightLoss(MetricLoss):
     nested_options = {"proxy_init": ("proxy_initializer", None)}
     #: the name errors use
     loss_name = ""
-    #: False for the losses whose logits keep the norms (L-Softmax, SphereFace): no ``normalize``
+    #: cosine similarity (True) or dot products; a class attribute where a loss offers no such option
     normalize = True
 
     @staticmethod
@@ -86,8 +88,6 @@ class ClassWeightLoss(MetricLoss):
         std: float = 1.0,
     ):
         super().__init__()
-        _check(num_classes >= 1, f"num_classes must be >= 1; got {num_classes}")
-        _check(embedding_size >= 1, f"embedding_size must be >= 1; got {embedding_size}")
         _check(lr_multiplier >= 0, f"lr_multiplier must be >= 0; got {lr_multiplier}")
         _check(pool_rounds >= 1, f"pool_rounds must be >= 1; got {pool_rounds}")
         self.bank = ProxyBank(
@@ -142,6 +142,10 @@ class ClassWeightLoss(MetricLoss):
         """[N] the loss of each sample; ``rows`` are the bank rows of its labels."""
         raise NotImplementedError
 
+
+class ClassifierLoss(ClassWeightLoss):
+    """A class-weight loss that is a classifier: it gives class logits."""
+
     def get_logits(self, embeddings: Tensor) -> Tensor:
         """[N, C] class logits (bank row order), as PML's ``get_logits``."""
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
@@ -149,11 +153,12 @@ class ClassWeightLoss(MetricLoss):
             return self.logits(emb, self.weights(emb.dtype))
 
     def logits(self, emb: Tensor, w: Tensor) -> Tensor:
+        """[N, C] the logits of ``emb`` given the class vectors ``w`` [C*K, D]."""
         raise NotImplementedError
 
 
 # ================================================================================= margin softmax
-class MarginSoftmaxLoss(ClassWeightLoss):
+class MarginSoftmaxLoss(ClassifierLoss):
     """Softmax cross-entropy whose target logit gets an angular margin: the shared part of
     L-Softmax, SphereFace, CosFace and ArcFace (``target_cosine`` and ``scale_logits`` differ)."""
 
@@ -435,7 +440,7 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
 
 
 # ============================================================================ normalized softmax
-class NormalizedSoftmaxLoss(ClassWeightLoss):
+class NormalizedSoftmaxLoss(ClassifierLoss):
     """Normalized softmax (Zhai & Wu, "Classification is a Strong Baseline for Deep Metric
     Learning", BMVC 2019; NormFace, Wang et al., ACM MM 2017).
 
@@ -498,7 +503,7 @@ class _SoftAssign(torch.autograd.Function):
         return g, None
 
 
-class SoftTripleLoss(ClassWeightLoss):
+class SoftTripleLoss(ClassifierLoss):
     """SoftTriple loss (Qian, Shang, Sun, Hu, Li, Jin, "SoftTriple Loss: Deep Metric Learning
     Without Triplet Sampling", ICCV 2019).
 
@@ -581,7 +586,7 @@ class SoftTripleLoss(ClassWeightLoss):
 
 
 # ======================================================================================= p2sgrad
-class P2SGradLoss(ClassWeightLoss):
+class P2SGradLoss(ClassifierLoss):
     """P2SGrad (Zhang, Zhao, Yan, Li, Liu, Wang, Huang, "P2SGrad: Refined Gradients for Optimizing
     Deep Face Models", CVPR 2019).
 

@@ -181,6 +181,17 @@ def test_get_logits_equal_pml(name):
         torch.testing.assert_close(ours.get_logits(emb), theirs.get_logits(emb), rtol=1e-10, atol=1e-12)
 
 
+def test_the_classifiers_have_logits_and_manifold_has_none():
+    reg = dmlkit.get_registry()
+    for name in NAMES:
+        loss = reg.build("loss", name, context={"num_classes": C, "embedding_size": D})
+        if name == "manifold":  # its affinities depend on the batch: no class logits
+            assert not hasattr(loss, "get_logits")
+        else:
+            logits = loss.get_logits(batch(21)[0].float())
+            assert logits.shape == (N, C) and logits.dtype == torch.float32
+
+
 def test_soft_triple_logits_equal_pml():
     ours, theirs = twins("soft_triple", {"centers_per_class": 3, "gamma": 0.5})
     emb, _ = batch(4)
