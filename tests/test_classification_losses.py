@@ -143,7 +143,7 @@ def compare(name, ours, theirs, emb, labels, indices, tol=1e-8):
 @pytest.mark.parametrize("form", [None, "pairs", "triplets"])
 def test_equals_pml_with_and_without_mined_tuples(name, form):
     for options in OPTIONS[name]:
-        for seed in (0, 1, 2):
+        for seed in (0, 1, 2) if not options else (3,):  # PML's defaults on three seeds, other options on one
             ours, theirs = twins(name, options)
             emb, labels = batch(seed)
             indices = mine(emb, labels, form)
