@@ -55,6 +55,14 @@ def miner_weights(indices: Indices, n: int, like: Tensor) -> Tensor:
     return counts / counts.max() if flat.numel() else counts
 
 
+def scaled_product(x: Tensor, w: Tensor) -> Tensor:
+    """[N, M] ``(x_i / |x_i|) . w_j``: x normalised before the product when that touches fewer
+    numbers (M >= D), else the product divided by the norms after it (the same values)."""
+    if w.shape[0] >= x.shape[1]:
+        return F.normalize(x, dim=1) @ w.T
+    return (x @ w.T) / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 def _log1p_sum_exp(v: Tensor, keep: Tensor) -> Tensor:
     """log(1 + sum_j exp(v_ij)) over the kept j of each row (0 for a row with none)."""
     v = v.masked_fill(~keep, -math.inf)
@@ -111,9 +119,7 @@ class ClassWeightLoss(MetricLoss):
 
     def similarity(self, x: Tensor, w: Tensor) -> Tensor:
         """[N, M] cosine similarities, or with ``normalize=False`` dot products of the vectors as they are."""
-        if self.normalize:
-            return F.normalize(x, dim=1) @ F.normalize(w, dim=1).T
-        return x @ w.T
+        return scaled_product(x, F.normalize(w, dim=1)) if self.normalize else x @ w.T
 
     def class_similarity(self, emb: Tensor, w: Tensor) -> tuple[Tensor, Tensor | None]:
         """[N, C] each class's similarity (its most similar vector's when it has several), and
@@ -628,12 +634,10 @@ class P2SGradLoss(ClassifierLoss):
     @torch.no_grad()
     def project(self) -> None:
         """Rows of norm above 1e-5 onto the unit sphere, in place (PML's ``renorm(2, 1, 1e-5).mul(1e5)``)."""
-        v = self.bank.vectors.view(-1, self.bank.dim)
-        v.copy_(v.renorm(2, 0, 1e-5).mul(1e5))
+        self.bank.vectors.view(-1, self.bank.dim).renorm_(2, 0, 1e-5).mul_(1e5)
 
     def similarity(self, x, w):
-        # x / |x| before the product: PML's (x w) / |x|, without an [N, C] division
-        return (x / x.norm(dim=1, keepdim=True) if self.normalize else x) @ w.T
+        return scaled_product(x, w) if self.normalize else x @ w.T  # PML's (x w) / |x|
 
     def logits(self, emb, w):
         """[N, C] the clamped cosines to the class weights (unit-normalised, as each call projects them)."""
@@ -712,7 +716,9 @@ class ManifoldLoss(ClassWeightLoss):
     def sample_losses(self, emb, rows):
         n = len(emb)
         z = torch.cat([emb, self.weights(emb.dtype)])
-        s = torch.exp(self.similarity(z, z).clamp_min(0) / 0.5)
+        if self.normalize:
+            z = F.normalize(z, dim=1)
+        s = torch.exp((z @ z.T).clamp_min(0) / 0.5)
         eye = torch.eye(len(z), dtype=z.dtype, device=z.device)
         s = s.masked_fill(eye.bool(), 0)
         d = s.sum(1).rsqrt()
