@@ -415,7 +415,10 @@ def train_cmd(
             return _dry_run(explain(cfg, given, recommenders), cfg, out_dir, protocol)
         if distributed.is_main() and _holds_run(out_dir):
             raise DmlkitError(
-                f"{out_dir} already holds a run; continue it with --resume {out_dir} or pick another --run-dir"
+                f"{out_dir} already holds an MLRC run (its fold runs); remove it and run the command again, or "
+                "pick another --run-dir"
+                if protocol == "mlrc"
+                else f"{out_dir} already holds a run; continue it with --resume {out_dir} or pick another --run-dir"
             )
     interrupts.resumable_run(out_dir, protocol)  # what `error: interrupted` tells the user to do
     if protocol == "mlrc":

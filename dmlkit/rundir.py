@@ -59,6 +59,24 @@ def check_crash_env() -> None:
         )
 
 
+def _open_lock(path: Path) -> Any:
+    """``RUN/.lock`` opened for appending without blocking (a FIFO in its place would make ``open``
+    wait for a reader for ever); anything but a regular file there is refused."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.ENXIO, errno.ELOOP, errno.EISDIR):
+            raise
+        fd = None
+    if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode):
+        return os.fdopen(fd, "a")
+    if fd is not None:
+        os.close(fd)
+    raise DmlkitError(f"{_short(path)} is not a regular file (dmlkit's lock file); remove it and run again")
+
+
 class RunLock:
     """An exclusive ``flock`` on ``RUN/.lock`` for as long as the ``with`` block runs.
 
@@ -89,7 +107,7 @@ class RunLock:
                 read_only = os.statvfs(self.run_dir).f_flag & os.ST_RDONLY
                 raise OSError(errno.EROFS if read_only else errno.EACCES, "not writable", str(self.run_dir))
             self.created_lock = not (self.run_dir / LOCK_NAME).exists()
-            f = open(self.run_dir / LOCK_NAME, "a")  # noqa: SIM115 (held until __exit__)
+            f = _open_lock(self.run_dir / LOCK_NAME)
         except OSError as exc:
             self._remove_created()
             raise writable_error(self.run_dir, exc, "to run directory") from None

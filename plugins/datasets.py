@@ -324,7 +324,7 @@ def imagefolder(
         items, labels = [], []
         for cls in sorted(p for p in folder.iterdir() if p.is_dir()):
             for f in sorted(cls.iterdir()):
-                if f.suffix.lower() in IMAGE_SUFFIXES:
+                if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():  # not a FIFO or a device
                     items.append(str(f))
                     labels.append(cls.name)
         if not items:

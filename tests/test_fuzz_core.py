@@ -1,8 +1,7 @@
 """Bugs that fuzzing the commands found in the core (dmlkit/train.py, rundir.py and the core
-commands of cli.py), which the reliability branch does not own: each is a test of the behaviour
-the standards ask for, marked ``xfail(strict=True)`` with what is wrong, so that it starts to
-pass (and must then be unmarked) when the core is fixed.
-"""
+commands of cli.py): paths holding rich markup printed as they are, a FIFO in place of the lock
+file or among a dataset's images refused instead of waited on, an unfinished MLRC run refused
+with advice that works."""
 
 from __future__ import annotations
 
@@ -26,8 +25,6 @@ def run(tmp_path_factory):
     return path
 
 
-@pytest.mark.xfail(strict=True, reason="core: train prints its run directory as rich markup: with '[/]' in the path "
-                   "it ends in 'internal error: MarkupError' and the run is discarded")  # fmt: skip
 def test_train_into_a_folder_with_a_closing_tag_in_its_name(cli, tmp_path):
     folder = tmp_path / "runs[" / "]x"
     code, out, err = cli("train", *TINY, "--run-dir", str(folder))
@@ -35,7 +32,6 @@ def test_train_into_a_folder_with_a_closing_tag_in_its_name(cli, tmp_path):
     assert (folder / "last.pt").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="core: train prints '[bold]b[/bold]' in a run directory's path as bold 'b'")
 def test_train_prints_a_run_directory_with_markup_as_it_is(cli, tmp_path):
     folder = tmp_path / "[bold]b[" / "bold]"
     code, out, err = cli("train", *TINY, "--run-dir", str(folder))
@@ -43,8 +39,6 @@ def test_train_prints_a_run_directory_with_markup_as_it_is(cli, tmp_path):
     assert f"run directory: {folder}" in out.replace("\n", "")
 
 
-@pytest.mark.xfail(strict=True, reason="core: train --resume of a run whose path holds '[/]' ends in 'internal "
-                   "error: MarkupError' before it resumes")  # fmt: skip
 def test_resume_a_run_with_a_closing_tag_in_its_path(cli, run, tmp_path):
     folder = tmp_path / "runs[" / "]x"
     shutil.copytree(run, folder)
@@ -52,8 +46,6 @@ def test_resume_a_run_with_a_closing_tag_in_its_path(cli, run, tmp_path):
     assert code == 0, err
 
 
-@pytest.mark.xfail(strict=True, reason="core: embed writes its files, then prints '--out' as rich markup: with '[/]' "
-                   "the work is done but reported as an internal error (exit 1)")  # fmt: skip
 def test_embed_into_a_folder_with_a_closing_tag(cli, run, tmp_path):
     out = tmp_path / "emb[" / "]x"
     code, _, err = cli("embed", str(run), "--out", str(out))
@@ -61,8 +53,6 @@ def test_embed_into_a_folder_with_a_closing_tag(cli, run, tmp_path):
     assert code == 0, err
 
 
-@pytest.mark.xfail(strict=True, reason="core: report writes its figures, then prints '--out' as rich markup: with "
-                   "'[/]' the work is done but reported as an internal error (exit 1)")  # fmt: skip
 def test_report_into_a_folder_with_a_closing_tag(cli, run, tmp_path):
     out = tmp_path / "rep[" / "]x"
     code, _, err = cli("report", str(run), "--no-grid", "--out", str(out))
@@ -70,8 +60,6 @@ def test_report_into_a_folder_with_a_closing_tag(cli, run, tmp_path):
     assert code == 0, err
 
 
-@pytest.mark.xfail(strict=True, reason="core: RunLock opens RUN/.lock with open(path, 'a'): a FIFO there makes "
-                   "train --resume (and every writer of the run) wait for ever")  # fmt: skip
 def test_a_fifo_in_place_of_the_lock_file_is_refused_not_waited_on(tmp_path):
     from dmlkit.rundir import RunLock
 
@@ -99,8 +87,6 @@ def test_a_fifo_in_place_of_the_lock_file_is_refused_not_waited_on(tmp_path):
     assert "error" in result
 
 
-@pytest.mark.xfail(strict=True, reason="core: an interrupted --protocol mlrc run leaves fold0/ behind; running it "
-                   "again is refused with 'continue it with --resume', which --protocol mlrc refuses too")  # fmt: skip
 def test_an_interrupted_mlrc_run_is_refused_with_advice_that_works(cli, run, tmp_path):
     folder = tmp_path / "m"
     (folder / "fold0").mkdir(parents=True)
@@ -110,8 +96,6 @@ def test_an_interrupted_mlrc_run_is_refused_with_advice_that_works(cli, run, tmp
     assert "--resume" not in err, err
 
 
-@pytest.mark.xfail(strict=True, reason="core: the imagefolder dataset lists a FIFO named x.png; a DataLoader worker "
-                   "then blocks for ever opening it (train hangs until killed)")  # fmt: skip
 def test_imagefolder_lists_only_regular_files(tmp_path):
     import numpy as np
     from PIL import Image
