@@ -144,6 +144,8 @@ def show_cmd(
             "recommends": spec.recommended(defaults),
             "doc": doc,
         }
+        if kind == "backbone":
+            out["stages"] = _backbone_stages(host.registry, spec, defaults)
         print(json.dumps(out, indent=2, default=repr))
         return
     console.print(
@@ -164,8 +166,23 @@ def show_cmd(
     recs = spec.recommended(defaults)
     if recs:
         console.print(Text(f"recommended run settings (with these defaults; yours win): {_settings_text(recs)}"))
+    stages = _backbone_stages(host.registry, spec, defaults) if kind == "backbone" else None
+    if stages:
+        console.print(Text(f"stages (--set freeze_backbone=NAME freezes up to one): {', '.join(stages)}"))
     if doc and doc != spec.description:
         console.print(Text(doc), soft_wrap=True)  # literally: a docstring is not rich markup
+
+
+def _backbone_stages(registry: Any, spec: Any, defaults: dict[str, Any]) -> list[str] | None:
+    """The names of a backbone's stages (built with its defaults, without pretrained weights); None
+    when it does not declare them or cannot be built here."""
+    from dmlkit.model import backbone_stages
+
+    options = {"pretrained": False} if "pretrained" in defaults else {}
+    try:
+        return [name for name, _ in backbone_stages(registry.build("backbone", spec.name, **options))]
+    except Exception:  # a backbone that needs an extra or declares no stages: nothing to list
+        return None
 
 
 def _flag_of(kind: str) -> str:

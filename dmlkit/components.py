@@ -93,8 +93,10 @@ def build_model(backbone: nn.Module, settings: Any, device: torch.device) -> Emb
         raise DmlkitError(
             f"not enough memory to build the model with embedding_size {t['embedding_size']}; use a smaller one"
         ) from None
-    if t["freeze_backbone"]:
+    if t["freeze_backbone"] is True:
         model.freeze_backbone()
+    elif t["freeze_backbone"] is not False:  # a stage: the backbone is frozen up to it
+        model.freeze_prefix(t["freeze_backbone"])
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model

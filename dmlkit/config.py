@@ -296,7 +296,8 @@ def _validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
             value = value[4:]  # dmlkit < 0.2 named the split in the metric; selection now says where it is read
         if key not in TRAIN_DEFAULTS:
             raise OptionError(f"unknown train setting '{key}'{_suggest(key, TRAIN_DEFAULTS)}")
-        train[key] = _coerce("train setting", key, value, _expected_types(None, TRAIN_DEFAULTS[key]))
+        declared = settings_module.BY_NAME[key].types or _expected_types(None, TRAIN_DEFAULTS[key])
+        train[key] = _coerce("train setting", key, value, declared)
     for setting in settings_module.SETTINGS:
         setting.check(train[setting.name])
     if not 0 <= train["val_fraction"] < 1:
@@ -305,9 +306,9 @@ def _validate(cfg: dict[str, Any], registry: Registry) -> dict[str, Any]:
         raise OptionError(
             f"need folds = 0 or >= 2 and 0 <= fold < folds; got folds {train['folds']}, fold {train['fold']}"
         )
-    if train["feature_cache"] and not train["freeze_backbone"]:
+    if train["feature_cache"] and train["freeze_backbone"] is False:
         raise OptionError(
-            "train.feature_cache needs a frozen backbone: set freeze_backbone=true (features of a backbone "
+            "train.feature_cache needs a frozen backbone: set freeze_backbone=true or a stage (features of a backbone "
             "that trains change every step)"
         )
     if train["folds"]:

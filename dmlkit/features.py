@@ -1,7 +1,9 @@
 """The frozen-backbone fast path: a frozen backbone's pooled features, computed once and cached.
 
 With ``train.freeze_backbone`` the backbone never changes, so its pooled features of an
-image depend only on the image, its augmentation and the backbone. ``train.feature_cache``
+image depend only on the image, its augmentation and the backbone. With the backbone frozen up
+to a stage (``freeze_backbone = "layer3"``), the cache holds that stage's output feature maps
+instead, and the later stages train on them (a size check refuses a cache larger than memory). ``train.feature_cache``
 computes them once per augmentation view (``train.cache_views`` views of every training
 image, and one test-transform view of every image that is evaluated), stores them under
 ``train.cache_dir`` keyed by dataset, backbone, weights, transform and view, and trains the
@@ -28,6 +30,8 @@ from dmlkit.fileio import save_torch
 from dmlkit.runtime import loader_workers, seed_everything
 
 FORMAT = 1
+#: The share of the machine's available memory a feature cache may fill.
+MEMORY_SHARE = 0.5
 
 
 def cache_dir(setting: str) -> Path:
@@ -66,8 +70,10 @@ class FeatureCache:
         t = trainer.settings
         self.dir = cache_dir(t["cache_dir"])
         self.views = t["cache_views"]
-        self._weights = _weights_digest(trainer.model.backbone)
+        model = trainer.model
+        self._weights = _weights_digest(model.prefix if model.prefix is not None else model.backbone)
         self._memory: dict[str, Tensor] = {}
+        self.check_size()
 
     def key(self, split: Split, view: int | None) -> str:
         cfg = self.trainer.cfg
@@ -77,6 +83,7 @@ class FeatureCache:
             "backbone": cfg["backbone"],
             "weights": self._weights,
             "pooling": cfg["train"]["pooling"],
+            "frozen_upto": self.trainer.model.frozen_upto,  # "" (the pooled features) or a stage's output
             "transform": repr(split.transform),
             "items": _items_digest(split),
             "view": view,  # None: the evaluation transform, no randomness
@@ -96,7 +103,7 @@ class FeatureCache:
                 feats = torch.load(path, map_location="cpu", weights_only=True)
             except Exception:
                 feats = None  # a damaged cache file is recomputed
-            if feats is not None and (feats.ndim != 2 or len(feats) != len(split)):
+            if feats is not None and (feats.ndim < 2 or len(feats) != len(split)):
                 feats = None
         if feats is None:
             feats = self._compute(split, view, what)
@@ -122,7 +129,7 @@ class FeatureCache:
             model = tr.model
             with in_eval_mode(model.backbone):
                 out = embed_dataset(
-                    lambda x: model.head.pool(model.backbone(x)),
+                    model.prefix_features,
                     split,
                     device=tr.device,
                     batch_size=tr.settings["eval_batch_size"],
@@ -136,6 +143,25 @@ class FeatureCache:
         if not len(out):
             raise DmlkitError(f"the {what} split is empty: nothing to cache")
         return out
+
+    def check_size(self) -> None:
+        """Refuse, before any image is embedded, a cache of the training views and the evaluated
+        images that would fill more than half the machine's available memory (a stage's feature
+        maps can be hundreds of times larger than pooled features)."""
+        tr = self.trainer
+        full = tr.full_train_split
+        x = full.with_transform(tr.test_split.transform)[0][0]
+        with torch.no_grad(), in_eval_mode(tr.model):
+            per_item = tr.model.prefix_features(x[None].to(tr.device)).numel() * 4
+        items = len(full) * (self.views + 1) + len(tr.test_split)
+        need, available = per_item * items, available_memory()
+        if available is not None and need > MEMORY_SHARE * available:
+            what = f"stage {tr.model.frozen_upto!r}'s outputs" if tr.model.frozen_upto else "pooled features"
+            raise DmlkitError(
+                f"the feature cache of {what} ({per_item // 4:,} numbers per image, {items:,} images and views) "
+                f"needs {need / 2**30:.1f} GiB, more than half of the {available / 2**30:.1f} GiB available; "
+                "freeze up to a later stage, lower train.cache_views, or set feature_cache=false"
+            )
 
     def train_views(self) -> Tensor:
         """[views, N, F] the training split's features (the whole dataset's training split is cached,
@@ -172,3 +198,15 @@ class FeatureCache:
         idx = torch.as_tensor(index)
         pick = torch.as_tensor(np.random.default_rng(seed).integers(0, self.views, len(idx)))
         return stacked[pick, idx]
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

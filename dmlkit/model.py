@@ -72,13 +72,22 @@ class EmbeddingHead(nn.Module):
 
 
 class EmbeddingModel(nn.Module):
-    """backbone -> head; ``freeze_bn`` keeps the backbone's BatchNorm statistics and affine fixed."""
+    """backbone -> head; ``freeze_bn`` keeps the backbone's BatchNorm statistics and affine fixed.
+
+    The backbone may be frozen whole (:meth:`freeze_backbone`) or up to a stage
+    (:meth:`freeze_prefix`): the frozen part (``prefix``) then runs in inference mode without
+    gradients, and :meth:`from_prefix` continues from its output (the feature cache's path).
+    """
 
     def __init__(self, backbone: nn.Module, head: EmbeddingHead, freeze_bn: bool = False):
         super().__init__()
         self.backbone, self.head, self.freeze_bn = backbone, head, freeze_bn
         self.backbone_frozen = False  # warm-up: the backbone runs without gradients
         self.backbone_fixed = False  # frozen for the whole run: no gradients, inference mode (BN, dropout)
+        self.frozen_upto = ""  # the last frozen stage of a partly frozen backbone
+        # views of the backbone's own layers (not registered: their parameters stay the backbone's)
+        object.__setattr__(self, "prefix", None)
+        object.__setattr__(self, "suffix", None)
         if freeze_bn:
             for m in backbone.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -92,22 +101,102 @@ class EmbeddingModel(nn.Module):
             p.requires_grad_(False)
         self.backbone.eval()
 
+    def freeze_prefix(self, upto: int | str) -> None:
+        """Freeze the backbone up to and including stage ``upto`` (its name, or its index in
+        :func:`backbone_stages`); the later stages train."""
+        prefix, suffix, name = split_backbone(self.backbone, upto)
+        object.__setattr__(self, "prefix", prefix)
+        object.__setattr__(self, "suffix", suffix)
+        self.frozen_upto = name
+        for p in prefix.parameters():
+            p.requires_grad_(False)
+        prefix.eval()
+
     def train(self, mode: bool = True) -> EmbeddingModel:
         super().train(mode)
         if self.backbone_fixed:
             self.backbone.eval()
+        if self.prefix is not None:
+            self.prefix.eval()
         if self.freeze_bn:
             for m in self.backbone.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         return self
 
+    def from_prefix(self, features: Tensor) -> Tensor:
+        """The embedding of the frozen prefix's output (of the pooled features, with the whole backbone frozen)."""
+        if self.suffix is None:
+            return self.head(features)
+        return self.head(self.suffix(features))
+
+    def prefix_features(self, x: Tensor) -> Tensor:
+        """What the feature cache stores: the frozen prefix's output, or the whole backbone's pooled features."""
+        if self.prefix is not None:
+            return self.prefix(x)
+        return self.head.pool(self.backbone(x))
+
+    def cached_net(self) -> nn.Module:
+        """What a training step calls on cached features (:meth:`prefix_features`): the head, or the
+        backbone's trainable stages then the head."""
+        return self.head if self.suffix is None else _FromPrefix(self)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.backbone_frozen:
             with torch.no_grad():
                 features = self.backbone(x)
             return self.head(features)
+        if self.prefix is not None:
+            with torch.no_grad():
+                features = self.prefix(x)
+            return self.head(self.suffix(features))
         return self.head(self.backbone(x))
+
+
+class _FromPrefix(nn.Module):
+    """``model.from_prefix`` as a module (it holds no parameters of its own: they stay the model's)."""
+
+    def __init__(self, model: EmbeddingModel):
+        super().__init__()
+        object.__setattr__(self, "model", model)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.model.from_prefix(features)
+
+
+def backbone_stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The backbone as a chain of named stages (its ``stages()``), whose composition is its forward."""
+    stages = getattr(backbone, "stages", None)
+    if not callable(stages):
+        raise OptionError(
+            f"backbone {type(backbone).__name__} does not say its stages (no stages() method), so it can only be "
+            "frozen whole (freeze_backbone=true) or not at all"
+        )
+    return list(stages())
+
+
+def split_backbone(backbone: nn.Module, upto: int | str) -> tuple[nn.Module, nn.Module, str]:
+    """(the stages up to and including ``upto``, the rest, the name of ``upto``) as two chains."""
+    stages = backbone_stages(backbone)
+    names = [n for n, _ in stages]
+    if isinstance(upto, bool) or not isinstance(upto, int | str):
+        raise OptionError(f"freeze_backbone takes true, false, a stage name or index; got {upto!r}")
+    if isinstance(upto, int):
+        if not 0 <= upto < len(stages) - 1:
+            raise OptionError(
+                f"freeze_backbone={upto}: the backbone has stages 0..{len(stages) - 1} ({', '.join(names)}); freezing "
+                f"up to stage 0..{len(stages) - 2} leaves one to train (true freezes all)"
+            )
+        index = upto
+    else:
+        if upto not in names:
+            raise OptionError(f"freeze_backbone={upto!r} is not a stage of the backbone; its stages: {', '.join(names)}")
+        index = names.index(upto)
+        if index == len(stages) - 1:
+            raise OptionError(f"freeze_backbone={upto!r} is the last stage: that freezes it all; write true")
+    prefix = nn.Sequential(*(m for _, m in stages[: index + 1]))
+    suffix = nn.Sequential(*(m for _, m in stages[index + 1 :]))
+    return prefix, suffix, names[index]
 
 
 def input_spec(backbone: nn.Module) -> dict[str, Any]:

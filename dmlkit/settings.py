@@ -27,6 +27,8 @@ class Setting:
     minimum: float | None = None
     maximum: float | None = None
     above: bool = False
+    #: the types a value may have, when more than the default's
+    types: tuple[type, ...] = ()
 
     @property
     def type(self) -> type:
@@ -34,7 +36,7 @@ class Setting:
 
     @property
     def type_name(self) -> str:
-        return self.type.__name__
+        return " | ".join(t.__name__ for t in self.types) if self.types else self.type.__name__
 
     def bounds(self) -> str:
         """The allowed values in words: ``> 0``, ``0 to 1024``, ``one of adam, adamw, sgd``."""
@@ -52,6 +54,8 @@ class Setting:
             raise OptionError(f"train setting '{self.name}' must be a finite number; got {value}")
         if self.choices and value not in self.choices:
             raise OptionError(f"train setting '{self.name}' must be one of {', '.join(self.choices)}; got {value!r}")
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return
         if self.minimum is not None and (value <= self.minimum if self.above else value < self.minimum):
             raise OptionError(f"train setting '{self.name}' must be {self.bounds().split(',')[0]}; got {value}")
         if self.maximum is not None and value > self.maximum:
@@ -118,7 +122,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("normalize_embeddings", True, "L2-normalise the embeddings the head outputs."),
     Setting("freeze_bn", False, "Keep the backbone's BatchNorm statistics and affine parameters fixed."),
-    Setting("freeze_backbone", False, "Freeze the whole backbone for the run (only head and loss train)."),
+    Setting(
+        "freeze_backbone",
+        False,
+        "Freeze the backbone for the run: true (all of it: only head and loss train), or up to a stage, by name or "
+        "index (`dmlkit show backbone NAME` lists them): the later stages, head and loss train.",
+        types=(bool, int, str),
+    ),
     Setting(
         "feature_cache", False, "With freeze_backbone: compute the backbone's pooled features once and cache them."
     ),

@@ -78,7 +78,7 @@ class Trainer:
             from dmlkit.features import FeatureCache
 
             self.features = FeatureCache(self)
-            self.net = self.model.head  # cached pooled features go straight to the head
+            self.net = self.model.cached_net()  # cached features go to the trainable stages and the head
         if self.world_size > 1:
             self.net = nn.parallel.DistributedDataParallel(
                 self.model,
@@ -128,7 +128,7 @@ class Trainer:
         with in_eval_mode(self.model):
             if self.features is not None:
                 out = embed_tensors(
-                    self.model.head,
+                    self.net,
                     self.features.eval_features(split),
                     device=self.device,
                     batch_size=t.eval_batch_size,
@@ -155,7 +155,7 @@ class Trainer:
         with in_eval_mode(self.model):
             if self.features is not None:  # cached augmented views through the head
                 feats = self.features.train_items(idx.reshape(-1), seed)
-                out = embed_tensors(self.model.head, feats, device=self.device, batch_size=t.eval_batch_size, amp=t.amp)
+                out = embed_tensors(self.net, feats, device=self.device, batch_size=t.eval_batch_size, amp=t.amp)
             else:
                 pool = torch.utils.data.Subset(self.train_split, idx.reshape(-1).tolist())
                 out = embed_dataset(

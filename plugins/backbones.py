@@ -49,6 +49,10 @@ class SmallCNN(nn.Module):
     def forward(self, x):
         return self.body(x)
 
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """``block1`` ... : the backbone as a chain (``train.freeze_backbone`` may freeze a prefix)."""
+        return [(f"block{i // 4 + 1}", self.body[i : i + 4]) for i in range(0, len(self.body), 4)]
+
 
 class TorchvisionResNet(nn.Module):
     """A torchvision ResNet without its classifier; ImageNet weights from the local torch cache."""
@@ -66,6 +70,10 @@ class TorchvisionResNet(nn.Module):
         net.avgpool = nn.Identity()
         self.body = nn.Sequential(*list(net.children())[:-2])
         self.input_spec = {"channels": 3, "image_size": image_size}
+
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """``stem`` (conv, BN, ReLU, max-pool), ``layer1`` ... ``layer4``: the backbone as a chain."""
+        return [("stem", self.body[:4]), *((f"layer{i - 3}", self.body[i]) for i in range(4, len(self.body)))]
 
     def forward(self, x):
         return self.body(x)
@@ -212,6 +220,27 @@ class EfficientNetLite0(nn.Module):
         for block in self._blocks:
             x = block(x)
         return nn.functional.relu6(self._bn1(self._conv_head(x)))
+
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """``stem``, ``stage1`` ... ``stage7`` (the MBConv blocks of each resolution and width), ``head``
+        (the 1x1 convolution to 1,280 channels): the backbone as a chain."""
+        out: list[tuple[str, nn.Module]] = [("stem", _ReLU6(self._conv_stem, self._bn0))]
+        start = 0
+        for i, (*_, repeats) in enumerate(_LITE0):
+            out.append((f"stage{i + 1}", nn.Sequential(*self._blocks[start : start + repeats])))
+            start += repeats
+        return [*out, ("head", _ReLU6(self._conv_head, self._bn1))]
+
+
+class _ReLU6(nn.Module):
+    """relu6(bn(conv(x))) over existing layers (a view of them: their parameters are not copied)."""
+
+    def __init__(self, conv: nn.Module, bn: nn.Module):
+        super().__init__()
+        self.conv, self.bn = conv, bn
+
+    def forward(self, x):
+        return nn.functional.relu6(self.bn(self.conv(x)))
 
 
 def _lite0_weights(weights_path: str | None) -> dict:

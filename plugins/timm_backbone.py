@@ -266,6 +266,69 @@ class TimmBackbone(nn.Module):
             return self.model.forward_features(x)
         return self.model(x)  # num_classes=0: the pooled (pre-logits) features
 
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """The model as a chain cut after each of timm's feature stages (its ``feature_info``: e.g.
+        ``layer1`` ... ``layer4`` for a ResNet, ``blocks.0`` ... for a ViT); the last piece, ``head``,
+        holds the rest (final norm, pooling). Traced with torch.fx; each piece runs the original
+        layers (no copy of a parameter). A stage after which more than one value goes on is not a
+        place to cut and is left out."""
+        import torch.fx as fx
+
+        names = [f"model.{f['module']}" for f in getattr(self.model, "feature_info", []) if f.get("module")]
+
+        class StagesAsLeaves(fx.Tracer):  # each stage one node of the graph: the chain is cut between them
+            def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+                return qualname in names or super().is_leaf_module(m, qualname)
+
+        try:
+            traced = fx.GraphModule(self, StagesAsLeaves().trace(self))
+        except Exception as exc:
+            raise DmlkitError(
+                f"timm model {self.name!r} cannot be traced into stages ({type(exc).__name__}); freeze it whole "
+                "(freeze_backbone=true) or not at all"
+            ) from None
+        nodes = list(traced.graph.nodes)
+        cuts = []  # (index of the stage's node, its name), where only its value goes on
+        for i, node in enumerate(nodes):
+            if node.op == "call_module" and node.target in names and _cuttable(nodes, i):
+                cuts.append((i, node.target.removeprefix("model.")))
+        pieces, start = [], 0
+        for end, name in [*cuts, (len(nodes) - 1, "head")]:
+            pieces.append((name, fx.GraphModule(traced, _segment(nodes, start, end, first=start == 0))))
+            start = end + 1
+        return pieces
+
+
+def _cuttable(nodes: list[Any], cut: int) -> bool:
+    """Whether only the value of node ``cut`` (besides parameters and constants) is used after it."""
+    before = set(nodes[: cut + 1])
+    used = {a for n in nodes[cut + 1 :] for a in n.all_input_nodes if a in before and a.op != "get_attr"}
+    return used == {nodes[cut]}
+
+
+def _segment(nodes: list[Any], start: int, end: int, first: bool) -> Any:
+    """A graph of ``nodes[start:end + 1]``: its input is the model's input (first segment) or the value
+    of the node before ``start``; its output the value of node ``end`` (the model's output, last)."""
+    import torch.fx as fx
+
+    g = fx.Graph()
+    env: dict[Any, Any] = {}
+    if not first:
+        env[nodes[start - 1]] = g.placeholder("x")
+
+    def lookup(n: Any) -> Any:
+        if n not in env and n.op == "get_attr":  # a parameter or buffer: read it where it is used
+            env[n] = g.get_attr(n.target)
+        return env[n]
+
+    for node in nodes[start : end + 1]:
+        if node.op == "output":
+            g.output(fx.node.map_arg(node.args[0], lookup))
+            return g
+        env[node] = g.node_copy(node, lookup)
+    g.output(env[nodes[end]])
+    return g
+
 
 def _pretrained_cfg(timm: Any, name: str) -> dict[str, Any]:
     if name.startswith("local-dir:"):

@@ -16,6 +16,43 @@ def test_smallcnn_handles_tiny_and_omniglot_sizes():
     assert net(torch.zeros(2, 1, 56, 56)).shape == (2, 64, 4, 4)
 
 
+@pytest.mark.parametrize(
+    "name, options, size",
+    [("smallcnn", {}, 28), ("resnet18", {"pretrained": False}, 64), ("efficientnet_lite0", {"pretrained": False}, 64)],
+)
+def test_a_backbones_stages_compose_to_its_forward_and_split_there(name, options, size):
+    """The stages a backbone declares (freeze_backbone may freeze a prefix of them) run in a chain
+    give its forward's output; the model frozen up to each stage embeds as the whole model does, and
+    only the stages after it keep gradients."""
+    from dmlkit.model import backbone_stages
+
+    torch.manual_seed(0)
+    net = get_registry().build("backbone", name, **options).eval()
+    channels = 1 if name == "smallcnn" else 3
+    x = torch.randn(2, channels, size, size)
+    stages = backbone_stages(net)
+    assert len(stages) >= 3
+    chained = x
+    for _, stage in stages:
+        chained = stage(chained)
+    torch.testing.assert_close(chained, net(x), rtol=0, atol=0)
+    out = net(x).shape[1]
+    whole = EmbeddingModel(net, EmbeddingHead(out, 8)).eval()
+    want = whole(x)
+    for upto, (stage_name, _) in enumerate(stages[:-1]):
+        model = EmbeddingModel(net, whole.head)
+        model.freeze_prefix(stage_name if upto % 2 else upto)
+        model.eval()
+        torch.testing.assert_close(model(x), want)
+        torch.testing.assert_close(model.cached_net()(model.prefix_features(x)), want)
+        frozen = {id(p) for _, m in stages[: upto + 1] for p in m.parameters()}
+        assert all(p.requires_grad == (id(p) not in frozen) for p in net.parameters())
+        for p in net.parameters():
+            p.requires_grad_(True)
+    with pytest.raises(DmlkitError, match="freezes it all; write true"):
+        EmbeddingModel(net, whole.head).freeze_prefix(stages[-1][0])
+
+
 def test_head_pooling_norm_and_normalisation():
     feats = torch.randn(3, 8, 4, 4)
     for pooling, expect in (

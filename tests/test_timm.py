@@ -175,3 +175,23 @@ def test_backbone_page_commands_run(cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run_dmlkit_lines(ROOT / "docs" / "components" / "backbone.md", cli) == 1
     assert (tmp_path / "runs" / "timm-digits" / "results.json").is_file()
+
+
+@pytest.mark.parametrize("model", ["test_resnet", "test_convnext", "test_efficientnet"])
+def test_a_timm_models_stages_compose_to_its_forward(model):
+    """dmlkit cuts a timm model at its feature_info stages (traced with torch.fx): the stages in a
+    chain give the model's forward output and share its parameters."""
+    from dmlkit.model import backbone_stages
+
+    torch.manual_seed(0)
+    net = build(model=model, pretrained=False).eval()
+    x = torch.randn(2, 3, 160, 160)
+    stages = backbone_stages(net)
+    assert len(stages) >= 2
+    chained = x
+    with torch.no_grad():
+        for _, stage in stages:
+            chained = stage(chained)
+        torch.testing.assert_close(chained, embed(net, x))
+    owned = {id(p) for p in net.parameters()}
+    assert all(id(p) in owned for _, s in stages for p in s.parameters())

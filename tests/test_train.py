@@ -426,6 +426,57 @@ def test_feature_cache_trains_exactly_as_the_uncached_frozen_backbone(cli, tmp_p
     assert code == 1 and "needs a frozen backbone" in err
 
 
+def test_a_backbone_frozen_up_to_a_stage_trains_the_same_with_and_without_the_feature_cache(cli, tmp_path):
+    """freeze_backbone = a stage: the first block's output is cached, the later blocks and the head
+    train on it, with the same losses and metrics as running the frozen block every step; the frozen
+    block gets no gradient and is not in the optimizer; the later blocks change."""
+    cache = tmp_path / "cache"
+    common = ["--epochs", "2", "--set", "freeze_backbone=block1"]
+    assert cli("train", *common, "--run-dir", str(tmp_path / "plain"))[0] == 0
+    code, _, err = cli(
+        "train", *common, "--set", "feature_cache=true", "--set", f"cache_dir={cache}", "--run-dir", str(tmp_path / "c")
+    )
+    assert code == 0, err
+    a, b = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "c")
+    for key in ("loss", "val_map_at_r"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], abs=1e-5), key
+    from dmlkit.config import resolve
+    from dmlkit.train import Trainer
+
+    cfg, _ = resolve({"train": {"freeze_backbone": "block1", "epochs": 2}}, get_host().registry)
+    start = Trainer(cfg, get_host().registry, tmp_path / "unused").model.state_dict()  # the runs' initial weights
+    for run in ("plain", "c"):
+        weights = load_checkpoint(tmp_path / run)["model"]
+        block1 = [k for k in weights if k.startswith("backbone.body.0.") and weights[k].is_floating_point()]
+        later = [k for k in weights if k.startswith("backbone.body.4.") and weights[k].is_floating_point()]
+        assert block1 and later
+        assert all(torch.equal(weights[k], start[k]) for k in block1)
+        assert not all(torch.equal(weights[k], start[k]) for k in later)
+    names = [g["name"] for g in load_checkpoint(tmp_path / "c")["optimizer"]["param_groups"]]
+    assert "backbone" in names  # the later blocks train
+    feats = torch.load(next(cache.iterdir()), weights_only=True)
+    assert feats.ndim == 4  # feature maps of block1, not pooled vectors
+
+
+def test_freezing_up_to_a_stage_is_checked_before_any_work(cli, tmp_path):
+    code, _, err = cli("train", "--set", "freeze_backbone=block9", "--run-dir", str(tmp_path / "a"))
+    assert code == 1 and "is not a stage of the backbone" in err and "block1" in err
+    assert not (tmp_path / "a").exists()
+    code, _, err = cli("train", "--set", "freeze_backbone=99", "--run-dir", str(tmp_path / "b"))
+    assert code == 1 and "leaves one to train" in err
+
+
+def test_a_feature_cache_larger_than_memory_is_refused(monkeypatch, tmp_path):
+    from dmlkit import features
+    from dmlkit.config import resolve
+    from dmlkit.train import Trainer
+
+    monkeypatch.setattr(features, "available_memory", lambda: 2**20)  # 1 MiB
+    cfg, _ = resolve({"train": {"freeze_backbone": "block1", "feature_cache": True, "epochs": 1}}, get_host().registry)
+    with pytest.raises(DmlkitError, match="stage 'block1'.*needs .* GiB, more than half"):
+        Trainer(cfg, get_host().registry, tmp_path / "r")
+
+
 def test_printed_numbers_have_one_format_in_and_out_of_a_terminal(tmp_path):
     """The epoch table, the progress bar and the summaries print each value the same way whether
     or not the output is a terminal; the progress bar shows '-' (not 0) before the first step."""
