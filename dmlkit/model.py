@@ -190,7 +190,9 @@ def split_backbone(backbone: nn.Module, upto: int | str) -> tuple[nn.Module, nn.
         index = upto
     else:
         if upto not in names:
-            raise OptionError(f"freeze_backbone={upto!r} is not a stage of the backbone; its stages: {', '.join(names)}")
+            raise OptionError(
+                f"freeze_backbone={upto!r} is not a stage of the backbone; its stages: {', '.join(names)}"
+            )
         index = names.index(upto)
         if index == len(stages) - 1:
             raise OptionError(f"freeze_backbone={upto!r} is the last stage: that freezes it all; write true")
