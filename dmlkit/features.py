@@ -5,7 +5,7 @@ image depend only on the image, its augmentation and the backbone. With the back
 to a stage (``freeze_backbone = "layer3"``), the cache holds that stage's output feature maps
 instead, and the later stages train on them (a size check refuses a cache larger than memory). ``train.feature_cache``
 computes them once per augmentation view (``train.cache_views`` views of every training
-image, and one test-transform view of every image that is evaluated), stores them under
+image, and one test-transform view of every image that is evaluated: validation and test), stores them under
 ``train.cache_dir`` keyed by dataset, backbone, weights, transform and view, and trains the
 head and loss on them: any backbone and loss, unchanged, at thousands of steps per second.
 """
@@ -173,12 +173,11 @@ class FeatureCache:
         return stacked if tr.train_index is None else stacked[:, torch.as_tensor(tr.train_index)]
 
     def eval_features(self, split: Split) -> Tensor:
-        """[N, F] features of ``split`` under the evaluation transform."""
+        """[N, F] features of ``split`` under the evaluation transform: the validation images only
+        (not every training image), the test split, or another split."""
         tr = self.trainer
-        if split is tr.val_split and tr.val_index is not None:
-            full = tr.full_train_split.with_transform(tr.test_split.transform)
-            return self.features(full, None, "training images, evaluation transform")[torch.as_tensor(tr.val_index)]
-        return self.features(split, None, "test" if split is tr.test_split else "evaluation")
+        what = {id(tr.val_split): "validation", id(tr.test_split): "test"}.get(id(split), "evaluation")
+        return self.features(split, None, what)
 
     def train_batches(self, epoch: int):
         """(features, labels) batches of one epoch: the sampler's batches, each item in one of the

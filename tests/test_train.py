@@ -394,6 +394,14 @@ def test_a_broken_recommendation_names_its_component():
         resolve({"backbone": {"name": "oops"}}, reg)
 
 
+def load_run_sizes(run):
+    """The sizes of a run's full training split, validation split and test split."""
+    from dmlkit.train import load_run
+
+    trainer = load_run(run)
+    return [len(trainer.full_train_split), len(trainer.val_split), len(trainer.test_split)]
+
+
 def test_feature_cache_trains_exactly_as_the_uncached_frozen_backbone(cli, tmp_path):
     """The frozen-backbone fast path: same losses, validation and test metrics as running the frozen
     backbone every step (digits has no augmentation), and its files are reused by another run."""
@@ -410,15 +418,21 @@ def test_feature_cache_trains_exactly_as_the_uncached_frozen_backbone(cli, tmp_p
     for key in ("precision_at_1", "map_at_r"):
         assert read_results(tmp_path / "c")["test"][key] == pytest.approx(read_results(tmp_path / "plain")["test"][key])
     files = sorted(cache.iterdir())
-    assert len(files) == 3  # training view, training images for validation, test
+    assert len(files) == 3  # training view, validation images, test
+    sizes = sorted(len(torch.load(f, weights_only=True)) for f in files)
+    trainer_sizes = load_run_sizes(tmp_path / "c")
+    assert sizes == sorted(trainer_sizes)  # only the images a split needs: no training image embedded twice
     stamps = [f.stat().st_mtime_ns for f in files]
-    # another validation split (and, for a pretrained backbone, another seed): the same files, not recomputed
+    # another validation split (and, for a pretrained backbone, another seed): the training view and the
+    # test files are reused, not recomputed; only its validation images are embedded
     code, _, err = cli(
         "train", *common, "--set", "val_fraction=0.3", "--set", "feature_cache=true", "--set", f"cache_dir={cache}",
         "--run-dir", str(tmp_path / "c1"),
     )  # fmt: skip
     assert code == 0, err
-    assert sorted(cache.iterdir()) == files and [f.stat().st_mtime_ns for f in files] == stamps
+    after = sorted(cache.iterdir())
+    assert len(after) == 4 and set(files) < set(after)
+    assert [f.stat().st_mtime_ns for f in files] == stamps
     # the backbone is frozen: it is not in the optimizer
     groups = load_checkpoint(tmp_path / "c")["optimizer"]["param_groups"]
     assert not any(g["name"] == "backbone" for g in groups)
