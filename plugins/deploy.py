@@ -554,17 +554,29 @@ def index_cmd(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an earlier index in --out (only the files dmlkit wrote).")
     ] = False,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, max=65536, help="Images per forward pass (default: the run's).")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="Embed on auto, cpu, cuda or cuda:N (default: the run's).")
+    ] = None,
 ) -> None:
     """Embed a folder of images with a run's model into a faiss index on disk, with the files'
     paths and the model and preprocessing that `dmlkit search` needs."""
     import faiss
 
+    from dmlkit.runtime import resolve_device
+
+    dev = resolve_device(device) if device is not None else None  # a bad name fails before any work
     if not images.is_dir():
         raise DataError(f"--images {images} is not a folder of images")
     inputs = {"--images": images, "RUN": _run_folder(run)}
     _NewFolder.check(out, "index.json", overwrite, "an index", inputs)  # before any work
     files = image_files([images], "--images folder")
     trainer = _load(run, checkpoint)
+    if dev is not None:
+        trainer.device = dev
+        trainer.model.to(dev)
     try:
         index = faiss.index_factory(int(trainer.embedding_size), factory, faiss.METRIC_L2)
     except Exception as exc:
@@ -588,7 +600,9 @@ def index_cmd(
         if not files:
             raise DataError(f"no readable images under {images}")
     # float32, as search embeds its queries: an image finds itself at distance 0
-    trainer.settings = trainer.settings.replace(amp=False)
+    trainer.settings = trainer.settings.replace(
+        amp=False, eval_batch_size=batch_size or trainer.settings.eval_batch_size
+    )
     try:
         emb, _ = trainer.embed(split, f"embedding {len(files):,} images")
     except DataError as exc:

@@ -149,6 +149,17 @@ def test_index_and_search_find_each_image_first(image_run, cli, tmp_path):
     assert code == 0 and (tmp_path / "g2.png").is_file(), err
     code, out, _ = cli("search", str(tmp_path / "idx"), str(files[0]), "-k", "50")
     assert code == 0 and out.count(".png") == 12 + 1  # every indexed image once, and the title
+    # --batch-size and --device change how it is embedded, not what: the same vectors
+    code, _, err = cli("index", str(run), "--images", str(data / "test"), "--out", str(tmp_path / "idx2"),
+                       "--batch-size", "5", "--device", "cpu")  # fmt: skip
+    assert code == 0, err
+    import faiss
+
+    a, b = (faiss.read_index(str(tmp_path / d / "index.faiss")) for d in ("idx", "idx2"))
+    np.testing.assert_allclose(a.reconstruct_n(0, a.ntotal), b.reconstruct_n(0, b.ntotal), atol=1e-5)
+    code, _, err = cli("index", str(run), "--images", str(data / "test"), "--out", str(tmp_path / "idx3"),
+                       "--device", "tpu")  # fmt: skip
+    assert code == 1 and "unknown device 'tpu'" in err and not (tmp_path / "idx3").exists()
 
 
 def test_index_unreadable_images_and_refusals(image_run, cli, tmp_path):
