@@ -45,11 +45,26 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
+class _AllGather(torch.autograd.Function):
+    """Every rank's tensor; the gradient of each rank's share is summed over the ranks' losses (what
+    ``torch.distributed.nn.functional.all_gather`` did before torch deprecated it)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack(grads).contiguous()
+        dist.all_reduce(stacked)
+        return stacked[dist.get_rank()]
+
+
 def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The embeddings (differentiably) and labels of every rank's batch, concatenated in rank order."""
-    from torch.distributed.nn.functional import all_gather
-
-    emb = torch.cat(all_gather(embeddings))
+    emb = torch.cat(_AllGather.apply(embeddings))
     out = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
     dist.all_gather(out, labels)
     return emb, torch.cat(out)

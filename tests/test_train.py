@@ -269,6 +269,42 @@ def test_ddp_two_cpu_processes_with_gloo(tmp_path):
     assert rows[0]["step"] == single_steps // 2
     assert read_results(run)["test_last"]["precision_at_1"] > 0.8
     assert out.stdout.count("run directory:") == 1  # only rank 0 speaks
+    assert "Warning" not in out.stderr, out.stderr[-2000:]  # torch deprecated the gather dmlkit used
+
+
+def _gather_worker(rank, init, results):
+    import torch.distributed as dist
+
+    from dmlkit.distributed import gather_batch
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    torch.manual_seed(0)
+    full = torch.randn(6, 3, dtype=torch.float64)  # both ranks' batches; rank r holds rows 3r..3r+2
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    mine = full[3 * rank : 3 * rank + 3].clone().requires_grad_(True)
+    emb, lab = gather_batch(mine, labels[3 * rank : 3 * rank + 3])
+    ((emb @ emb.T) * (lab[:, None] == lab[None, :])).sum().mul(rank + 1).backward()  # a different loss per rank
+    results[rank] = (emb.detach().clone(), lab.clone(), mine.grad.clone())
+    dist.destroy_process_group()
+
+
+def test_gathered_batches_carry_every_ranks_gradient(tmp_path):
+    """gather_batch under 2 gloo processes: every rank sees both batches, and a rank's embeddings get
+    the gradient of the sum of both ranks' losses (as torch.distributed.nn's all_gather gave)."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_gather_worker, args=(f"file://{tmp_path / 'init'}", results), nprocs=2, join=True)
+    torch.manual_seed(0)
+    full = torch.randn(6, 3, dtype=torch.float64).requires_grad_(True)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    same = (labels[:, None] == labels[None, :]).double()
+    ((full @ full.T) * same).sum().mul(1 + 2).backward()  # rank 0's loss plus rank 1's (weights 1 and 2)
+    for rank in range(2):
+        emb, lab, grad = results[rank]
+        torch.testing.assert_close(emb, full.detach())
+        assert lab.tolist() == labels.tolist()
+        torch.testing.assert_close(grad, full.grad[3 * rank : 3 * rank + 3])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
