@@ -889,7 +889,8 @@ def report_cmd(
         "r_precision": "R-Prec",
         "map_at_r": "MAP@R",
         "nmi": "NMI",
-        "train_time_s": "time (s)",
+        "train_time_s": "train (s)",
+        "wall_time_s": "wall (s)",
     }
     # an mlrc run's folds follow it with their epochs, named by fold alone so that the table stays narrow
     shown_rows = []

@@ -158,6 +158,8 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
                 selected_by=results["selected_by"],
                 selection_split=results.get("selection_split", "?"),
             )
+            if "wall_time_s" in results:  # with set-up, feature cache, validation and test (runs since 0.2)
+                row["wall_time_s"] = results["wall_time_s"]
             metrics = results["test"]
         else:
             evaluated = [h for h in run["history"] if "map_at_r" in h]

@@ -177,6 +177,7 @@ def runs_section(runs: list[dict[str, Any]], rows: list[dict[str, Any]], analyse
         ("chosen by", "selected_by"),
         ("selection split", "selection_split"),
         ("training time (s)", "train_time_s"),
+        ("wall time (s), with caches and evaluation", "wall_time_s"),
     ]
     if any("protocol" in r for r in rows):
         facts.insert(3, ("protocol", "protocol"))

@@ -96,6 +96,7 @@ class Trainer:
         self.selection = Selection(t, self.evaluator, self.val_split is not None)
         self.events: list[dict[str, Any]] = []  # what components logged during the current epoch
         self.results: dict[str, Any] = {}
+        self.started = time.perf_counter()  # set-up, caches, training, validation and test: results' wall_time_s
         self.stop_requested = False
         self.extra_state: dict[str, Any] = {}  # components may keep resumable state here
         self.context = RunContext(self)
@@ -256,6 +257,7 @@ class Trainer:
             "last_epoch": last_epoch,
             "test": at_best,
             "test_last": at_last,
+            "wall_time_s": round(time.perf_counter() - self.started, 1),  # this process's (a resume's: since it)
         }
         if self.rank == 0:
             write_json(self.run_dir / "results.json", results)

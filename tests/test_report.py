@@ -100,6 +100,9 @@ def test_png_report_compares_runs(runs, page):
     res_b = results(runs / "b")  # each run at the epoch its validation chose, with its test metrics there
     assert rows[1]["map_at_r"] == res_b["test"]["map_at_r"] and rows[1]["best_epoch"] == res_b["best_epoch"]
     assert rows[1]["selected_by"] == "best by validation map_at_r" and rows[1]["selection_split"] == "val"
+    # the run's wall time covers its epochs and what they leave out (set-up, validation, the test)
+    epochs_s = sum(h.get("epoch_time_s", 0.0) for h in history(runs / "b"))
+    assert rows[1]["wall_time_s"] == res_b["wall_time_s"] >= round(epochs_s, 1) and "wall time (s)" in page
     for name in ("metric_curves.png", "recall_at_k.png", "retrieval_a.png", "retrieval_b.png"):
         with Image.open(runs / "png" / name) as img:
             assert img.size[0] > 400 and img.size[1] > 250
