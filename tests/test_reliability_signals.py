@@ -117,7 +117,7 @@ def cases(p: dict[str, Path]) -> list[Case]:
     for sig in (signal.SIGINT, signal.SIGTERM):
         name = signal.Signals(sig).name.lower()
         out += [
-            Case(f"mlrc-{name}", ["train", "--protocol", "mlrc", "--epochs", "1", "--batch-size", "8", "--sampler-opt", "m=4", "--run-dir", "m"], sig,
+            Case(f"mlrc-{name}", ["train", "--protocol", "mlrc", "--dataset-opt", "train_classes=8", "--epochs", "1", "--batch-size", "8", "--sampler-opt", "m=4", "--run-dir", "m"], sig,
                  "--protocol mlrc cannot resume: remove m and run the command again"),
             Case(f"evaluate-{name}", ["evaluate", run], sig),
             Case(f"embed-{name}", ["embed", run, "--out", "emb"], sig, absent=["emb"]),
