@@ -147,7 +147,8 @@ def _metric_keys(rows: list[dict[str, Any]]) -> list[str]:
     recall = sorted({k for r in rows for k in r if k.startswith("recall_at_")}, key=lambda k: int(k[10:]))
     ordered = [*HIGHER_IS_BETTER[:3], *recall, *HIGHER_IS_BETTER[3:]]
     others = sorted(
-        {k for r in rows for k, v in r.items() if isinstance(v, float) and k not in ordered} - {"train_time_s"}
+        {k for r in rows for k, v in r.items() if isinstance(v, float) and k not in ordered}
+        - {"train_time_s", "wall_time_s"}
     )
     return [k for k in ordered if any(k in r for r in rows)] + others
 
