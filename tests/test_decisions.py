@@ -216,3 +216,57 @@ def test_bootstrap_interval_matches_the_normal_approximation():
     assert ci[0] < hits.mean() < ci[1]
     assert (ci[1] - ci[0]) / 2 == pytest.approx(half, rel=0.1)
     assert bootstrap_ci({"acc": hits}, resamples=2000, seed=1)["acc"] == ci
+
+
+def test_the_retrieval_evaluator_reports_what_it_declares():
+    from dmlkit.selection import metric_direction
+    from dmlkit_plugins.evaluators import RetrievalEvaluator
+
+    x, labels = data(n=150, classes=8, seed=4)
+    q, g = masks(len(x), seed=3)
+    ev = RetrievalEvaluator(ks=(1, 4), verification=True, knn=(1, 3), ranking=True, ci=True, ci_resamples=200)
+    out = ev(x, labels, q, g)
+    assert set(ev.metrics) <= set(out)
+    assert metric_direction(ev, "eer") == "min" and metric_direction(ev, "knn_accuracy_at_3") == "max"
+    direct = decision_metrics(x, labels, q, g, knn=(1, 3), ks=(1, 4), centroid=True)
+    for key in ("roc_auc", "eer", "fnmr_at_fmr_1e-3", "knn_accuracy_at_3", "mrr", "map_at_4", "precision_at_4"):
+        assert out[key] == direct[key], key
+    per_query = ranking_metrics(x, labels, q, g, knn=(3,), ks=(), per_query=True)["per_query"]
+    assert out["ci"]["knn_accuracy_at_3"][0] < out["knn_accuracy_at_3"] < out["ci"]["knn_accuracy_at_3"][1]
+    assert set(out["ci"]) == set(ev.metrics) - {
+        "roc_auc",
+        "eer",
+        "fnmr_at_fmr_1e-2",
+        "fnmr_at_fmr_1e-3",
+        "fnmr_at_fmr_1e-4",
+    }
+    assert len(per_query["knn_accuracy_at_3"]) == out["queries"] - out["queries_without_match"]
+    plain = RetrievalEvaluator(ks=(1,))
+    assert set(plain(x, labels)) == {
+        "precision_at_1",
+        "r_precision",
+        "map_at_r",
+        "recall_at_1",
+        "queries",
+        "queries_without_match",
+    }
+
+
+def test_dmlkit_evaluate_verification_knn_and_ci(cli, tmp_path):
+    import json
+
+    x, labels = data(n=120, classes=6, seed=8)
+    np.save(tmp_path / "e.npy", x)
+    np.save(tmp_path / "l.npy", labels)
+    args = ["evaluate", "--embeddings", str(tmp_path / "e.npy"), "--labels", str(tmp_path / "l.npy")]
+    code, out, err = cli(*args, "--verification", "--knn", "1,5", "--ci", "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    want = decision_metrics(x, labels, knn=(1, 5), centroid=True)
+    for key in ("roc_auc", "eer", "fnmr_at_fmr_1e-2", "knn_accuracy_at_5", "nearest_centroid_accuracy"):
+        assert got[key] == want[key], key
+    assert got["ci"]["knn_accuracy_at_5"][0] <= got["knn_accuracy_at_5"] <= got["ci"]["knn_accuracy_at_5"][1]
+    code, out, err = cli(*args, "--ci")
+    assert code == 0 and "95% interval" in out
+    code, _, err = cli(*args, "--knn", "one")
+    assert code != 0 and "--knn must be comma-separated integers" in err
