@@ -200,14 +200,15 @@ def roc_from_distances(genuine: np.ndarray, impostor: np.ndarray, fmrs: Sequence
 
 
 def _eer(gen: np.ndarray, imp: np.ndarray) -> tuple[float, float]:
-    """EER and the squared distance of the first ROC point where FNMR <= FMR."""
+    """EER, and a threshold there: halfway between the two ROC points around the crossing."""
     values = np.unique(np.concatenate([gen, imp]))
     fmr = np.concatenate([[0.0], np.searchsorted(imp, values, "right") / len(imp)])
     fnmr = np.concatenate([[1.0], 1.0 - np.searchsorted(gen, values, "right") / len(gen)])
     i = int(np.argmax(fnmr <= fmr))  # exists: the last point has FMR 1, FNMR 0
     d0, d1 = fnmr[i - 1] - fmr[i - 1], fnmr[i] - fmr[i]
     t = d0 / (d0 - d1)
-    return float(fmr[i - 1] + t * (fmr[i] - fmr[i - 1])), float(values[i - 1])
+    before = values[i - 2] if i >= 2 else 0.0  # point i accepts up to values[i - 1]
+    return float(fmr[i - 1] + t * (fmr[i] - fmr[i - 1])), float((before + values[i - 1]) / 2)
 
 
 def _fnmr_at(gen: np.ndarray, imp: np.ndarray, fmr: float) -> tuple[float, float, float]:
@@ -461,3 +462,96 @@ def bootstrap_ci(
         means[:, s : s + len(draws)] = stacked[:, draws].mean(2)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2], axis=1)
     return {name: [float(a), float(b)] for name, a, b in zip(names, lo, hi)}
+
+
+# ------------------------------------------------------------------------- operating point
+def operating_point_from_distances(
+    genuine: np.ndarray, impostor: np.ndarray, fmr: float = 1e-3, fmrs: Sequence[float] = CALIBRATED_FMRS
+) -> dict[str, Any]:
+    """The distance threshold for a target FMR (and the EER point) from genuine and impostor
+    Euclidean distances: the most accepting threshold whose FMR on these pairs is at most ``fmr``,
+    halfway between the largest distance it accepts and the smallest impostor distance it rejects.
+    ``thresholds`` lists the same for each of ``fmrs`` that the impostor pairs can resolve (at
+    least one accepted impostor pair: fmr >= 1 / impostor pairs).
+
+    A pair is a match when its distance is at most ``threshold``. On new pairs of the same
+    population the FMR is ``fmr`` up to binomial noise (tests/test_decisions.py checks it).
+    """
+    gen = np.sort(np.asarray(genuine, np.float64) ** 2)
+    imp = np.sort(np.asarray(impostor, np.float64) ** 2)
+    if not len(gen) or not len(imp):
+        raise DmlkitError("an operating point needs genuine and impostor pairs (two classes, one with two items)")
+    if not 0 < fmr < 1:
+        raise DmlkitError(f"the target FMR must lie between 0 and 1; got {fmr}")
+    if fmr * len(imp) < 1:
+        raise DmlkitError(
+            f"FMR {fmr:g} cannot be calibrated on {len(imp):,} impostor pairs (it needs at least {math.ceil(1 / fmr):,}); "
+            f"choose an FMR of at least {1 / len(imp):.1g}, or calibrate on more images"
+        )
+    fnmr, achieved, threshold = _fnmr_at(gen, imp, fmr)
+    eer, eer_threshold = _eer(gen, imp)
+    rows = []
+    for t in sorted({*fmrs, fmr}, reverse=True):
+        if t * len(imp) >= 1:
+            f, a, th = _fnmr_at(gen, imp, t)
+            rows.append({"fmr_target": t, "threshold": math.sqrt(th), "fmr": a, "fnmr": f})
+    return {
+        "distance": "euclidean",
+        "fmr_target": fmr,
+        "threshold": math.sqrt(threshold),
+        "fmr": achieved,
+        "fnmr": fnmr,
+        "eer": eer,
+        "eer_threshold": math.sqrt(eer_threshold),
+        "genuine_pairs": len(gen),
+        "impostor_pairs": len(imp),
+        "thresholds": rows,
+    }
+
+
+def _distances(p: _Problem, max_pairs: int, seed: int, memory_mb: float) -> tuple[np.ndarray, np.ndarray, dict]:
+    _check_max_pairs(max_pairs)
+    pairs = _PairCollector(p, max_pairs, seed)
+    _scan(p, [pairs], memory_mb)
+    gen, imp, info = pairs.pairs()
+    return np.sqrt(gen), np.sqrt(imp), info
+
+
+def operating_point(
+    embeddings: Any,
+    labels: Any,
+    query_mask: Any = None,
+    gallery_mask: Any = None,
+    *,
+    fmr: float = 1e-3,
+    normalise: bool = False,
+    max_pairs: int = MAX_PAIRS,
+    seed: int = 0,
+    memory_mb: float = 256,
+) -> dict[str, Any]:
+    """:func:`operating_point_from_distances` of the pairs of ``embeddings`` (validation
+    embeddings of held-out classes, as a deployed model meets new ones). ``normalise`` is off by
+    default: the threshold must be in the space the index searches, the model's own outputs."""
+    p = _problem(embeddings, labels, query_mask, gallery_mask, normalise)
+    gen, imp, info = _distances(p, max_pairs, seed, memory_mb)
+    return {**operating_point_from_distances(gen, imp, fmr), "normalized": normalise, **info}
+
+
+def rates_at(
+    embeddings: Any,
+    labels: Any,
+    threshold: float,
+    query_mask: Any = None,
+    gallery_mask: Any = None,
+    *,
+    normalise: bool = False,
+    max_pairs: int = MAX_PAIRS,
+    seed: int = 0,
+    memory_mb: float = 256,
+) -> dict[str, Any]:
+    """FMR and FNMR of the pairs of ``embeddings`` when a distance of at most ``threshold`` is a match."""
+    p = _problem(embeddings, labels, query_mask, gallery_mask, normalise)
+    gen, imp, info = _distances(p, max_pairs, seed, memory_mb)
+    fmr = float(np.searchsorted(imp, threshold, "right") / len(imp))
+    fnmr = float(1.0 - np.searchsorted(gen, threshold, "right") / len(gen))
+    return {"threshold": float(threshold), "fmr": fmr, "fnmr": fnmr, **info}

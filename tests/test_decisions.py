@@ -7,6 +7,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
 
 from dmlkit.decisions import (
+    CALIBRATED_FMRS,
     bootstrap_ci,
     decision_metrics,
     ranking_metrics,
@@ -270,3 +271,56 @@ def test_dmlkit_evaluate_verification_knn_and_ci(cli, tmp_path):
     assert code == 0 and "95% interval" in out
     code, _, err = cli(*args, "--knn", "one")
     assert code != 0 and "--knn must be comma-separated integers" in err
+
+
+# ------------------------------------------------------------------------------ operating point
+@pytest.mark.parametrize("fmr", [1e-2, 1e-3])
+def test_a_threshold_chosen_on_half_the_pairs_holds_its_fmr_on_the_other_half(fmr):
+    """scikit-learn's digits (real 8x8 images, their 64 pixels as embeddings): the pairs are split at
+    random into two halves; the threshold chosen on one gives the other an FMR inside the 99.9%
+    binomial interval of the target (a random split of one population: the count is hypergeometric,
+    narrower than binomial)."""
+    from scipy.spatial.distance import pdist
+    from scipy.stats import binom
+    from sklearn.datasets import load_digits
+
+    from dmlkit.decisions import operating_point_from_distances
+
+    x, labels = load_digits(return_X_y=True)
+    d = pdist(x.astype(np.float64))
+    i, j = np.triu_indices(len(x), 1)  # pdist's order
+    same = labels[i] == labels[j]
+    half = np.random.default_rng(0).random(len(d)) < 0.5
+    point = operating_point_from_distances(d[half & same], d[half & ~same], fmr=fmr)
+    impostor = d[half & ~same]
+    assert point["fmr"] == (impostor <= point["threshold"]).mean() <= fmr
+    next_one = impostor[impostor > point["threshold"]].min()  # accepting it (and its ties) would pass the FMR
+    assert (impostor <= next_one).mean() > fmr
+    held_out = d[~half & ~same]
+    accepted = int((held_out <= point["threshold"]).sum())
+    low, high = binom.interval(0.999, len(held_out), fmr)
+    assert low <= accepted <= high
+    fnmr = float((d[~half & same] > point["threshold"]).mean())
+    assert abs(fnmr - point["fnmr"]) < 0.02
+    assert [r["fmr_target"] for r in point["thresholds"]] == sorted(
+        {t for t in (*CALIBRATED_FMRS, fmr) if t * (half & ~same).sum() >= 1}, reverse=True
+    )
+
+
+def test_operating_point_of_embeddings_against_a_loop_over_pairs():
+    from dmlkit.decisions import operating_point, rates_at
+
+    x, labels = data(n=200, classes=5, seed=12)
+    q, g = masks(len(x), seed=4)
+    d, same = all_pairs(x, labels, q, g)  # not normalised: the space an index searches
+    point = operating_point(x, labels, q, g, fmr=1e-2)
+    accepted = d[~same] <= point["threshold"]
+    assert point["fmr"] == pytest.approx(accepted.mean()) and accepted.mean() <= 1e-2
+    assert (np.sort(d[~same])[accepted.sum()] - point["threshold"]) > 0  # the next impostor would be accepted
+    assert (accepted.sum() + 1) / (~same).sum() > 1e-2  # ... and exceed the FMR
+    assert point["fnmr"] == pytest.approx((d[same] > point["threshold"]).mean())
+    rates = rates_at(x, labels, point["eer_threshold"], q, g)
+    assert rates["fmr"] == pytest.approx((d[~same] <= point["eer_threshold"]).mean())
+    assert abs(rates["fmr"] - point["eer"]) < 0.02 and abs(rates["fnmr"] - point["eer"]) < 0.02
+    with pytest.raises(DmlkitError, match="cannot be calibrated"):
+        operating_point(x[:30], labels[:30], fmr=1e-5)
