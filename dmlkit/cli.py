@@ -695,6 +695,16 @@ def evaluate_cmd(
     per_class: Annotated[
         bool | None, typer.Option(help="Add per-class P@1, R-Precision, MAP@R, Recall@K (JSON; evaluator option).")
     ] = None,
+    verification: Annotated[
+        bool | None, typer.Option(help="Add ROC AUC, EER, FNMR at FMR 1e-2/1e-3/1e-4 (evaluator option).")
+    ] = None,
+    knn: Annotated[
+        str | None, typer.Option(help="Add k-NN accuracy for these K, comma-separated, and nearest-centroid accuracy.")
+    ] = None,
+    ci: Annotated[
+        bool | None,
+        typer.Option(help="Add 95% bootstrap confidence intervals over queries (seeded; evaluator option)."),
+    ] = None,
     checkpoint: Annotated[str, typer.Option(help="With a run directory: last or best.")] = "best",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -708,7 +718,18 @@ def evaluate_cmd(
             overrides["ks"] = [int(k) for k in ks.split(",") if k.strip()]
         except ValueError:
             raise DmlkitError(f"--ks must be comma-separated integers, e.g. 1,2,4,8; got {ks!r}") from None
-    for key, value in (("backend", backend), ("clustering", clustering), ("per_class", per_class)):
+    if knn is not None:
+        try:
+            overrides["knn"] = [int(k) for k in knn.split(",") if k.strip()]
+        except ValueError:
+            raise DmlkitError(f"--knn must be comma-separated integers, e.g. 1,5; got {knn!r}") from None
+    for key, value in (
+        ("backend", backend),
+        ("clustering", clustering),
+        ("per_class", per_class),
+        ("verification", verification),
+        ("ci", ci),
+    ):
         if value is not None:
             overrides[key] = value
     if embeddings is not None:
@@ -747,13 +768,19 @@ def evaluate_cmd(
     if as_json:
         print(json.dumps(metrics))
         return
-    metrics = {k: v for k, v in metrics.items() if k != "per_class"}  # the table shows the totals
+    intervals = metrics.get("ci") if isinstance(metrics.get("ci"), dict) else {}
+    metrics = {k: v for k, v in metrics.items() if k not in ("per_class", "ci")}  # the table shows the totals
     table = Table(title="metrics")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    if intervals:
+        table.add_column(f"{metrics.get('ci_level', 0.95):.0%} interval", justify="right")
     for k, v in metrics.items():
         if k != "checkpoint":
-            table.add_row(k, _num(v, k) if isinstance(v, float) else escape(str(v)))
+            row = [k, _num(v, k) if isinstance(v, float) else escape(str(v))]
+            if intervals:
+                row.append(" - ".join(_num(b, k) for b in intervals[k]) if k in intervals else "")
+            table.add_row(*row)
     console.print(table)
     console.print(f"[dim]{LEGEND}[/dim]", soft_wrap=True)
 

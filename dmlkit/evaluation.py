@@ -307,6 +307,25 @@ def _all_the_same(emb: np.ndarray, normalise: bool, rows: int = 65536) -> bool:
     return True
 
 
+def query_gallery(
+    n: int, query_mask: np.ndarray | None, gallery_mask: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The query and gallery items' indices, and whether every item searches all the others
+    (leave-one-out: no masks, or masks that select the same items)."""
+    if query_mask is None and gallery_mask is None:
+        return np.arange(n), np.arange(n), True
+    qm = np.ones(n, bool) if query_mask is None else np.asarray(query_mask, bool).reshape(-1)
+    gm = np.ones(n, bool) if gallery_mask is None else np.asarray(gallery_mask, bool).reshape(-1)
+    if len(qm) != n or len(gm) != n:
+        raise DmlkitError(f"query/gallery masks must have {n} entries, one per embedding")
+    q_idx, g_idx = np.flatnonzero(qm), np.flatnonzero(gm)
+    if len(q_idx) == 0:
+        raise DmlkitError("the query set is empty: the query mask selects no item")
+    if len(g_idx) == 0:
+        raise DmlkitError("the gallery is empty: the gallery mask selects no item")
+    return q_idx, g_idx, bool(np.array_equal(q_idx, g_idx))
+
+
 def retrieval_metrics(
     embeddings: np.ndarray | torch.Tensor,
     labels: np.ndarray | torch.Tensor,
@@ -319,13 +338,15 @@ def retrieval_metrics(
     memory_mb: float = 512,
     device: str | torch.device | None = None,
     per_class: bool = False,
+    per_query: bool = False,
 ) -> dict[str, float | int | dict]:
     """Recall@K, P@1, R-Precision and MAP@R of ``embeddings`` against ``labels``.
 
     Without masks every item queries all others (itself excluded). With ``query_mask`` and
     ``gallery_mask`` the queries search the gallery only; an item in both is still never
     its own neighbour. A query whose class has no other item in the gallery has no R: it is
-    left out of every metric and counted in ``queries_without_match``.
+    left out of every metric and counted in ``queries_without_match``. ``per_query=True`` adds
+    each metric's values per query (``per_query``: name -> array, the queries with a match).
     """
     embeddings, labels, query_mask, gallery_mask = validated_inputs(
         embeddings, labels, query_mask, gallery_mask, normalise
@@ -339,20 +360,7 @@ def retrieval_metrics(
     if not ks or ks[0] < 1:
         raise DmlkitError(f"recall ks must be positive integers; got {list(ks)}")
 
-    if query_mask is None and gallery_mask is None:
-        q_idx = g_idx = np.arange(len(lab))
-        loo = True
-    else:
-        qm = np.ones(len(lab), bool) if query_mask is None else np.asarray(query_mask, bool).reshape(-1)
-        gm = np.ones(len(lab), bool) if gallery_mask is None else np.asarray(gallery_mask, bool).reshape(-1)
-        if len(qm) != len(lab) or len(gm) != len(lab):
-            raise DmlkitError(f"query/gallery masks must have {len(lab)} entries, one per embedding")
-        q_idx, g_idx = np.flatnonzero(qm), np.flatnonzero(gm)
-        if len(q_idx) == 0:
-            raise DmlkitError("the query set is empty: the query mask selects no item")
-        if len(g_idx) == 0:
-            raise DmlkitError("the gallery is empty: the gallery mask selects no item")
-        loo = np.array_equal(q_idx, g_idx)
+    q_idx, g_idx, loo = query_gallery(len(lab), query_mask, gallery_mask)
 
     q_lab, g_lab = lab[q_idx], lab[g_idx]
     # R per query: same-class items in the gallery, itself excluded
@@ -384,16 +392,18 @@ def retrieval_metrics(
     rel, r_m, q_lab_m = rel[has_match], r[has_match], q_lab[has_match]
     k_got = rel.shape[1]
     out: dict[str, float | int | dict] = {}
-    per_query = _per_query_metrics(rel, r_m, [kk for kk in ks if kk <= k_got])
-    for name, values in per_query.items():
+    per_query_values = _per_query_metrics(rel, r_m, [kk for kk in ks if kk <= k_got])
+    for name, values in per_query_values.items():
         out[name] = float(values.mean())
     out["queries"] = int(len(q_idx))
     out["queries_without_match"] = int((~has_match).sum())
     if per_class:  # class means by bincount: one pass per metric, not one per class
         classes, inverse = np.unique(q_lab_m, return_inverse=True)
         counts = np.bincount(inverse)
-        means = {name: np.bincount(inverse, weights=values) / counts for name, values in per_query.items()}
+        means = {name: np.bincount(inverse, weights=values) / counts for name, values in per_query_values.items()}
         out["per_class"] = {str(c): {name: float(m[i]) for name, m in means.items()} for i, c in enumerate(classes)}
+    if per_query:
+        out["per_query"] = per_query_values
     return out
 
 

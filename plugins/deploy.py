@@ -13,6 +13,7 @@ import contextlib
 import copy
 import io
 import json
+import math
 import os
 import shutil
 import time
@@ -228,10 +229,17 @@ def parse_formats(text: str) -> list[str]:
     return list(dict.fromkeys(formats))
 
 
-def export_model(trainer: Any, out: Path, formats: list[str], say: Console | None = None) -> dict[str, Any]:
+def export_model(
+    trainer: Any,
+    out: Path,
+    formats: list[str],
+    say: Console | None = None,
+    operating_point: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write ``formats`` and ``preprocessing.json`` into ``out``; every file is loaded back and its
     embeddings compared with the run's model on real test inputs (the whole batch and one image).
-    A file off by more than :data:`TOLERANCE` is an error. Returns what ``export.json`` holds."""
+    A file off by more than :data:`TOLERANCE` is an error. Returns what ``export.json`` holds, with
+    ``operating_point`` (:func:`calibrate`) when one is given."""
     model = _exportable(trainer)
     x = _sample(trainer)
     with torch.no_grad():
@@ -278,8 +286,61 @@ def export_model(trainer: Any, out: Path, formats: list[str], say: Console | Non
         "torch": torch.__version__,
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if operating_point is not None:
+        record["operating_point"] = operating_point
     _write_json(out / "export.json", record)
     return record
+
+
+# -------------------------------------------------------------------------- operating point
+#: The false match rate that ``dmlkit export`` and ``dmlkit index`` calibrate the threshold for by default.
+DEFAULT_FMR = 1e-3
+
+
+def calibrate(trainer: Any, fmr: float, say: Console | None = None) -> dict[str, Any] | None:
+    """The run's operating point: the distance threshold at FMR ``fmr`` (and the EER point),
+    chosen on the run's validation split (classes held out of training, as a deployed model meets
+    new ones), in the space the index searches (the model's own embeddings, float32), with the
+    FMR and FNMR that threshold gives on the test split. A run's results.json that already holds
+    an ``operating_point`` for this FMR is used as it is. None, with a warning, when the run has
+    no validation split or it cannot resolve ``fmr``."""
+    from dmlkit.decisions import operating_point, rates_at
+
+    say = say or err_console
+    try:
+        recorded = json.loads(_read_regular(trainer.run_dir / "results.json", SMALL_JSON)).get("operating_point")
+    except (DmlkitError, ValueError, AttributeError):
+        recorded = None
+    if isinstance(recorded, dict) and recorded.get("fmr_target") == fmr and _is_number(recorded.get("threshold")):
+        return recorded
+    if trainer.val_split is None:
+        say.print(
+            "[yellow]warning: the run has no validation split (val_fraction = 0), so no match threshold was "
+            "calibrated; dmlkit search will list neighbours without a match decision unless given --threshold[/yellow]",
+            soft_wrap=True,
+        )
+        return None
+    trainer.settings = trainer.settings.replace(amp=False)  # float32, as the index embeds
+    val = trainer.val_split
+    emb, lab = trainer.embed(val, "embedding the validation split for the match threshold")
+    try:
+        point = operating_point(emb, lab, val.query_mask, val.gallery_mask, fmr=fmr)
+    except DmlkitError as exc:
+        say.print(f"[yellow]warning: no match threshold calibrated: {escape(str(exc))}[/yellow]", soft_wrap=True)
+        return None
+    point["calibrated_on"] = f"validation split: {len(lab):,} images of {len(np.unique(lab)):,} classes"
+    test = trainer.test_split
+    emb, lab = trainer.embed(test, "embedding the test split to report the threshold's error rates")
+    try:
+        rates = rates_at(emb, lab, point["threshold"], test.query_mask, test.gallery_mask)
+        point["test"] = {k: rates[k] for k in ("fmr", "fnmr", "genuine_pairs", "impostor_pairs")}
+    except DmlkitError:  # a test split without two classes: the threshold still stands
+        pass
+    return point
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -488,18 +549,23 @@ def export_cmd(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an earlier export in --out (only the files dmlkit wrote).")
     ] = False,
+    fmr: Annotated[
+        float, typer.Option(help="False match rate the match threshold is calibrated for, on the validation split.")
+    ] = DEFAULT_FMR,
 ) -> None:
     """Export a run's embedding model for inference, with preprocessing.json; each file is checked
     against the run's own embeddings (to 1e-5)."""
     formats = parse_formats(format)
+    check_fmr(fmr)
     inputs = {"RUN": _run_folder(run)}
     if out is not None:
         _NewFolder.check(out, "export.json", overwrite, "an export", inputs)  # before any work
     trainer = _load(run, checkpoint)
     out = out or (trainer.run_dir / "export")
+    point = calibrate(trainer, fmr)
     with _NewFolder(out, "export.json", overwrite, "an export", inputs) as tmp:
         with console.status(f"exporting {', '.join(formats)}"):
-            record = export_model(trainer, tmp, formats)
+            record = export_model(trainer, tmp, formats, operating_point=point)
     table = Table(title=Text(f"{out}: epoch {record['epoch']} ({record['checkpoint']})"))
     table.add_column("format")
     table.add_column("file")
@@ -508,6 +574,24 @@ def export_cmd(
         table.add_row(fmt, info["file"], f"{info['max_abs_diff']:.1e}")
     console.print(table)
     console.print(f"wrote {escape(str(out / 'preprocessing.json'))}: what a client does to an input before the model")
+    say_operating_point(point)
+
+
+def check_fmr(fmr: float) -> None:
+    if not 0 < fmr < 1:
+        raise DmlkitError(f"--fmr must lie between 0 and 1 (a false match rate such as 1e-3); got {fmr}")
+
+
+def say_operating_point(point: dict[str, Any] | None) -> None:
+    if point is None:
+        return
+    line = (
+        f"match threshold {point['threshold']:.4f} (distance; FMR {point['fmr']:.2g}, FNMR {point['fnmr']:.3f} on the "
+        f"{point.get('calibrated_on', 'calibration pairs')}; EER {point['eer']:.3f} at {point['eer_threshold']:.4f})"
+    )
+    if "test" in point:
+        line += f"; on the test split: FMR {point['test']['fmr']:.2g}, FNMR {point['test']['fnmr']:.3f}"
+    console.print(escape(line), soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------ index
@@ -560,6 +644,9 @@ def index_cmd(
     device: Annotated[
         str | None, typer.Option("--device", help="Embed on auto, cpu, cuda or cuda:N (default: the run's).")
     ] = None,
+    fmr: Annotated[
+        float, typer.Option(help="False match rate the match threshold is calibrated for, on the validation split.")
+    ] = DEFAULT_FMR,
 ) -> None:
     """Embed a folder of images with a run's model into a faiss index on disk, with the files'
     paths and the model and preprocessing that `dmlkit search` needs."""
@@ -570,6 +657,7 @@ def index_cmd(
     dev = resolve_device(device) if device is not None else None  # a bad name fails before any work
     if not images.is_dir():
         raise DataError(f"--images {images} is not a folder of images")
+    check_fmr(fmr)
     inputs = {"--images": images, "RUN": _run_folder(run)}
     _NewFolder.check(out, "index.json", overwrite, "an index", inputs)  # before any work
     files = image_files([images], "--images folder")
@@ -621,13 +709,14 @@ def index_cmd(
                 f"cannot train the {factory} index on {len(emb)} images: {exc}; use --factory Flat"
             ) from None
     index.add(emb)
-    root = images.resolve()
+    point = calibrate(trainer, fmr)
+    root = images.resolve()  # paths stay as found under it: a symlink to a file elsewhere keeps its name
     with _NewFolder(out, "index.json", overwrite, "an index", inputs) as tmp:
         faiss.write_index(index, str(tmp / "index.faiss"))
         _write_json(
-            tmp / "items.json", {"root": str(root), "paths": [str(f.resolve().relative_to(root)) for f in files]}
+            tmp / "items.json", {"root": str(root), "paths": [str(f.relative_to(images)) for f in files]}
         )
-        record = export_model(trainer, tmp, ["torchscript"])
+        record = export_model(trainer, tmp, ["torchscript"], operating_point=point)
         checked = ("index.faiss", "items.json", FORMATS["torchscript"], "preprocessing.json")
         _write_json(
             tmp / "index.json",
@@ -646,9 +735,11 @@ def index_cmd(
                 "epoch": record["epoch"],
                 "skipped": skipped,
                 "created": record["exported"],
+                **({"operating_point": point} if point is not None else {}),
             },
         )
     console.print(f"indexed {index.ntotal:,} images ({emb.shape[1]}-d, {factory}) in {escape(str(out))}/")
+    say_operating_point(point)
 
 
 # ----------------------------------------------------------------------------------- search
@@ -794,6 +885,22 @@ class LoadedIndex:
             raise _Damaged(str(exc)) from None
         except Exception as exc:
             raise _Damaged(f"{meta['model']} is not a TorchScript model ({_first_line(exc)})") from None
+        point = meta.get("operating_point")
+        _need(
+            point is None
+            or (
+                isinstance(point, dict)
+                and _is_number(point.get("threshold"))
+                and point["threshold"] >= 0
+                and isinstance(point.get("thresholds", []), list)
+                and all(
+                    isinstance(r, dict) and _is_number(r.get("fmr_target")) and _is_number(r.get("threshold"))
+                    for r in point.get("thresholds", [])
+                )
+            ),
+            "index.json's operating_point is not a threshold dmlkit wrote",
+        )
+        self.operating_point = point
         self.root, self.paths, self.meta = Path(root), paths, meta
         self._probe(prep, [int(v) for v in shape[1:]])
 
@@ -847,8 +954,41 @@ class LoadedIndex:
                 ) from None
         return np.concatenate(out)
 
-    def search(self, files: list[Path], k: int) -> list[dict[str, Any]]:
-        """Each query's top-k items: rank, path, Euclidean distance."""
+    def threshold(self, threshold: float | None = None, fmr: float | None = None) -> tuple[float | None, str]:
+        """The match threshold and where it comes from: ``threshold`` itself, the index's calibrated
+        threshold for ``fmr``, or its default operating point; (None, "") when it has none."""
+        if threshold is not None and fmr is not None:
+            raise DmlkitError("give --threshold or --fmr, not both")
+        if threshold is not None:
+            if not (_is_number(threshold) and threshold >= 0):
+                raise DmlkitError(f"--threshold must be a distance >= 0; got {threshold}")
+            return float(threshold), "--threshold"
+        point = self.operating_point
+        if fmr is None:
+            if point is None:
+                return None, ""
+            return float(point["threshold"]), f"FMR {point['fmr_target']:g} on the run's {_basis(point)}"
+        if point is None:
+            raise DmlkitError(
+                f"index {self.folder} has no calibrated thresholds (its run had no validation split, or dmlkit 0.1 "
+                "built it): pass --threshold DISTANCE, or rebuild the index from a run with a validation split"
+            )
+        rows = {float(r["fmr_target"]): float(r["threshold"]) for r in point.get("thresholds", [])}
+        match = next((t for f, t in rows.items() if math.isclose(f, fmr, rel_tol=1e-9)), None)
+        if match is None:
+            raise DmlkitError(
+                f"--fmr {fmr:g} is not among the FMRs index {self.folder} was calibrated for "
+                f"({', '.join(f'{f:g}' for f in sorted(rows))}); pick one of them, or pass --threshold"
+            )
+        return match, f"FMR {fmr:g} on the run's {_basis(point)}"
+
+    def search(
+        self, files: list[Path], k: int, threshold: float | None = None, fmr: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Each query's top-k items: rank, path, Euclidean distance; with a match threshold (the
+        index's own, or ``threshold`` / the calibrated one for ``fmr``) each item is marked
+        ``match`` (distance <= threshold) and the query's ``decision`` is ``match`` or ``unknown``."""
+        limit, source = self.threshold(threshold, fmr)
         k = min(k, self.index.ntotal)
         dist, idx = self.index.search(self.embed(files), k)
         results = []
@@ -863,8 +1003,18 @@ class LoadedIndex:
                     f"index {self.folder} found no neighbour of {f} (a {self.meta.get('factory')} index can miss: "
                     "rebuild it with --factory Flat)"
                 )
-            results.append({"query": str(f.resolve()), "results": hits})
+            result: dict[str, Any] = {"query": str(f.resolve()), "results": hits}
+            if limit is not None:
+                for h in hits:
+                    h["match"] = h["distance"] <= limit
+                matched = any(h["match"] for h in hits)
+                result.update(decision="match" if matched else "unknown", threshold=limit, threshold_from=source)
+            results.append(result)
         return results
+
+
+def _basis(point: dict[str, Any]) -> str:
+    return str(point.get("calibrated_on", "calibration pairs")).split(":")[0]
 
 
 class _Damaged(Exception):
@@ -993,30 +1143,55 @@ def search_cmd(
     timeout: Annotated[
         float, typer.Option(help="Seconds the index's model may take for one batch of queries.")
     ] = MODEL_TIMEOUT,
+    threshold: Annotated[
+        float | None, typer.Option(help="Match threshold (distance) instead of the index's calibrated one.")
+    ] = None,
+    fmr: Annotated[
+        float | None, typer.Option(help="Use the index's threshold calibrated for this false match rate.")
+    ] = None,
 ) -> None:
-    """Print each query image's nearest indexed images and their distances."""
+    """Print each query image's nearest indexed images and their distances; with the index's
+    calibrated threshold (or --threshold / --fmr), whether each is a match, and "unknown" for a
+    query that matches none."""
     if k < 1:
         raise DmlkitError(f"-k must be >= 1; got {k}")
+    if fmr is not None:
+        check_fmr(fmr)
+    if threshold is not None and not 0 <= threshold < float("inf"):
+        raise DmlkitError(f"--threshold must be a distance >= 0; got {threshold}")
     if not 0 < timeout < float("inf"):
         raise DmlkitError(f"--timeout must be a positive number of seconds; got {timeout}")
     if grid is not None:
         check_grid(grid, index, images)  # before any work
     files = image_files(images, "query image")
     loaded = LoadedIndex(index, timeout)
-    results = loaded.search(files, k)
+    loaded.threshold(threshold, fmr)  # refused before any image is embedded
+    results = loaded.search(files, k, threshold, fmr)
     if grid is not None:
         draw_grid(results, grid)
     if as_json:
         print(json.dumps(results, indent=2))
         return
     for res in results:
-        table = Table(title=Text(res["query"]), title_justify="left")
+        title = res["query"]
+        if "decision" in res:
+            title += f"  ->  {res['decision']} (threshold {res['threshold']:.4f}, {res['threshold_from']})"
+        table = Table(title=Text(title), title_justify="left")
         table.add_column("#", justify="right")
         table.add_column("distance", justify="right")
+        if "decision" in res:
+            table.add_column("match")
         table.add_column("path", overflow="fold")
         for h in res["results"]:
-            table.add_row(str(h["rank"]), f"{h['distance']:.4f}", Text(h["path"]))
+            mark = ["yes" if h["match"] else "no"] if "match" in h else []
+            table.add_row(str(h["rank"]), f"{h['distance']:.4f}", *mark, Text(h["path"]))
         console.print(table)
+    if results and "decision" not in results[0]:
+        console.print(
+            "[dim]no match threshold: this index carries none (its run had no validation split); "
+            "--threshold DISTANCE decides[/dim]",
+            soft_wrap=True,
+        )
     if grid is not None:
         console.print(f"wrote {escape(str(grid))}")
 

@@ -1,4 +1,6 @@
-"""Built-in evaluator: retrieval metrics (Recall@K, P@1, R-Precision, MAP@R) and optionally NMI/AMI."""
+"""Built-in evaluator: retrieval metrics (Recall@K, P@1, R-Precision, MAP@R) and, on request, NMI/AMI,
+verification (ROC AUC, EER, FNMR@FMR), k-NN and nearest-centroid accuracy, MRR, MAP@k, Precision@k, and
+bootstrap confidence intervals over queries."""
 
 from __future__ import annotations
 
@@ -8,8 +10,12 @@ from typing import Any
 import numpy as np
 
 import dmlkit
+from dmlkit.decisions import FMRS, MAX_PAIRS, bootstrap_ci, decision_metrics, fmr_key
 from dmlkit.errors import OptionError
 from dmlkit.evaluation import BACKENDS, KMEANS_INITS, clustering_metrics, retrieval_metrics
+
+#: What a verification result says about its pairs besides the metrics.
+PAIR_COUNTS = ("verification_pairs", "genuine_pairs", "impostor_pairs", "genuine_pairs_used", "impostor_pairs_used")
 
 
 class RetrievalEvaluator:
@@ -29,6 +35,16 @@ class RetrievalEvaluator:
         kmeans_restarts: k-means runs from different starts; the one with the lowest objective is kept (steadier NMI).
         kmeans_init: how k-means starts: ``random`` (faiss's, as pytorch-metric-learning) or ``k-means++``
             (scikit-learn's; with ``kmeans_restarts=10``, scikit-learn's KMeans within seed noise).
+        verification: also ROC AUC, EER and FNMR at FMR 1e-2, 1e-3, 1e-4 of the query-gallery pairs
+            (:func:`dmlkit.decisions.verification_metrics`; exact up to ``max_pairs`` pairs, sampled beyond).
+        knn: also k-NN classification accuracy for each K of this list (``knn_accuracy_at_K``: majority of the
+            K nearest, a tie to the nearest) and nearest-centroid accuracy.
+        ranking: also MRR and, for each of ``ks``, MAP@k and Precision@k.
+        max_pairs: genuine (and impostor) pairs above which verification uses a seeded sample of this many.
+        ci: also 95% bootstrap confidence intervals over queries (``ci``: metric -> [low, high]) of every
+            per-query metric (all but verification and clustering).
+        ci_resamples: bootstrap resamples of the queries.
+        ci_seed: seed of the bootstrap draws (and of the verification pair sample).
     """
 
     def __init__(
@@ -42,6 +58,13 @@ class RetrievalEvaluator:
         seed: int = 1234,
         kmeans_restarts: int = 1,
         kmeans_init: str = "random",
+        verification: bool = False,
+        knn: Sequence[int] = (),
+        ranking: bool = False,
+        max_pairs: int = MAX_PAIRS,
+        ci: bool = False,
+        ci_resamples: int = 1000,
+        ci_seed: int = 0,
     ):
         if backend not in BACKENDS:
             raise OptionError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
@@ -56,6 +79,14 @@ class RetrievalEvaluator:
             raise OptionError(f"kmeans_init must be one of {', '.join(KMEANS_INITS)}; got {kmeans_init!r}")
         self.kmeans_init = kmeans_init
         self.normalize, self.memory_mb, self.seed, self.restarts = normalize, memory_mb, seed, kmeans_restarts
+        if knn and min(knn) < 1:
+            raise OptionError(f"knn must be positive integers; got {list(knn)}")
+        if max_pairs < 1:
+            raise OptionError(f"max_pairs must be >= 1; got {max_pairs}")
+        if ci and ci_resamples < 10:
+            raise OptionError(f"ci_resamples must be >= 10; got {ci_resamples}")
+        self.verification, self.knn, self.ranking = verification, tuple(sorted(set(knn))), ranking
+        self.max_pairs, self.ci, self.ci_resamples, self.ci_seed = max_pairs, ci, ci_resamples, ci_seed
 
     @property
     def metrics(self) -> dict[str, str]:
@@ -63,7 +94,14 @@ class RetrievalEvaluator:
         names = ["precision_at_1", "r_precision", "map_at_r", *(f"recall_at_{k}" for k in self.ks)]
         if self.clustering:
             names += ["nmi", "ami"]
-        return dict.fromkeys(names, "max")
+        out = dict.fromkeys(names, "max")
+        if self.verification:
+            out.update({"roc_auc": "max", "eer": "min", **{fmr_key(f): "min" for f in FMRS}})
+        if self.knn:
+            out.update({f"knn_accuracy_at_{k}": "max" for k in self.knn}, nearest_centroid_accuracy="max")
+        if self.ranking:
+            out.update({"mrr": "max", **{f"{m}_at_{k}": "max" for k in self.ks for m in ("map", "precision")}})
+        return out
 
     def __call__(
         self, embeddings: Any, labels: Any, query_mask: np.ndarray | None = None, gallery_mask: np.ndarray | None = None
@@ -78,7 +116,31 @@ class RetrievalEvaluator:
             backend=self.backend,
             memory_mb=self.memory_mb,
             per_class=self.per_class,
+            per_query=self.ci,
         )
+        per_query = out.pop("per_query", {})
+        if self.verification or self.knn or self.ranking:
+            more = decision_metrics(
+                embeddings,
+                labels,
+                query_mask,
+                gallery_mask,
+                verification=self.verification,
+                knn=self.knn,
+                ks=self.ks if self.ranking else (),
+                centroid=bool(self.knn),
+                normalise=self.normalize,
+                max_pairs=self.max_pairs,
+                seed=self.ci_seed,
+                memory_mb=self.memory_mb,
+                per_query=self.ci,
+            )
+            wanted = {*self.metrics, *PAIR_COUNTS}  # MRR is always computed, reported only with ranking
+            per_query.update({k: v for k, v in more.pop("per_query", {}).items() if k in wanted})
+            out.update({k: v for k, v in more.items() if k in wanted})
+        if self.ci:
+            out["ci"] = bootstrap_ci(per_query, self.ci_resamples, self.ci_seed)
+            out["ci_level"], out["ci_resamples"] = 0.95, self.ci_resamples
         if self.clustering:
             out.update(
                 clustering_metrics(embeddings, labels, normalise=self.normalize, seed=self.seed, restarts=self.restarts)

@@ -12,7 +12,8 @@ CORE = Path(__file__).resolve().parent.parent / "dmlkit"
 LAYERS = {
     "leaves": ["errors", "fileio", "console", "runtime", "hookspecs", "distributed", "interrupts"],
     "contracts and data": [
-        "registry", "settings", "contract", "compat", "config", "data", "model", "losses", "evaluation", "plugins",
+        "registry", "settings", "contract", "compat", "config", "data", "model", "losses", "evaluation", "decisions",
+        "plugins",
         "__init__",
     ],
     "services": [

@@ -186,6 +186,15 @@ def test_index_unreadable_images_and_refusals(image_run, cli, tmp_path):
     assert code == 1 and "rebuild it with dmlkit index" in err
     code, _, err = cli("search", str(tmp_path), str(folder / "good.png"))
     assert code == 1 and "not a dmlkit index" in err
+    # a folder of symlinks to images elsewhere: indexed under the links' names, found by search
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "linked.png").symlink_to(data / "test" / "c4" / "1.png")
+    code, _, err = cli("index", str(run), "--images", str(links), "--out", str(tmp_path / "idx4"))
+    assert code == 0, err
+    code, out, err = cli("search", str(tmp_path / "idx4"), str(links / "linked.png"), "--json")
+    assert code == 0, err
+    assert json.loads(out)[0]["results"][0]["path"].endswith("links/linked.png")
 
 
 def test_a_run_on_tensors_exports_but_does_not_index(cli, tmp_path):

@@ -100,7 +100,7 @@ def test_python_blocks_run(page, tmp_path, monkeypatch):
         }
 
 
-@pytest.mark.parametrize("page", ["deploy.md", "tune.md"])
+@pytest.mark.parametrize("page", ["deploy.md", "tune.md", "decisions.md"])
 def test_pages_run_in_order(page, cli, tmp_path, monkeypatch):
     """Python blocks, `dmlkit` lines and `# file: NAME` TOML blocks, in the page's order, in one folder."""
     monkeypatch.chdir(tmp_path)
@@ -122,6 +122,8 @@ def test_pages_run_in_order(page, cli, tmp_path, monkeypatch):
             p.name for p in (tmp_path / "runs" / "shapes" / "export").iterdir()
         }
         assert (tmp_path / "runs" / "search.png").is_file()
+    elif page == "decisions.md":
+        assert ran.count("python") >= 2
     else:
         assert (tmp_path / "runs" / "tuned" / "results.json").is_file()
 
