@@ -67,7 +67,7 @@ def dmlkit_loop(model: torch.nn.Module, images: torch.Tensor, batch: int) -> flo
     model.to(memory_format=torch.contiguous_format)  # as the trainer leaves it on a CPU
     data = TensorDataset(images, torch.zeros(len(images), dtype=torch.long))
     start = time.perf_counter()
-    embed_dataset(model, data, device=torch.device("cpu"), batch_size=batch)
+    embed_dataset(model, data, device=torch.device("cpu"), batch_size=batch, model=model)  # as the trainer calls it
     return len(images) / (time.perf_counter() - start)
 
 

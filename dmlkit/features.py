@@ -137,6 +137,7 @@ class FeatureCache:
                     amp=tr.settings["amp"],
                     console=tr.console,
                     what=f"feature cache: {what}",
+                    model=model,
                 )
         random.setstate(states[0])
         np.random.set_state(states[1])

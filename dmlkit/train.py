@@ -145,6 +145,7 @@ class Trainer:
                     amp=t.amp,
                     console=self.console,
                     what=what,
+                    model=self.model,
                 )
         return out.numpy(), split.labels
 
@@ -167,6 +168,7 @@ class Trainer:
                     console=self.console,
                     what="embedding the proxy pool",
                     amp=t.amp,
+                    model=self.model,
                 )
         return out.to(self.device).reshape(len(idx), rounds, -1)
 
