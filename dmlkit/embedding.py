@@ -32,11 +32,12 @@ def embed_dataset(
     model: torch.nn.Module | None = None,
 ) -> Tensor:
     """``forward`` over every item of ``dataset`` in order, in batches of ``batch_size``: a float32
-    CPU tensor [N, D]. Image batches go to ``device`` in channels-last memory format (on a CPU too:
-    a third to a half more images/s for the convolutional backbones, docs/benchmarks.md), under bf16
-    autocast when ``amp`` and on a GPU; ``workers`` data-loader processes decode; progress is
-    shown on ``console``. ``model``, the module ``forward`` runs, is put in channels-last format
-    for the loop on a CPU (a GPU run keeps it so throughout) and given back as it was."""
+    CPU tensor [N, D]. Image batches go to ``device``, under bf16 autocast when ``amp`` and on a
+    GPU; ``workers`` data-loader processes decode; progress is shown on ``console``. On a GPU, and
+    on a CPU when ``model`` (the module ``forward`` runs) is given, batches and weights are in
+    channels-last memory format (a third to a half more images/s for convolutional backbones on
+    a CPU, docs/benchmarks.md; the model is given back in its format after). Without ``model`` a
+    CPU runs in the default format, as training steps do: the feature cache must equal them."""
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -49,7 +50,7 @@ def embed_dataset(
     with _channels_last(model, device), phase(console or Console(quiet=True), what, len(dataset), unit) as progress:
         for batch in loader:
             x = batch[0] if isinstance(batch, list | tuple) else batch
-            out.append(_forward(forward, x, device, amp))
+            out.append(_forward(forward, x, device, amp, channels_last=device.type == "cuda" or model is not None))
             progress.advance(len(x))
     return torch.cat(out) if out else torch.empty(0)
 
@@ -62,9 +63,11 @@ def embed_tensors(
     return torch.cat([_forward(forward, x, device, amp) for x in inputs.split(batch_size)]) if len(inputs) else inputs
 
 
-def _forward(forward: Callable[[Tensor], Tensor], x: Tensor, device: torch.device, amp: bool) -> Tensor:
+def _forward(
+    forward: Callable[[Tensor], Tensor], x: Tensor, device: torch.device, amp: bool, channels_last: bool = False
+) -> Tensor:
     x = x.to(device, non_blocking=True)
-    if x.ndim == 4:
+    if channels_last and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(device, amp):
         return forward(x).float().cpu()

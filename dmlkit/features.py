@@ -136,8 +136,7 @@ class FeatureCache:
                     workers=loader_workers(tr.settings["num_workers"], split.items),
                     amp=tr.settings["amp"],
                     console=tr.console,
-                    what=f"feature cache: {what}",
-                    model=model,
+                    what=f"feature cache: {what}",  # in the training steps' memory format: no model=
                 )
         random.setstate(states[0])
         np.random.set_state(states[1])
