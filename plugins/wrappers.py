@@ -20,7 +20,7 @@ from torch import Tensor, nn
 import dmlkit
 from dmlkit.contract import EVENTS
 from dmlkit.errors import OptionError
-from dmlkit.losses import MetricLoss
+from dmlkit.losses import MetricLoss, zero_loss
 from dmlkit.proxies import banks
 
 #: what a built tiny instance is given (the trainer supplies the run's numbers)
@@ -155,7 +155,8 @@ class CrossBatchMemory(LossWrapper):
     with the batch as anchors and the queue, the batch included, as its reference set. The pairs
     it gets are every (anchor, queue entry) pair, or those ``miner`` mines between the batch and
     the queue, each without the pair of an item with its own queued copy. Gradients reach the
-    batch through the anchors only (the queue is detached), as in PML.
+    batch through the anchors only (the queue is detached), as in PML. Scripts may pass PML's
+    ``enqueue_mask`` to the call (rows only enqueued, the others anchors).
 
     The wrapped loss must compare the batch with a reference set and honour mined pairs: a loss
     with its own proxies or class weights (proxynca, arcface, ...) or one that ignores either is
@@ -265,16 +266,48 @@ class CrossBatchMemory(LossWrapper):
             self.filled.fill_(True)
         return slots
 
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        ref_embeddings: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+        indices: tuple[Tensor, ...] | None = None,
+        enqueue_mask: Tensor | None = None,
+    ) -> Tensor:
+        """The loss of the batch against the queue. ``enqueue_mask`` (a boolean per row, for scripts;
+        PML's): the rows it marks are only enqueued (a key encoder's embeddings, MoCo-style) and the
+        others are the anchors, with no pair left out; without it every row is both."""
+        self._enqueue_mask = enqueue_mask
+        try:
+            return super().forward(embeddings, labels, ref_embeddings, ref_labels, indices)
+        finally:
+            self._enqueue_mask = None
+
     def compute(self, emb, labels, ref, ref_labels, indices):
         self.refuse(ref, indices, _OWN_MINER)
-        slots = self.enqueue(emb, labels)
+        mask = getattr(self, "_enqueue_mask", None)
+        if mask is None:
+            slots = self.enqueue(emb, labels)
+        else:
+            mask = torch.as_tensor(mask, device=emb.device).bool()
+            _check(
+                mask.shape == labels.shape,
+                f"cross_batch_memory: enqueue_mask needs one entry per row ({len(labels)}); got {tuple(mask.shape)}",
+            )
+            self.enqueue(emb[mask], labels[mask])
+            emb, labels, slots = emb[~mask], labels[~mask], None
         mem, mem_labels = self.memory()
+        if len(emb) == 0:
+            return zero_loss(emb)
         if self.miner is not None:
             mined = self.miner(emb, labels, mem, mem_labels)
         else:
             same = labels[:, None] == mem_labels[None, :]
             mined = (*same.nonzero(as_tuple=True), *(~same).nonzero(as_tuple=True))
-        return self.loss(emb, labels, mem, mem_labels, indices=without_self_pairs(mined, slots, len(mem)))
+        if slots is not None:
+            mined = without_self_pairs(mined, slots, len(mem))
+        return self.loss(emb, labels, mem, mem_labels, indices=mined)
 
     # the queue must hold a whole global batch: refused before the first step rather than at it
     def on_train_start(self, run) -> None:
@@ -344,14 +377,15 @@ def _check_memory_loss(name: str, loss: nn.Module, miner: nn.Module | None, mine
 class SelfSupervisedLoss(LossWrapper):
     """Self-supervised wrapper, equal to pytorch-metric-learning 2.9's ``SelfSupervisedLoss`` (its
     issue #411): two augmented views of each image are each other's only positives, as in SimCLR
-    (Chen et al., ICML 2020) and MoCo; the wrapped loss sees labels made from the pairing.
+    (Chen et al., ICML 2020); the wrapped loss sees labels made from the pairing.
 
     The batch holds 2n rows laid out as ``[view1; view2]``: row i and row i + n are two views of
     the same image (their labels must agree, which is all the wrapper can check). Image i gets
     label i; with ``symmetric`` (PML's default) the loss sees the 2n rows with labels
     ``[0..n-1, 0..n-1]``; without, the first views are the anchors and the second views the
     reference set. Under torchrun the trainer gathers each rank's ``[view1; view2]`` in rank order;
-    the wrapper regroups them into one ``[view1; view2]``.
+    the wrapper regroups them into one ``[view1; view2]``. PML takes the views as two arguments,
+    ``loss(z1, z2)``; dmlkit takes them stacked, as the trainer calls a loss, with the same numbers.
 
     The data side does not give two views yet: dmlkit's samplers yield each image once per batch.
     A sampler that yields a batch's indices twice (``batch + batch``) would, since the training

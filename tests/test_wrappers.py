@@ -95,6 +95,26 @@ def test_cross_batch_memory_equals_pml_over_a_sequence_of_batches(loss, miner, s
     assert theirs.has_been_filled and nonzero >= len(SIZES) - 1  # the sequence wrapped and had work to do
 
 
+@pytest.mark.parametrize("miner", ["", "multi_similarity"])
+def test_cross_batch_memory_with_an_enqueue_mask_equals_pml(miner):
+    """MoCo-style: the rows the mask marks (a key encoder's) are only enqueued, the others are anchors."""
+    ours = xbm("contrastive", miner)
+    theirs = pml_losses.CrossBatchMemory(PML_LOSSES["contrastive"](), DIM, memory_size=40, miner=PML_MINERS[miner]())
+    theirs.embedding_memory = theirs.embedding_memory.double()
+    g = torch.Generator().manual_seed(11)
+    for emb, labels in batches(10):
+        mask = torch.rand(len(emb), generator=g) < 0.5
+        x, y = emb.clone().requires_grad_(True), emb.clone().requires_grad_(True)
+        value, expected = ours(x, labels, enqueue_mask=mask), theirs(y, labels, enqueue_mask=mask)
+        (value + expected).backward()
+        assert float(value.detach()) == pytest.approx(float(expected.detach()), rel=1e-9, abs=1e-12)
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-12)
+        assert int(ours.queue_idx) == theirs.queue_idx
+        torch.testing.assert_close(ours.embedding_memory, theirs.embedding_memory, rtol=0, atol=0)
+    with pytest.raises(OptionError, match="one entry per row"):
+        ours(emb, labels, enqueue_mask=mask[:-1])
+
+
 def test_cross_batch_memory_never_pairs_an_item_with_its_own_queued_copy():
     """A brute-force reading of the paper: every (anchor, memory entry) pair except the anchor's own
     copy; with a first batch the memory is the batch, so XBM equals the loss on the batch alone."""
