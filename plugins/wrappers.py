@@ -233,6 +233,7 @@ class CrossBatchMemory(LossWrapper):
         self.register_buffer("label_memory", torch.zeros(memory_size, dtype=torch.long))
         self.register_buffer("queue_idx", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.bool))
+        self._enqueue_mask: Tensor | None = None  # set for the duration of a call that passes one
 
     def reset_queue(self) -> None:
         """Empty the queue."""
@@ -286,7 +287,7 @@ class CrossBatchMemory(LossWrapper):
 
     def compute(self, emb, labels, ref, ref_labels, indices):
         self.refuse(ref, indices, _OWN_MINER)
-        mask = getattr(self, "_enqueue_mask", None)
+        mask = self._enqueue_mask
         if mask is None:
             slots = self.enqueue(emb, labels)
         else:
