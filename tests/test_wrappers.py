@@ -50,7 +50,7 @@ def xbm(loss="contrastive", miner="", memory_size=40, **options):
         "cross_batch_memory",
         context={"num_classes": CLASSES, "embedding_size": DIM},
         loss=loss,
-        loss_options=LOSS_OPTIONS.get(loss, {}),
+        loss_options=options.pop("loss_options", LOSS_OPTIONS.get(loss, {})),
         miner=miner,
         miner_options=MINER_OPTIONS[miner],
         memory_size=memory_size,
@@ -383,6 +383,12 @@ def test_wrappers_pass_check_plugin_and_pass_events_on():
     memory.loss.on_epoch_end = lambda run, record: seen.append(record)
     memory.on_epoch_end(None, record={"epoch": 1})
     assert seen == [{"epoch": 1}]
+
+
+def test_a_wrapped_loss_keeps_its_parameters_learning_rate():
+    """margin's learnable beta trains inside XBM at its own multiplier, under the wrapper's parameter name."""
+    memory = xbm("margin", loss_options={"learn_beta": True, "beta_lr_multiplier": 7.0})
+    assert "loss.beta" in dict(memory.named_parameters()) and memory.lr_multipliers == {"loss.beta": 7.0}
 
 
 def test_the_catalogue_lists_both_wrappers(cli):
