@@ -116,8 +116,8 @@ def test_cross_batch_memory_with_an_enqueue_mask_equals_pml(miner):
 
 
 def test_cross_batch_memory_never_pairs_an_item_with_its_own_queued_copy():
-    """A brute-force reading of the paper: every (anchor, memory entry) pair except the anchor's own
-    copy; with a first batch the memory is the batch, so XBM equals the loss on the batch alone."""
+    """Every (anchor, memory entry) pair except the anchor's own copy: after a first batch the memory
+    is that batch, so XBM equals the plain loss on the batch, which leaves out each item with itself."""
     emb, labels = next(batches(3))
     plain = dmlkit.get_registry().build("loss", "contrastive")
     assert float(xbm()(emb, labels)) == pytest.approx(float(plain(emb, labels)), rel=1e-12)
