@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -246,6 +248,13 @@ class RankedListLoss(MetricLoss):
         return ((1 - self.lam) * lp + self.lam * ln).mean()
 
 
+def _check_preset(preset: str) -> None:
+    _check(
+        preset in PROXYNCA_PRESETS,
+        f"proxynca preset must be one of {', '.join(PROXYNCA_PRESETS)}; got {preset!r}",
+    )
+
+
 def _weighted_mean(v: Tensor, mask: Tensor, t: float, through_weights: bool = False) -> Tensor:
     """Per row, sum(w v) / sum(w) over masked entries with w = exp(t v), detached unless
     ``through_weights`` (0 for an empty row)."""
@@ -321,6 +330,37 @@ class ProxyLoss(MetricLoss):
         raise NotImplementedError
 
 
+#: ProxyNCA's named presets: ``(the loss options it sets, the run settings it recommends)``. The 2017
+#: paper's form (Movshovitz-Attias et al.): the positive proxy left out of the denominator, unscaled
+#: unit vectors (the paper gives no scale), proxies at the network's learning rate. ProxyNCA++ (Teh et
+#: al. 2020, and its authors' code, config/cub.json): softmax over all proxies, scale 3 (T = 1/9),
+#: fast-moving proxies, global max pooling and LayerNorm before the embedding layer, 2048-d, batches
+#: of 32 = 8 classes x 4, no weight decay.
+PROXYNCA_PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "none": ({}, {}),
+    "proxynca2017": ({"scale": 1.0, "exclude_positive": True, "proxy_lr_multiplier": 1.0}, {}),
+    "proxynca++": (
+        {"scale": 3.0, "exclude_positive": False, "proxy_lr_multiplier": 100.0},
+        {
+            "train": {
+                "pooling": "max",
+                "head_norm": "layernorm",
+                "embedding_size": 2048,
+                "batch_size": 32,
+                "weight_decay": 0.0,
+            },
+            "sampler": {"name": "m_per_class", "m": 4},
+        },
+    ),
+}
+
+
+def _proxynca_recommends(options: dict[str, Any]) -> dict[str, Any]:
+    """The loss options and run settings of the chosen ``preset`` (the user's own settings win)."""
+    loss, run = PROXYNCA_PRESETS.get(options.get("preset", "none"), ({}, {}))
+    return {**run, "loss": dict(loss)} if loss else {}
+
+
 class ProxyNCALoss(ProxyLoss):
     """ProxyNCA (Movshovitz-Attias et al., ICCV 2017) with the ProxyNCA++ options (Teh et al., ECCV 2020).
 
@@ -331,6 +371,10 @@ class ProxyNCALoss(ProxyLoss):
     ``scale`` multiplies both sides, so the temperature on squared distance is 1/scale^2.
     ``proxy_init`` names a proxy initializer (``class_means``, ``greedy_kcenter`` ...) applied
     to embedded training samples when training starts; empty keeps the random proxies.
+    ``preset`` picks a paper's settings by name (``--loss-opt preset=proxynca2017``): the loss
+    options above and, for ProxyNCA++, the run settings of its authors' code; your own settings win
+    (a preset value you override is warned about) and ``dmlkit train --dry-run`` shows each one's
+    source. docs/algorithms.md says what each preset reproduces and what it does not.
 
     Args:
         num_classes: training classes (supplied by the trainer).
@@ -341,7 +385,16 @@ class ProxyNCALoss(ProxyLoss):
         proxy_lr_multiplier: factor on the base learning rate for the proxies.
         proxy_init: a proxy initializer, a name or ``{name = ..., options}``; empty for random.
         pool_rounds: training samples embedded per class for the initializer.
+        preset: ``none``, ``proxynca2017`` (the 2017 paper's form: positive excluded, scale 1, proxies at the
+            base learning rate) or ``proxynca++`` (scale 3, softmax over all proxies, proxies x100, and the
+            run settings: max pooling, LayerNorm, 2048-d, batches of 8 classes x 4, no weight decay).
     """
+
+    @staticmethod
+    def validate_options(options: dict) -> None:
+        """The preset exists, and the proxy initializer (checked before any data loads)."""
+        _check_preset(options.get("preset", "none"))
+        ProxyLoss.validate_options(options)
 
     def __init__(
         self,
@@ -353,12 +406,24 @@ class ProxyNCALoss(ProxyLoss):
         proxy_lr_multiplier: float = 100.0,
         proxy_init: str | dict = "",
         pool_rounds: int = 8,
+        preset: str = "none",
     ):
         super().__init__(
             num_classes, embedding_size, proxies_per_class, 1.0, proxy_init, pool_rounds, proxy_lr_multiplier
         )
         _check(scale > 0, f"scale must be > 0; got {scale}")
-        self.scale, self.exclude_positive = scale, exclude_positive
+        _check_preset(preset)
+        self.scale, self.exclude_positive, self.preset = scale, exclude_positive, preset
+        given = {"scale": scale, "exclude_positive": exclude_positive, "proxy_lr_multiplier": proxy_lr_multiplier}
+        differ = {k: v for k, v in PROXYNCA_PRESETS[preset][0].items() if given[k] != v}
+        if differ:
+            warnings.warn(
+                f"proxynca preset={preset} sets {', '.join(f'{k}={v}' for k, v in differ.items())}, but this loss "
+                f"has {', '.join(f'{k}={given[k]}' for k in differ)}: your settings win (as CCP's base loss a preset "
+                "is not applied: give the options themselves)",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def proxy_loss(self, emb, labels, proxies, proxy_labels):
         # for unit vectors -|s x - s p|^2 = 2 s^2 cos(x, p) - 2 s^2; the constant cancels in the loss
@@ -545,6 +610,7 @@ def register_losses(register):
             ProxyNCALoss,
             "ProxyNCA / ProxyNCA++ (Movshovitz-Attias et al. 2017; Teh et al. 2020)",
             aliases=("proxy_nca",),
+            recommends=_proxynca_recommends,
         )
     )
     register(
