@@ -7,7 +7,8 @@ main loss (the one-shot protocol of Koch, Zemel, Salakhutdinov 2015; their figur
 
 The Omniglot set-up of bench/accuracy_bench.py (Conv-4, 56 px, 128-d, batches of 64 classes x
 4), trained on the 964 background characters with a quarter of them held out for validation;
-the epoch is chosen on validation MAP@R, and the model of that epoch embeds the test split (the
+the epoch is chosen on validation MAP@R (validation's episodes are drawn across all its characters:
+no alphabet keeps 20 of them), and the model of that epoch embeds the test split (the
 659 evaluation characters) once. The ``nway_kshot`` evaluator scores those embeddings by 1,000
 20-way 1-shot episodes (seed 0, with a 95 % interval) under both protocols: each episode within
 one alphabet (Lake's task, on which Koch et al. report, the evaluator's default on Omniglot) and

@@ -133,6 +133,19 @@ def test_the_protocol_is_recorded_and_all_ignores_groups():
     )
 
 
+def test_auto_draws_across_all_classes_with_a_warning_where_no_group_is_large_enough():
+    """As on Omniglot's validation split (a quarter of the background characters: at most 18 of an
+    alphabet), where 20-way episodes within an alphabet cannot be drawn."""
+    labels, groups = grouped_labels()
+    emb = np.random.default_rng(0).normal(size=(len(labels), 4))
+    with pytest.warns(UserWarning, match="no group of the evaluated split has n_way = 6 classes"):
+        out = NWayKShotEvaluator(n_way=6, episodes=50, retrieval=False)(emb, labels, groups=groups)
+    across = NWayKShotEvaluator(n_way=6, episodes=50, retrieval=False, episodes_within="all")(emb, labels)
+    assert out["nway_within_groups"] == 0 and out["nway_accuracy"] == across["nway_accuracy"]
+    with pytest.raises(OptionError, match="no group has n_way = 6 classes"):
+        NWayKShotEvaluator(n_way=6, episodes=50, retrieval=False, episodes_within="groups")(emb, labels, groups=groups)
+
+
 def inverted_pixels(paths, size=28):
     """Raw pixels of Omniglot images at ``size`` x ``size``, strokes bright (1) on a dark background."""
     from PIL import Image
