@@ -711,6 +711,7 @@ def evaluate_cmd(
     """Metrics of saved embeddings (--embeddings/--labels) or of a trained run's test set, by the run's
     own evaluator unless --evaluator names another."""
     from dmlkit.config import parse_assignments
+    from dmlkit.contract import evaluator_arguments
 
     overrides = parse_assignments(evaluator_opt or [], "--evaluator-opt")
     if ks is not None:
@@ -751,7 +752,8 @@ def evaluate_cmd(
         built = _evaluator(name, {**base, **overrides})
         emb, lab = trainer.embed(trainer.test_split, "embedding the test images")
         with console.status(f"evaluating {len(lab):,} test embeddings"):
-            metrics = built(emb, lab, trainer.test_split.query_mask, trainer.test_split.gallery_mask)
+            extra = evaluator_arguments(built, trainer.test_split, trainer.loss)  # groups=, similarity=
+            metrics = built(emb, lab, trainer.test_split.query_mask, trainer.test_split.gallery_mask, **extra)
         chosen = {**_checkpoint_note(trainer, checkpoint), "evaluator": name}
         if as_json:
             metrics = {**metrics, "checkpoint": chosen}

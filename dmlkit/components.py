@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmlkit.contract import check_requirements
 from dmlkit.data import DatasetSplits, Split
 from dmlkit.errors import DmlkitError
 from dmlkit.model import EmbeddingHead, EmbeddingModel, feature_size, input_spec
@@ -60,6 +61,7 @@ def build_data(
     built for the backbone's input; returns them with the warnings found."""
     evaluator = registry.build("evaluator", cfg["evaluator"]["name"], **options(cfg["evaluator"]))
     warnings = check_metrics(cfg, registry, evaluator)
+    check_requirements(cfg, registry, evaluator)  # e.g. a loss similarity it scores with, before data loads
     backbone = registry.build("backbone", cfg["backbone"]["name"], **options(cfg["backbone"]))
     data = registry.build(
         "dataset", cfg["dataset"]["name"], context={"input_spec": input_spec(backbone)}, **options(cfg["dataset"])
@@ -71,6 +73,7 @@ def build_data(
         )
     warnings += [f"dataset skipped {count} {what} (skip_bad=true)" for what, count in data.skipped.items()]
     warnings += check_splits(cfg["dataset"]["name"], data.train, data.test)
+    check_requirements(cfg, registry, evaluator, data)  # e.g. groups it draws episodes within
     return evaluator, backbone, data, warnings
 
 

@@ -7,6 +7,8 @@
   their first argument (named ``trainer`` in 0.1 plugins; the name does not matter).
 - :data:`ATTRIBUTES`: the optional class attributes a component may declare, with their meaning
   and default.
+- :data:`EVALUATOR_ARGUMENTS`: the optional keyword arguments of an evaluator's call, passed only to
+  an evaluator whose ``__call__`` names them (:func:`evaluator_arguments`).
 
 ``docs/hooks.md`` documents each event, member and attribute; ``tests/test_contract.py`` fails
 when the page and this module disagree, and ``dmlkit.testing.check_plugin`` checks components
@@ -15,11 +17,13 @@ against it.
 
 from __future__ import annotations
 
+import inspect
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dmlkit.errors import DmlkitDeprecationWarning
+from dmlkit.errors import DmlkitDeprecationWarning, DmlkitError, OptionError
 
 
 @dataclass(frozen=True)
@@ -163,8 +167,99 @@ ATTRIBUTES: dict[str, Attribute] = {
         Attribute(
             "combines_terms", "loss", False, "`True` on the loss that `--loss a+0.5*b` builds (one per registry)"
         ),
+        Attribute(
+            "similarity",
+            "loss",
+            None,
+            "a method `similarity(x, y)`: `[n, m]` learned scores of every pair of rows of two embedding tensors, "
+            "higher = more alike (the siamese loss's weighted L1 + sigmoid); evaluators get it as `similarity=`",
+        ),
+        Attribute(
+            "requires",
+            "evaluator",
+            {},
+            "`{argument: the option that asks for it}`: evaluator arguments it cannot do without as configured; a "
+            "run whose loss class has no `similarity` is refused before data loads, one whose dataset has no "
+            "`groups` once the dataset is read",
+        ),
     )
 }
+
+#: Optional keyword arguments of an evaluator's call, beyond ``(embeddings, labels, query_mask,
+#: gallery_mask)``: the trainer and ``dmlkit evaluate`` pass each one to an evaluator whose
+#: ``__call__`` names it as a parameter (not through ``**kwargs``), and to no other.
+EVALUATOR_ARGUMENTS: dict[str, str] = {
+    "groups": "a NumPy array with the group of each evaluated item (`Split.groups`: Omniglot's alphabet of each "
+    "character; a group holds whole classes), or `None` when the split has none",
+    "similarity": "`similarity(x, y)`: the run loss's `similarity` on NumPy arrays `[n, D]`, `[m, D]` -> `[n, m]` "
+    "(no gradients, on the loss's device, in the inputs' float precision), or `None` when the loss has none",
+}
+
+
+def loss_similarity(loss: Any) -> Callable[[Any, Any], Any] | None:
+    """The ``similarity`` argument for a run whose loss is ``loss``: its ``similarity`` method on
+    NumPy arrays (float64 stays float64, anything else is float32), or None when it has none."""
+    method = getattr(loss, "similarity", None)
+    if not callable(method):
+        return None
+    import numpy as np
+    import torch
+
+    device = next((p.device for p in loss.parameters()), torch.device("cpu"))
+
+    def similarity(x: Any, y: Any) -> Any:
+        dtype = torch.float64 if np.asarray(x).dtype == np.float64 else torch.float32
+        with torch.no_grad():
+            out = method(torch.as_tensor(x, dtype=dtype, device=device), torch.as_tensor(y, dtype=dtype, device=device))
+        return out.to(dtype).cpu().numpy()
+
+    return similarity
+
+
+def evaluator_arguments(evaluator: Any, split: Any = None, loss: Any = None) -> dict[str, Any]:
+    """The :data:`EVALUATOR_ARGUMENTS` that ``evaluator``'s ``__call__`` names, for ``split`` evaluated in a
+    run whose loss is ``loss``."""
+    try:
+        params = inspect.signature(evaluator).parameters
+    except (TypeError, ValueError):
+        return {}
+    named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    out: dict[str, Any] = {}
+    if "groups" in named:
+        out["groups"] = getattr(split, "groups", None)
+    if "similarity" in named:
+        out["similarity"] = loss_similarity(loss)
+    return out
+
+
+def check_requirements(cfg: dict[str, Any], registry: Any, evaluator: Any, data: Any = None) -> None:
+    """Refuses a run that cannot give its evaluator an argument it ``requires``: the loss's
+    ``similarity`` (read on the loss's class, before data loads; a loss built by a function is checked
+    when the evaluator is called) and, given ``data`` (the dataset's splits), groups in both splits."""
+    required = dict(getattr(evaluator, "requires", None) or {})
+    name = cfg["evaluator"]["name"]
+    unknown = sorted(set(required) - set(EVALUATOR_ARGUMENTS))
+    if unknown:
+        raise DmlkitError(
+            f"evaluator '{name}' requires {', '.join(unknown)}, which no run provides; evaluator arguments: "
+            + ", ".join(EVALUATOR_ARGUMENTS)
+        )
+    loss = cfg["loss"]["name"]
+    factory = registry.get("loss", loss).factory
+    if data is None and "similarity" in required and isinstance(factory, type):
+        if not callable(getattr(factory, "similarity", None)):
+            raise OptionError(
+                f"evaluator '{name}' ({required['similarity']}) scores with the loss's learned similarity, and loss "
+                f"'{loss}' has none (siamese has one); pick such a loss or change that evaluator option"
+            )
+    if data is not None and "groups" in required:
+        bare = [part for part in ("train", "test") if getattr(data, part).groups is None]
+        if bare:
+            raise OptionError(
+                f"evaluator '{name}' ({required['groups']}) needs groups of classes, and dataset "
+                f"'{cfg['dataset']['name']}' gives none for its {' and '.join(bare)} split (omniglot gives its "
+                "alphabets); change that evaluator option"
+            )
 
 
 class RunContext:

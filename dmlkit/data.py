@@ -29,7 +29,12 @@ def load_image(path: str | Path, mode: str) -> Any:
 
 @dataclass
 class Split(Dataset):
-    """Items with contiguous labels 0..C-1; ``item[i]`` is a path or an array."""
+    """Items with contiguous labels 0..C-1; ``item[i]`` is a path or an array.
+
+    ``groups``, when a dataset has them, names a group of each item (a group holds whole classes:
+    Omniglot's alphabet of each character); the ``nway_kshot`` evaluator draws each episode's
+    classes within one group.
+    """
 
     items: Sequence[Any]
     labels: np.ndarray
@@ -38,11 +43,16 @@ class Split(Dataset):
     class_names: list[str] = field(default_factory=list)
     query_mask: np.ndarray | None = None
     gallery_mask: np.ndarray | None = None
+    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
         if len(self.items) != len(self.labels):
             raise DataError(f"{len(self.items)} items but {len(self.labels)} labels")
+        if self.groups is not None:
+            self.groups = np.asarray(self.groups)
+            if self.groups.shape != self.labels.shape:
+                raise DataError(f"{len(self.labels)} items but {len(self.groups)} groups; give one group per item")
 
     @property
     def num_classes(self) -> int:
@@ -59,13 +69,24 @@ class Split(Dataset):
 
     def with_transform(self, transform: Callable[[Any], torch.Tensor] | None) -> Split:
         return Split(
-            self.items, self.labels, transform, self.mode, self.class_names, self.query_mask, self.gallery_mask
+            self.items,
+            self.labels,
+            transform,
+            self.mode,
+            self.class_names,
+            self.query_mask,
+            self.gallery_mask,
+            self.groups,
         )
 
     def subset(self, index: np.ndarray) -> Split:
-        """The items at ``index``, labels made contiguous again."""
-        _, labels = np.unique(self.labels[index], return_inverse=True)
-        return Split([self.items[i] for i in index], labels, self.transform, self.mode)
+        """The items at ``index``, labels made contiguous again (class names and groups follow;
+        query and gallery masks do not)."""
+        index = np.asarray(index, dtype=np.int64)
+        kept, labels = np.unique(self.labels[index], return_inverse=True)
+        names = [self.class_names[c] for c in kept] if len(self.class_names) == self.num_classes else []
+        groups = None if self.groups is None else self.groups[index]
+        return Split([self.items[i] for i in index], labels, self.transform, self.mode, names, groups=groups)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from dmlkit.components import (
 )
 from dmlkit.config import to_toml
 from dmlkit.console import fmt, make_console, phase, print_epoch
-from dmlkit.contract import EVENTS, RunContext
+from dmlkit.contract import EVENTS, RunContext, evaluator_arguments
 from dmlkit.data import Split
 from dmlkit.embedding import embed_dataset, embed_tensors, in_eval_mode
 from dmlkit.errors import DmlkitError, TrainingError
@@ -203,8 +203,9 @@ class Trainer:
     def evaluate(self, split: Split | None = None, what: str = "test") -> dict[str, Any]:
         split = split or self.test_split
         emb, labels = self.embed(split, f"embedding the {what} images")
+        extra = evaluator_arguments(self.evaluator, split, self.loss)  # groups=, similarity= where it takes them
         with self.console.status(f"evaluating: {len(labels):,} {what} embeddings ({self.cfg['evaluator']['name']})"):
-            return self.evaluator(emb, labels, split.query_mask, split.gallery_mask)
+            return self.evaluator(emb, labels, split.query_mask, split.gallery_mask, **extra)
 
     def validate(self) -> dict[str, Any]:
         """Validation metrics (``val_*``) of the current model; ``on_validation_end`` receives them.

@@ -114,6 +114,9 @@ def omniglot(
 ) -> DatasetSplits:
     """Omniglot in torchvision's layout: background characters train, evaluation characters test.
 
+    Each image's alphabet is its group (``Split.groups``): the ``nway_kshot`` evaluator draws each
+    episode's characters within one alphabet, as in Lake et al.'s one-shot task.
+
     Args:
         root: the dataset's folder, in its distribution's layout (``--data-root`` sets it).
         input_spec: supplied by the trainer: the backbone's channels, image size, mean and std.
@@ -131,15 +134,16 @@ def omniglot(
             base / part,
             f"Omniglot folder {part}/ (torchvision layout: omniglot-py/{part}/<Alphabet>/characterNN/*.png)",
         )
-        items, labels = [], []
+        items, labels, alphabets = [], [], []
         for alphabet in sorted(p for p in folder.iterdir() if p.is_dir()):
             for char in sorted(p for p in alphabet.iterdir() if p.is_dir()):
                 for img in sorted(char.glob("*.png")):
                     items.append(str(img))
                     labels.append(f"{alphabet.name}/{char.name}")
+                    alphabets.append(alphabet.name)
         if not items:
             raise DataError(f"no PNG images under {folder}/<Alphabet>/characterNN/")
-        splits.append(make_split(items, labels))
+        splits.append(make_split(items, labels, groups=np.array(alphabets)))
     return _finish(*splits, input_spec, "glyph", augment, Problems(skip_bad))
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -197,11 +199,16 @@ class MultiSimilarityLoss(MetricLoss):
 
 # ------------------------------------------------------------------------------------ ranked list
 class RankedListLoss(MetricLoss):
-    """Ranked List Loss (Wang et al., CVPR 2019): Euclidean distance on normalised embeddings.
+    """Ranked List Loss (Wang, Hua, Kodirov, Hu, Garnier, Robertson, "Ranked List Loss for Deep Metric
+    Learning", CVPR 2019): Euclidean distance on normalised embeddings.
 
     Positives beyond alpha - margin and negatives within alpha are penalised linearly, each
-    weighted by exp(T (violation)) (weights treated as constants); mean over anchors of
-    (1 - lam) L_P + lam L_N.
+    weighted by exp(T (violation)); mean over anchors of (1 - lam) L_P + lam L_N. By default the
+    weights are constants in the backward pass, as in the authors' Caffe layer;
+    ``backprop_weights=True`` back-propagates through them, as PML's ``RankedListLoss`` does (the
+    gradients differ: cosine 0.97-0.99 on real batches). PML also adds 1e-5 per item of the batch
+    to each row's weight sum; dmlkit does not (a relative difference below batch size x 1e-5), and
+    takes a reference set and mined pairs, which PML's refuses.
 
     Args:
         alpha: the distance boundary of negatives: negatives closer than it are penalised.
@@ -209,15 +216,23 @@ class RankedListLoss(MetricLoss):
         t_pos: temperature of the positives' weights exp(t_pos * violation) (0: equal weights).
         t_neg: temperature of the negatives' weights exp(t_neg * violation).
         lam: weight of the negatives' term, (1 - lam) of the positives'.
+        backprop_weights: back-propagate through the weights (PML); false: constants (the authors' layer).
     """
 
     def __init__(
-        self, alpha: float = 1.2, margin: float = 0.4, t_pos: float = 0.0, t_neg: float = 10.0, lam: float = 0.5
+        self,
+        alpha: float = 1.2,
+        margin: float = 0.4,
+        t_pos: float = 0.0,
+        t_neg: float = 10.0,
+        lam: float = 0.5,
+        backprop_weights: bool = False,
     ):
         super().__init__()
         _check(0 < margin <= alpha, f"need 0 < margin <= alpha; got margin {margin}, alpha {alpha}")
         _check(0 <= lam <= 1, f"lam must be in [0, 1]; got {lam}")
         self.alpha, self.margin, self.t_pos, self.t_neg, self.lam = alpha, margin, t_pos, t_neg, lam
+        self.backprop_weights = backprop_weights
 
     def compute(self, emb, labels, ref, ref_labels, indices):
         emb = nn.functional.normalize(emb, dim=1)
@@ -228,14 +243,22 @@ class RankedListLoss(MetricLoss):
         neg_v = self.alpha - dist
         pos = pos & (pos_v > 0)
         neg = neg & (neg_v > 0)
-        lp = _weighted_mean(pos_v, pos, self.t_pos)
-        ln = _weighted_mean(neg_v, neg, self.t_neg)
+        lp = _weighted_mean(pos_v, pos, self.t_pos, self.backprop_weights)
+        ln = _weighted_mean(neg_v, neg, self.t_neg, self.backprop_weights)
         return ((1 - self.lam) * lp + self.lam * ln).mean()
 
 
-def _weighted_mean(v: Tensor, mask: Tensor, t: float) -> Tensor:
-    """Per row, sum(w v) / sum(w) over masked entries with w = exp(t v) detached (0 for an empty row)."""
-    logits = (t * v.detach()).masked_fill(~mask, -math.inf)
+def _check_preset(preset: str) -> None:
+    _check(
+        preset in PROXYNCA_PRESETS,
+        f"proxynca preset must be one of {', '.join(PROXYNCA_PRESETS)}; got {preset!r}",
+    )
+
+
+def _weighted_mean(v: Tensor, mask: Tensor, t: float, through_weights: bool = False) -> Tensor:
+    """Per row, sum(w v) / sum(w) over masked entries with w = exp(t v), detached unless
+    ``through_weights`` (0 for an empty row)."""
+    logits = (t * (v if through_weights else v.detach())).masked_fill(~mask, -math.inf)
     w = torch.softmax(logits, dim=1).nan_to_num(0.0)  # an empty row: all -inf -> nan -> 0
     return (w * v.masked_fill(~mask, 0)).sum(1)
 
@@ -307,6 +330,37 @@ class ProxyLoss(MetricLoss):
         raise NotImplementedError
 
 
+#: ProxyNCA's named presets: ``(the loss options it sets, the run settings it recommends)``. The 2017
+#: paper's form (Movshovitz-Attias et al.): the positive proxy left out of the denominator, unscaled
+#: unit vectors (the paper gives no scale), proxies at the network's learning rate. ProxyNCA++ (Teh et
+#: al. 2020, and its authors' code, config/cub.json): softmax over all proxies, scale 3 (T = 1/9),
+#: fast-moving proxies, global max pooling and LayerNorm before the embedding layer, 2048-d, batches
+#: of 32 = 8 classes x 4, no weight decay.
+PROXYNCA_PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "none": ({}, {}),
+    "proxynca2017": ({"scale": 1.0, "exclude_positive": True, "proxy_lr_multiplier": 1.0}, {}),
+    "proxynca++": (
+        {"scale": 3.0, "exclude_positive": False, "proxy_lr_multiplier": 100.0},
+        {
+            "train": {
+                "pooling": "max",
+                "head_norm": "layernorm",
+                "embedding_size": 2048,
+                "batch_size": 32,
+                "weight_decay": 0.0,
+            },
+            "sampler": {"name": "m_per_class", "m": 4},
+        },
+    ),
+}
+
+
+def _proxynca_recommends(options: dict[str, Any]) -> dict[str, Any]:
+    """The loss options and run settings of the chosen ``preset`` (the user's own settings win)."""
+    loss, run = PROXYNCA_PRESETS.get(options.get("preset", "none"), ({}, {}))
+    return {**run, "loss": dict(loss)} if loss else {}
+
+
 class ProxyNCALoss(ProxyLoss):
     """ProxyNCA (Movshovitz-Attias et al., ICCV 2017) with the ProxyNCA++ options (Teh et al., ECCV 2020).
 
@@ -317,6 +371,10 @@ class ProxyNCALoss(ProxyLoss):
     ``scale`` multiplies both sides, so the temperature on squared distance is 1/scale^2.
     ``proxy_init`` names a proxy initializer (``class_means``, ``greedy_kcenter`` ...) applied
     to embedded training samples when training starts; empty keeps the random proxies.
+    ``preset`` picks a paper's settings by name (``--loss-opt preset=proxynca2017``): the loss
+    options above and, for ProxyNCA++, the run settings of its authors' code; your own settings win
+    (a preset value you override is warned about) and ``dmlkit train --dry-run`` shows each one's
+    source. docs/algorithms.md says what each preset reproduces and what it does not.
 
     Args:
         num_classes: training classes (supplied by the trainer).
@@ -327,7 +385,16 @@ class ProxyNCALoss(ProxyLoss):
         proxy_lr_multiplier: factor on the base learning rate for the proxies.
         proxy_init: a proxy initializer, a name or ``{name = ..., options}``; empty for random.
         pool_rounds: training samples embedded per class for the initializer.
+        preset: ``none``, ``proxynca2017`` (the 2017 paper's form: positive excluded, scale 1, proxies at the
+            base learning rate) or ``proxynca++`` (scale 3, softmax over all proxies, proxies x100, and the
+            run settings: max pooling, LayerNorm, 2048-d, batches of 8 classes x 4, no weight decay).
     """
+
+    @staticmethod
+    def validate_options(options: dict) -> None:
+        """The preset exists, and the proxy initializer (checked before any data loads)."""
+        _check_preset(options.get("preset", "none"))
+        ProxyLoss.validate_options(options)
 
     def __init__(
         self,
@@ -339,12 +406,24 @@ class ProxyNCALoss(ProxyLoss):
         proxy_lr_multiplier: float = 100.0,
         proxy_init: str | dict = "",
         pool_rounds: int = 8,
+        preset: str = "none",
     ):
         super().__init__(
             num_classes, embedding_size, proxies_per_class, 1.0, proxy_init, pool_rounds, proxy_lr_multiplier
         )
         _check(scale > 0, f"scale must be > 0; got {scale}")
-        self.scale, self.exclude_positive = scale, exclude_positive
+        _check_preset(preset)
+        self.scale, self.exclude_positive, self.preset = scale, exclude_positive, preset
+        given = {"scale": scale, "exclude_positive": exclude_positive, "proxy_lr_multiplier": proxy_lr_multiplier}
+        differ = {k: v for k, v in PROXYNCA_PRESETS[preset][0].items() if given[k] != v}
+        if differ:
+            warnings.warn(
+                f"proxynca preset={preset} sets {', '.join(f'{k}={v}' for k, v in differ.items())}, but this loss "
+                f"has {', '.join(f'{k}={given[k]}' for k in differ)}: your settings win (as CCP's base loss a preset "
+                "is not applied: give the options themselves)",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def proxy_loss(self, emb, labels, proxies, proxy_labels):
         # for unit vectors -|s x - s p|^2 = 2 s^2 cos(x, p) - 2 s^2; the constant cancels in the loss
@@ -531,6 +610,7 @@ def register_losses(register):
             ProxyNCALoss,
             "ProxyNCA / ProxyNCA++ (Movshovitz-Attias et al. 2017; Teh et al. 2020)",
             aliases=("proxy_nca",),
+            recommends=_proxynca_recommends,
         )
     )
     register(

@@ -10,6 +10,7 @@ episodes, as in Koch et al. 2015). Written against public hooks and the public
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -56,7 +57,8 @@ class SiameseLoss(MetricLoss):
     pairs, or with ``balance=True`` the mean of the positive pairs' mean and the negative
     pairs' mean. ``alpha`` starts from N(0, ``init_std``^2) and ``b`` from N(0.5, 0.01^2), the
     paper's initialisation of its fully connected layers. The paper's L2 weight decay is the
-    trainer's ``weight_decay``.
+    trainer's ``weight_decay``. ``similarity(x, y)`` is ``p`` itself, the score Koch et al.'s one-shot
+    task ranks the support by: the ``nway_kshot`` evaluator's ``scoring=similarity`` uses it.
 
     Args:
         embedding_size: embedding dimension (supplied by the trainer): the size of alpha.
@@ -79,6 +81,11 @@ class SiameseLoss(MetricLoss):
         a_pos, a_neg = self.alpha.clamp_min(0), (-self.alpha).clamp_min(0)
         out = torch.cdist(x * a_pos, y * a_pos, p=1) - torch.cdist(x * a_neg, y * a_neg, p=1)
         return out + self.bias if self.bias is not None else out
+
+    def similarity(self, x: Tensor, y: Tensor) -> Tensor:
+        """[n, m] Koch's score ``p = sigmoid(sum_k alpha_k |x_ik - y_jk| + b)`` of every pair of rows:
+        the learned probability that the two are of one class (``nway_kshot``'s ``scoring=similarity``)."""
+        return torch.sigmoid(self.logits(x, y))
 
     def compute(self, emb, labels, ref, ref_labels, indices):
         other = emb if ref is None else ref
@@ -424,13 +431,19 @@ class Episodes(NamedTuple):
     target: np.ndarray  # [E] the way (0..N-1) the query belongs to
 
 
-def sample_episodes(labels: Any, n_way: int, k_shot: int, episodes: int, seed: int = 0) -> Episodes:
+def sample_episodes(labels: Any, n_way: int, k_shot: int, episodes: int, seed: int = 0, groups: Any = None) -> Episodes:
     """``episodes`` random N-way K-shot episodes over ``labels``, reproducible from ``seed``.
 
     Only classes with at least K + 1 items take part. Each episode draws N distinct such
     classes uniformly, then for each class K + 1 distinct items uniformly (Floyd's algorithm,
     vectorised over episodes and ways) in random order: the first K are its support; the
     query is the (K+1)-th item of one way drawn uniformly, so it is never in the support.
+
+    With ``groups`` (one per item; a group holds whole classes, e.g. Omniglot's alphabets),
+    each episode first draws a group uniformly among those with at least N such classes, then
+    its N classes uniformly within that group (Lake et al.'s one-shot task, which Koch et al.
+    report on); groups with fewer are never drawn from. Without groups the random stream is
+    the one of earlier versions: the same seed gives the same episodes.
     """
     _check(n_way >= 2, f"n_way must be >= 2; got {n_way}")
     _check(k_shot >= 1, f"k_shot must be >= 1; got {k_shot}")
@@ -446,13 +459,12 @@ def sample_episodes(labels: Any, n_way: int, k_shot: int, episodes: int, seed: i
     order = np.argsort(inverse, kind="stable")  # items grouped by class
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rng = np.random.default_rng(seed)
-    q = len(eligible)
-    ways = np.empty((episodes, n_way), dtype=np.int64)
-    rows = max(1, (1 << 22) // q)  # bound the random-key matrix; the stream is the same in chunks
-    for lo in range(0, episodes, rows):
-        keys = rng.random((min(rows, episodes - lo), q))
-        # the n_way smallest keys of each row: a uniform random set of n_way distinct classes
-        ways[lo : lo + len(keys)] = np.argpartition(keys, n_way - 1, axis=1)[:, :n_way]
+    if groups is None:
+        ways = _draw_classes(rng, np.arange(len(eligible))[None, :], np.zeros(episodes, np.int64), n_way)
+    else:
+        members = _group_members(class_groups(lab, groups)[1][eligible], n_way, k_shot)
+        drawn = rng.integers(0, len(members), size=episodes)  # each usable group alike
+        ways = _draw_classes(rng, members, drawn, n_way)
     ways = eligible[ways]  # [E, N] class positions
     target = rng.integers(0, n_way, size=episodes)
     m = k_shot + 1
@@ -470,15 +482,88 @@ def sample_episodes(labels: Any, n_way: int, k_shot: int, episodes: int, seed: i
     return Episodes(classes[ways], items[..., :k_shot], query, target)
 
 
+def class_groups(labels: Any, groups: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The group of each class of ``labels`` (in ``np.unique`` order of the labels) from a group per
+    item: (group names, [C] the index of each class's group). A class spanning groups is refused."""
+    lab = np.asarray(labels).reshape(-1)
+    grp = np.asarray(groups).reshape(-1)
+    if grp.shape != lab.shape:
+        raise OptionError(f"nway_kshot: {len(lab)} labels but {len(grp)} groups; give one group per item")
+    classes, inverse = np.unique(lab, return_inverse=True)
+    names, codes = np.unique(grp, return_inverse=True)
+    of_class = np.full(len(classes), -1, dtype=np.int64)
+    of_class[inverse] = codes
+    mixed = np.flatnonzero(of_class[inverse] != codes)
+    if len(mixed):
+        c = inverse[mixed[0]]
+        raise OptionError(
+            f"nway_kshot: class {classes[c].item()!r} has items in groups {names[of_class[c]].item()!r} and "
+            f"{names[codes[mixed[0]]].item()!r}; a group must hold whole classes (fix the dataset's groups)"
+        )
+    return names, of_class
+
+
+def _group_members(of_class: np.ndarray, n_way: int, k_shot: int) -> np.ndarray:
+    """[G, S] positions (into ``of_class``) of the classes of each group with at least ``n_way`` of
+    them, padded with -1; refuses when no group has that many."""
+    sizes = np.bincount(of_class) if len(of_class) else np.zeros(0, np.int64)
+    usable = np.flatnonzero(sizes >= n_way)
+    if not len(usable):
+        raise OptionError(
+            f"nway_kshot: no group has n_way = {n_way} classes with at least k_shot + 1 = {k_shot + 1} items "
+            f"(the largest has {int(sizes.max(initial=0))}); set n_way lower or episodes_within=all"
+        )
+    members = np.full((len(usable), int(sizes[usable].max())), -1, dtype=np.int64)
+    for row, g in enumerate(usable):
+        found = np.flatnonzero(of_class == g)
+        members[row, : len(found)] = found
+    return members
+
+
+def _draw_classes(rng: np.random.Generator, members: np.ndarray, drawn: np.ndarray, n_way: int) -> np.ndarray:
+    """[E, N] distinct entries of row ``drawn[e]`` of ``members`` (-1 is padding), each set uniform."""
+    episodes, width = len(drawn), members.shape[1]
+    ways = np.empty((episodes, n_way), dtype=np.int64)
+    rows = max(1, (1 << 22) // width)  # bound the random-key matrix; the stream is the same in chunks
+    for lo in range(0, episodes, rows):
+        keys = rng.random((min(rows, episodes - lo), width))
+        row = members[drawn[lo : lo + len(keys)]]
+        keys[row < 0] = np.inf  # padding is never among the smallest keys
+        # the n_way smallest keys of each row: a uniform random set of n_way distinct classes
+        pick = np.argpartition(keys, n_way - 1, axis=1)[:, :n_way]
+        ways[lo : lo + len(keys)] = np.take_along_axis(row, pick, axis=1)
+    return ways
+
+
 DISTANCES = ("euclidean", "sqeuclidean", "cosine")
+EPISODES_WITHIN = ("auto", "groups", "all")
+SCORINGS = ("distance", "similarity")
 
 
-def nway_predict(embeddings: np.ndarray, support: np.ndarray, query: np.ndarray, distance: str = "euclidean"):
+def nway_predict(
+    embeddings: np.ndarray,
+    support: np.ndarray,
+    query: np.ndarray,
+    distance: str = "euclidean",
+    similarity: Any = None,
+) -> np.ndarray:
     """[E] the predicted way of each episode: the way whose K support items are nearest to the
-    query on average (mean ``distance`` over the K), ties to the lower way."""
-    emb = np.asarray(embeddings, dtype=np.float32)
+    query on average (mean ``distance`` over the K), ties to the lower way. With ``similarity``
+    (a function of two arrays ``[n, D]``, ``[m, D]`` -> ``[n, m]`` scores, higher = more alike, e.g.
+    a loss's learned one) the way with the highest mean score over its K support items wins."""
+    emb = np.asarray(embeddings)
+    if emb.dtype != np.float64:
+        emb = emb.astype(np.float32)
     e, n, k = support.shape
     out = np.empty(e, dtype=np.int64)
+    if similarity is not None:
+        rows = 64  # episodes per call: a [rows, rows * N * K] score matrix, its diagonal blocks used
+        for lo in range(0, e, rows):
+            s = support[lo : lo + rows].reshape(-1)
+            c = len(s) // (n * k)
+            scores = np.asarray(similarity(emb[query[lo : lo + rows]], emb[s])).reshape(c, c, n, k)
+            out[lo : lo + c] = scores[np.arange(c), np.arange(c)].mean(-1).argmax(-1)
+        return out
     rows = max(1, (1 << 22) // max(1, n * k * emb.shape[1]))
     for lo in range(0, e, rows):
         s = emb[support[lo : lo + rows]]  # [c, N, K, D]
@@ -502,11 +587,24 @@ class NWayKShotEvaluator:
     (not in the support), and predicts the class whose support is nearest (mean distance over
     the K; Euclidean on L2-normalised embeddings by default). Reports ``nway_accuracy`` and
     ``nway_ci95``, the normal-approximation 95 % half-width ``1.96 sqrt(acc (1 - acc) / E)``.
-    The episodes depend only on the labels and ``seed``, so every evaluation of a run uses the
-    same ones. Episodes are drawn from all items of the split; query and gallery masks apply
-    to the retrieval metrics only. With ``retrieval`` (default) the evaluator also reports
+    The episodes depend only on the labels, the groups and ``seed``, so every evaluation of a run
+    uses the same ones. Episodes are drawn from all items of the split; query and gallery masks
+    apply to the retrieval metrics only. With ``retrieval`` (default) the evaluator also reports
     dmlkit's retrieval metrics (P@1, R-Precision, MAP@R, Recall@``ks``), so it can serve as a
     run's evaluator with ``best_metric = "map_at_r"``.
+
+    Koch et al. report on Lake et al.'s task, whose episodes hold characters of one alphabet: with
+    ``episodes_within = "auto"`` (default) and a split with groups (``Split.groups``: the omniglot
+    dataset's alphabets) each episode draws a group uniformly among those with at least ``n_way``
+    eligible classes, then its classes within it (across all classes, with a warning, where no group
+    is that large, as in a validation split of a few characters per alphabet). That is harder than
+    drawing across all classes (raw pixels of Omniglot's evaluation set, 20-way 1-shot: about 22 %
+    within vs 31 % across).
+    The results record the protocol: ``nway_within_groups`` (1 or 0), ``nway_groups`` (the groups
+    drawn from) and the text ``nway_protocol``. With ``scoring = "similarity"`` a query is compared
+    with the support by the run's loss's learned ``similarity`` (the siamese loss's weighted L1 +
+    sigmoid, as Koch et al. score), on the embeddings as the loss sees them (``normalize`` then
+    applies to the retrieval metrics only); a run whose loss has none is refused before data loads.
 
     Args:
         n_way: classes in each episode.
@@ -519,6 +617,11 @@ class NWayKShotEvaluator:
         ks: the K of Recall@K.
         backend: k-NN search for the retrieval metrics: ``faiss``, ``torch`` or ``auto``.
         memory_mb: the memory one chunk of the retrieval search may take.
+        episodes_within: ``auto``: each episode's classes share a group when the split has groups (an
+            Omniglot alphabet), else any classes; ``groups``: within a group, refused for a dataset without
+            groups; ``all``: across all classes.
+        scoring: ``distance`` (the ``distance`` option) or ``similarity``: the run's loss's learned
+            similarity, higher = more alike (the siamese loss has one).
     """
 
     def __init__(
@@ -533,6 +636,8 @@ class NWayKShotEvaluator:
         ks: Sequence[int] = (1, 2, 4, 8),
         backend: str = "auto",
         memory_mb: float = 512,
+        episodes_within: str = "auto",
+        scoring: str = "distance",
     ):
         _check(n_way >= 2, f"n_way must be >= 2; got {n_way}")
         _check(k_shot >= 1, f"k_shot must be >= 1; got {k_shot}")
@@ -541,9 +646,15 @@ class NWayKShotEvaluator:
         _check(backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
         _check(bool(ks) and min(ks) >= 1, f"ks must be positive integers; got {list(ks)}")
         _check(memory_mb > 0, f"memory_mb must be > 0; got {memory_mb}")
+        _check(
+            episodes_within in EPISODES_WITHIN,
+            f"episodes_within must be one of {', '.join(EPISODES_WITHIN)}; got {episodes_within!r}",
+        )
+        _check(scoring in SCORINGS, f"scoring must be one of {', '.join(SCORINGS)}; got {scoring!r}")
         self.n_way, self.k_shot, self.episodes, self.seed = n_way, k_shot, episodes, seed
         self.distance, self.normalize, self.retrieval = distance, normalize, retrieval
         self.ks, self.backend, self.memory_mb = tuple(ks), backend, memory_mb
+        self.episodes_within, self.scoring = episodes_within, scoring
 
     @property
     def metrics(self) -> dict[str, str]:
@@ -554,27 +665,91 @@ class NWayKShotEvaluator:
             out.update(dict.fromkeys(names, "max"))
         return out
 
-    def episodes_for(self, labels: Any) -> Episodes:
-        return sample_episodes(labels, self.n_way, self.k_shot, self.episodes, self.seed)
+    @property
+    def requires(self) -> dict[str, str]:
+        """The evaluator arguments it cannot do without, each with the option that asks for it."""
+        out = {}
+        if self.episodes_within == "groups":
+            out["groups"] = "episodes_within = 'groups'"
+        if self.scoring == "similarity":
+            out["similarity"] = "scoring = 'similarity'"
+        return out
+
+    def episodes_for(self, labels: Any, groups: Any = None) -> Episodes:
+        """The episodes over ``labels``, within the groups of :meth:`groups_used`."""
+        return sample_episodes(
+            labels, self.n_way, self.k_shot, self.episodes, self.seed, self.groups_used(labels, groups)
+        )
+
+    def groups_used(self, labels: Any, groups: Any) -> Any:
+        """The groups the episodes are drawn within, or None (across all classes). ``auto`` draws across
+        all classes, with a warning, when no group has ``n_way`` classes of ``k_shot`` + 1 items (e.g. a
+        validation split holding a few characters of each alphabet); ``groups`` refuses a split without."""
+        if self.episodes_within == "groups" and groups is None:
+            raise OptionError(
+                "nway_kshot: episodes_within=groups, and the evaluated split has no groups (Split.groups; the "
+                "omniglot dataset gives alphabets); set episodes_within=all or auto"
+            )
+        if groups is None or self.episodes_within == "all":
+            return None
+        if self.episodes_within == "auto":
+            lab = np.asarray(labels).reshape(-1)
+            of_class = class_groups(lab, groups)[1]
+            counts = np.unique(lab, return_counts=True)[1]  # the classes in class_groups' order
+            eligible = of_class[counts >= self.k_shot + 1]
+            if not len(eligible) or np.bincount(eligible).max() < self.n_way:
+                warnings.warn(
+                    f"nway_kshot: no group of the evaluated split has n_way = {self.n_way} classes of k_shot + 1 = "
+                    f"{self.k_shot + 1} items, so its episodes are drawn across all classes (nway_within_groups = 0)",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                return None
+        return groups
 
     def __call__(
-        self, embeddings: Any, labels: Any, query_mask: np.ndarray | None = None, gallery_mask: np.ndarray | None = None
+        self,
+        embeddings: Any,
+        labels: Any,
+        query_mask: np.ndarray | None = None,
+        gallery_mask: np.ndarray | None = None,
+        groups: Any = None,
+        similarity: Any = None,
     ) -> dict[str, Any]:
-        emb = np.asarray(embeddings.cpu() if isinstance(embeddings, torch.Tensor) else embeddings, dtype=np.float32)
+        if self.scoring == "similarity" and similarity is None:
+            raise OptionError(
+                "nway_kshot: scoring=similarity needs the run's loss similarity (the siamese loss has one), and none "
+                "was given; evaluate a run whose loss has one, or set scoring=distance"
+            )
+        emb = np.asarray(embeddings.cpu() if isinstance(embeddings, torch.Tensor) else embeddings)
+        if emb.dtype != np.float64:
+            emb = emb.astype(np.float32)
         lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
-        ep = self.episodes_for(lab)
-        x = l2_normalise(emb) if self.normalize else emb
-        pred = nway_predict(x, ep.support, ep.query, self.distance)
+        groups = self.groups_used(lab, groups)
+        ep = sample_episodes(lab, self.n_way, self.k_shot, self.episodes, self.seed, groups)
+        if self.scoring == "similarity":
+            pred = nway_predict(emb, ep.support, ep.query, similarity=similarity)
+            scored = "the loss's learned similarity"
+        else:
+            pred = nway_predict(l2_normalise(emb) if self.normalize else emb, ep.support, ep.query, self.distance)
+            scored = f"{self.distance} distance" + (" of L2-normalised embeddings" if self.normalize else "")
+        within = groups is not None
+        used = len(np.unique(np.asarray(groups).reshape(-1)[ep.query])) if within else 0
         acc = float((pred == ep.target).mean())
         out: dict[str, Any] = {
             "nway_accuracy": acc,
             "nway_ci95": 1.96 * math.sqrt(acc * (1 - acc) / self.episodes),
             "nway_episodes": self.episodes,
+            "nway_within_groups": int(within),
+            "nway_groups": used,
+            "nway_protocol": f"{self.n_way}-way {self.k_shot}-shot, {self.episodes} episodes "
+            + (f"each within one group ({used} groups)" if within else "across all classes")
+            + f", scored by {scored}",
         }
         if self.retrieval:
             out.update(
                 retrieval_metrics(
-                    emb,
+                    emb.astype(np.float32, copy=False),
                     lab,
                     query_mask=query_mask,
                     gallery_mask=gallery_mask,

@@ -12,7 +12,7 @@ from conftest import ROOT
 
 import dmlkit
 from dmlkit.config import merge, parse_assignments, resolve
-from dmlkit.contract import ATTRIBUTES, EVENTS, MEMBERS, RunContext
+from dmlkit.contract import ATTRIBUTES, EVALUATOR_ARGUMENTS, EVENTS, MEMBERS, RunContext
 from dmlkit.errors import DmlkitDeprecationWarning, DmlkitError, OptionError
 from dmlkit.losses import MetricLoss
 from dmlkit.plugins import get_host
@@ -53,6 +53,10 @@ def test_hooks_page_lists_every_run_context_member():
 
 def test_hooks_page_lists_every_optional_attribute():
     assert table_rows("### Optional class attributes") == list(ATTRIBUTES)
+
+
+def test_hooks_page_lists_every_evaluator_argument():
+    assert table_rows("### Evaluator arguments") == list(EVALUATOR_ARGUMENTS)
 
 
 def test_the_trainer_implements_every_member(tmp_path):
