@@ -43,7 +43,7 @@ err_console = Console(stderr=True)
 FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx", "pt2": "model.pt2"}
 TOLERANCE = 1e-5  # the largest |difference| from the run's own embeddings an exported file may have
 INDEX_FORMAT = "dmlkit-index"
-INDEX_VERSION = 2  # 2: index.json records each file's size and SHA-256
+INDEX_VERSION = 3  # 2: index.json records each file's size and SHA-256; 3: items' classes, the model's fingerprint
 
 
 # ------------------------------------------------------------------------------- preprocessing
@@ -711,35 +711,58 @@ def index_cmd(
     index.add(emb)
     point = calibrate(trainer, fmr)
     root = images.resolve()  # paths stay as found under it: a symlink to a file elsewhere keeps its name
+    items = {
+        "root": str(root),
+        "paths": [str(f.relative_to(images)) for f in files],
+        "classes": [class_of(f) for f in files],
+    }
     with _NewFolder(out, "index.json", overwrite, "an index", inputs) as tmp:
-        faiss.write_index(index, str(tmp / "index.faiss"))
-        _write_json(
-            tmp / "items.json", {"root": str(root), "paths": [str(f.relative_to(images)) for f in files]}
-        )
         record = export_model(trainer, tmp, ["torchscript"], operating_point=point)
-        checked = ("index.faiss", "items.json", FORMATS["torchscript"], "preprocessing.json")
-        _write_json(
-            tmp / "index.json",
-            {
-                "format": INDEX_FORMAT,
-                "version": INDEX_VERSION,
-                "count": int(index.ntotal),
-                "dim": int(emb.shape[1]),
-                "factory": factory,
-                "metric": "euclidean",
-                "model": FORMATS["torchscript"],
-                "preprocessing": "preprocessing.json",
-                "files": {name: _digest(tmp / name) for name in checked},
-                "run": record["run"],
-                "checkpoint": record["checkpoint"],
-                "epoch": record["epoch"],
-                "skipped": skipped,
-                "created": record["exported"],
-                **({"operating_point": point} if point is not None else {}),
-            },
-        )
+        meta = {
+            "format": INDEX_FORMAT,
+            "version": INDEX_VERSION,
+            "dim": int(emb.shape[1]),
+            "factory": factory,
+            "metric": "euclidean",
+            "model": FORMATS["torchscript"],
+            "preprocessing": "preprocessing.json",
+            "run": record["run"],
+            "checkpoint": record["checkpoint"],
+            "epoch": record["epoch"],
+            "skipped": skipped,
+            "created": record["exported"],
+            **({"operating_point": point} if point is not None else {}),
+        }
+        _write_index(tmp, index, items, meta)
     console.print(f"indexed {index.ntotal:,} images ({emb.shape[1]}-d, {factory}) in {escape(str(out))}/")
     say_operating_point(point)
+
+
+def class_of(path: Path) -> str:
+    """An image's class as an index records it: the name of the folder it lies in."""
+    return Path(os.path.abspath(path)).parent.name
+
+
+def fingerprint(files: dict[str, Any], model: str, prep: str) -> str:
+    """The fingerprint of the model and preprocessing that embedded an index's vectors: the SHA-256
+    of their two SHA-256 digests (as index.json's ``files`` records them)."""
+    import hashlib
+
+    return hashlib.sha256(f"{files[model]['sha256']}\n{files[prep]['sha256']}".encode()).hexdigest()
+
+
+def _write_index(tmp: Path, index: Any, items: dict[str, Any], meta: dict[str, Any]) -> None:
+    """index.faiss, items.json and index.json (with the files' digests and the fingerprint) into
+    ``tmp``, which already holds the model and preprocessing.json."""
+    import faiss
+
+    faiss.write_index(index, str(tmp / "index.faiss"))
+    _write_json(tmp / "items.json", items)
+    checked = ("index.faiss", "items.json", meta["model"], meta["preprocessing"])
+    files = {name: _digest(tmp / name) for name in checked}
+    meta = {**meta, "count": int(index.ntotal), "files": files}
+    meta["fingerprint"] = fingerprint(files, meta["model"], meta["preprocessing"])
+    _write_json(tmp / "index.json", meta)
 
 
 # ----------------------------------------------------------------------------------- search
@@ -831,6 +854,7 @@ class LoadedIndex:
             _need(isinstance(files, dict) and names <= set(files), "index.json does not list the index's files")
             for name in sorted(names):
                 _check_digest(folder / name, files[name])
+        self.files = meta.get("files")
         items = _json_file(folder / "items.json")
         _need(isinstance(items, dict), "items.json is not a JSON object")
         root, paths = items.get("root"), items.get("paths")
@@ -843,6 +867,20 @@ class LoadedIndex:
             all(x and not Path(x).is_absolute() and ".." not in Path(x).parts for x in paths),
             "items.json holds a path outside its root",
         )
+        classes = items.get("classes")
+        if version >= 3:
+            files = self.files
+            _need(
+                isinstance(classes, list) and all(isinstance(c, str) for c in classes),
+                "items.json's classes are not strings",
+            )
+            _need(len(classes) == len(paths), f"items.json lists {len(classes)} classes for {len(paths)} paths")
+            _need(
+                meta.get("fingerprint") == fingerprint(files, meta["model"], meta["preprocessing"]),
+                f"{meta['model']} and {meta['preprocessing']} are not the model and preprocessing that embedded "
+                "its vectors (fingerprint)",
+            )
+        self.classes: list[str] | None = classes if version >= 3 else None
         prep = _json_file(folder / meta["preprocessing"], SMALL_JSON)
         _need(isinstance(prep, dict), f"{meta['preprocessing']} is not a JSON object")
         if prep.get("input") != "image":  # a run on tensors: a clear refusal, not damage
@@ -995,6 +1033,7 @@ class LoadedIndex:
         for f, d_row, i_row in zip(files, dist, idx):
             hits = [
                 {"rank": r + 1, "path": str(self.root / self.paths[i]), "distance": float(np.sqrt(max(d, 0.0)))}
+                | ({"class": self.classes[i]} if self.classes is not None else {})
                 for r, (d, i) in enumerate(zip(d_row, i_row))
                 if 0 <= i < len(self.paths)
             ]
@@ -1011,6 +1050,15 @@ class LoadedIndex:
                 result.update(decision="match" if matched else "unknown", threshold=limit, threshold_from=source)
             results.append(result)
         return results
+
+    def need_classes(self, command: str) -> list[str]:
+        """The indexed items' classes; an index built before dmlkit recorded them is refused."""
+        if self.classes is None:
+            raise DmlkitError(
+                f"index {self.folder} records no classes (an older dmlkit built it); {command} needs them: rebuild it "
+                f"with dmlkit index RUN --images DIR --out {self.folder} --overwrite"
+            )
+        return self.classes
 
 
 def _basis(point: dict[str, Any]) -> str:
@@ -1153,14 +1201,7 @@ def search_cmd(
     """Print each query image's nearest indexed images and their distances; with the index's
     calibrated threshold (or --threshold / --fmr), whether each is a match, and "unknown" for a
     query that matches none."""
-    if k < 1:
-        raise DmlkitError(f"-k must be >= 1; got {k}")
-    if fmr is not None:
-        check_fmr(fmr)
-    if threshold is not None and not 0 <= threshold < float("inf"):
-        raise DmlkitError(f"--threshold must be a distance >= 0; got {threshold}")
-    if not 0 < timeout < float("inf"):
-        raise DmlkitError(f"--timeout must be a positive number of seconds; got {timeout}")
+    _check_search_options(k, threshold, fmr, timeout)
     if grid is not None:
         check_grid(grid, index, images)  # before any work
     files = image_files(images, "query image")
@@ -1196,8 +1237,103 @@ def search_cmd(
         console.print(f"wrote {escape(str(grid))}")
 
 
+# --------------------------------------------------------------------------------- classify
+def classify(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each search result's k-NN class: the class most of its neighbours have, a tie going to the
+    tied class whose nearest neighbour comes first (:func:`dmlkit.decisions.vote`), with its votes,
+    its share of the neighbours, and the distance of its nearest neighbour. With a match decision,
+    a query that matches no neighbour is ``unknown`` and has no ``class`` (``knn_class`` still says
+    which the vote gave)."""
+    from dmlkit.decisions import vote
+
+    out = []
+    for res in results:
+        classes = [h["class"] for h in res["results"]]
+        names, codes = np.unique(classes, return_inverse=True)
+        winner = str(names[vote(codes.reshape(1, -1))[0]])
+        votes = classes.count(winner)
+        row: dict[str, Any] = {
+            "query": res["query"],
+            "class": winner,
+            "knn_class": winner,
+            "votes": votes,
+            "neighbours": len(classes),
+            "vote_share": votes / len(classes),
+            "distance": next(h["distance"] for h in res["results"] if h["class"] == winner),
+        }
+        if "decision" in res:
+            row.update({k: res[k] for k in ("decision", "threshold", "threshold_from")})
+            if res["decision"] == "unknown":
+                row["class"] = None
+        out.append(row)
+    return out
+
+
+def classify_cmd(
+    index: Annotated[Path, typer.Argument(help="Index folder written by dmlkit index.")],
+    images: Annotated[list[Path], typer.Argument(help="Images to classify (files or folders).")],
+    k: Annotated[int, typer.Option("-k", "--top-k", help="Neighbours that vote.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds the index's model may take for one batch of images.")
+    ] = MODEL_TIMEOUT,
+    threshold: Annotated[
+        float | None, typer.Option(help="Match threshold (distance) instead of the index's calibrated one.")
+    ] = None,
+    fmr: Annotated[
+        float | None, typer.Option(help="Use the index's threshold calibrated for this false match rate.")
+    ] = None,
+) -> None:
+    """Print each image's class by its k nearest indexed images (the majority class, a tie going to
+    the nearest; an indexed image's class is the name of its folder), its votes and distance, and
+    "unknown" when no neighbour is within the match threshold (as dmlkit search decides)."""
+    _check_search_options(k, threshold, fmr, timeout)
+    files = image_files(images, "image")
+    loaded = LoadedIndex(index, timeout)
+    loaded.need_classes("dmlkit classify")
+    loaded.threshold(threshold, fmr)  # refused before any image is embedded
+    rows = classify(loaded.search(files, k, threshold, fmr))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=Text(f"{index}: {k}-NN classes"), title_justify="left")
+    for col, justify in (("image", "left"), ("class", "left"), ("votes", "right"), ("distance", "right")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for r in rows:
+        name = r["class"] if r["class"] is not None else f"unknown (nearest: {r['knn_class']})"
+        table.add_row(Text(r["query"]), Text(name), f"{r['votes']}/{r['neighbours']}", f"{r['distance']:.4f}")
+    console.print(table)
+    if rows and "decision" in rows[0]:
+        console.print(
+            escape(
+                f"threshold {rows[0]['threshold']:.4f} ({rows[0]['threshold_from']}): an image with no neighbour "
+                "within it is unknown"
+            ),
+            soft_wrap=True,
+        )
+    else:
+        console.print(
+            "[dim]no match threshold: this index carries none (its run had no validation split); every image gets "
+            "its k-NN class; --threshold DISTANCE decides unknown[/dim]",
+            soft_wrap=True,
+        )
+
+
+def _check_search_options(k: int, threshold: float | None, fmr: float | None, timeout: float) -> None:
+    """search's and classify's options, refused before any work."""
+    if k < 1:
+        raise DmlkitError(f"-k must be >= 1; got {k}")
+    if fmr is not None:
+        check_fmr(fmr)
+    if threshold is not None and not 0 <= threshold < float("inf"):
+        raise DmlkitError(f"--threshold must be a distance >= 0; got {threshold}")
+    if not 0 < timeout < float("inf"):
+        raise DmlkitError(f"--timeout must be a positive number of seconds; got {timeout}")
+
+
 @dmlkit.hookimpl
 def register_commands(app):
     app.command("export")(export_cmd)
     app.command("index")(index_cmd)
     app.command("search")(search_cmd)
+    app.command("classify")(classify_cmd)

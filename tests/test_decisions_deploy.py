@@ -1,11 +1,16 @@
 """Open-set search on real images: an index carries the threshold calibrated on its run's validation
-classes, and answers "unknown" for images of a class it never saw (Omniglot, /work/shared/data)."""
+classes, and answers "unknown" for images of a class it never saw; classify gives the k-NN class of
+a brute-force search over the index's stored vectors (Omniglot, /work/shared/data)."""
 
 import json
 import shutil
+from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import SHARED_DATA
+from reliability_helpers import one_error_line
 
 OMNIGLOT = SHARED_DATA / "omniglot" / "omniglot-py"
 
@@ -101,3 +106,92 @@ def test_export_carries_the_operating_point(omniglot_index, cli):
     assert "match threshold" in out
     code, _, err = cli("export", str(tmp / "run"), "--out", str(tmp / "exp2"), "--fmr", "2")
     assert code != 0 and "--fmr must lie between 0 and 1" in err
+
+
+# ------------------------------------------------------------------------------------ classify
+def stored_vectors(index):
+    """The vectors index.faiss holds, read with faiss itself, in float64."""
+    import faiss
+
+    faiss_index = faiss.read_index(str(index / "index.faiss"))
+    return faiss_index.reconstruct_n(0, faiss_index.ntotal).astype(np.float64)
+
+
+def embed(index, files):
+    """The images through the index's own model and preprocessing."""
+    from dmlkit_plugins.deploy import LoadedIndex
+
+    return LoadedIndex(index).embed(list(files)).astype(np.float64)
+
+
+def brute_force_knn(query, vectors, classes, k):
+    """The majority class of the k nearest (a tie to the class whose nearest item comes first), its
+    votes, its nearest item's distance, and the nearest distance of all: a loop over every item."""
+    dist = np.array([np.sqrt(((query - v) ** 2).sum()) for v in vectors])
+    order = np.argsort(dist, kind="stable")[:k]
+    votes = Counter(classes[i] for i in order)
+    best = max(votes.values())
+    winner = next(classes[i] for i in order if votes[classes[i]] == best)
+    return winner, best, dist[next(i for i in order if classes[i] == winner)], dist[order[0]]
+
+
+def classify(cli, index, files, *extra):
+    code, out, err = cli("classify", str(index), *map(str, files), "--json", *extra)
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_classify_equals_a_brute_force_knn_over_the_stored_vectors(omniglot_index, cli, k):
+    tmp, seen, unseen = omniglot_index
+    idx = tmp / "idx"
+    items = json.loads((idx / "items.json").read_text())
+    classes = [Path(p).parent.name for p in items["paths"]]  # the gallery's folders: one per character
+    assert items["classes"] == classes and set(classes) == {ch.name for ch in seen}
+    threshold = json.loads((idx / "index.json").read_text())["operating_point"]["threshold"]
+    others = [f for ch in seen for f in sorted(ch.glob("*.png"))[10:]]
+    new = [f for ch in unseen for f in sorted(ch.glob("*.png"))]
+    files = others + new
+    rows = classify(cli, idx, files, "-k", str(k))
+    vectors, queries = stored_vectors(idx), embed(idx, files)
+    for f, row, q in zip(files, rows, queries):
+        winner, votes, distance, nearest = brute_force_knn(q, vectors, classes, k)
+        assert row["query"] == str(f.resolve())
+        assert (row["knn_class"], row["votes"], row["neighbours"]) == (winner, votes, k)
+        assert row["vote_share"] == votes / k
+        assert row["distance"] == pytest.approx(distance, abs=1e-4)
+        assert row["decision"] == ("match" if nearest <= threshold else "unknown")
+        assert row["class"] == (winner if row["decision"] == "match" else None)
+    # the same decision as search's, query by query
+    decisions = [r["decision"] for r in search(cli, idx, files)]
+    assert [r["decision"] for r in rows] == decisions
+    # characters the index never saw: mostly unknown (search's test measures the share), never a class of their own
+    unknown_new = [r["class"] for r in rows[len(others) :]].count(None) / len(new)
+    assert unknown_new >= 0.75
+    # new drawings of indexed characters: their class, far above chance (1/12) among those that match
+    matched = [(r["class"], f.parent.name) for f, r in zip(others, rows) if r["class"] is not None]
+    assert matched and sum(a == b for a, b in matched) / len(matched) >= 0.5
+
+
+def test_classify_refuses_an_index_without_classes(omniglot_index, cli, tmp_path):
+    from dmlkit_plugins.deploy import _digest
+
+    tmp, _, unseen = omniglot_index
+    old = tmp_path / "old"
+    shutil.copytree(tmp / "idx", old)  # as dmlkit 0.2 before classes: version 2, no classes, no fingerprint
+    items = json.loads((old / "items.json").read_text())
+    del items["classes"]
+    (old / "items.json").write_text(json.dumps(items))
+    meta = json.loads((old / "index.json").read_text())
+    meta.update(version=2, files={**meta["files"], "items.json": _digest(old / "items.json")})
+    del meta["fingerprint"]
+    (old / "index.json").write_text(json.dumps(meta))
+    query = sorted(unseen[0].glob("*.png"))[0]
+    code, out, err = cli("classify", str(old), str(query))
+    one_error_line(code, out, err, "records no classes (an older dmlkit built it); dmlkit classify needs them")
+    assert "rebuild it with dmlkit index" in err
+    assert "class" not in search(cli, old, [query])[0]["results"][0]  # search still answers
+    code, out, err = cli("classify", str(tmp / "idx"), str(query), "-k", "3")
+    assert code == 0 and "3-NN classes" in out and "/3" in out and "threshold" in out
+    code, out, err = cli("classify", str(tmp / "idx"), str(query), "-k", "0")
+    one_error_line(code, out, err, "-k must be >= 1")
