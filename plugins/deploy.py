@@ -474,10 +474,14 @@ class _NewFolder:
             old = None
             try:
                 self.check(self.out, self.marker, True, self.what, {})  # again: a file may have appeared since
-                if self.out.exists():
+                if self.out.exists() and _exchange(self.tmp, self.out):
+                    old = self.tmp  # one step: even a kill leaves the old folder or the new one at out
+                elif self.out.exists():
                     old = _new_name(self.out, "old")
                     os.rename(self.out, old)
-                os.replace(self.tmp, self.out)
+                    os.replace(self.tmp, self.out)
+                else:
+                    os.replace(self.tmp, self.out)
             except (OSError, DmlkitError) as exc:
                 if old is not None and not self.out.exists():
                     os.replace(old, self.out)
@@ -499,6 +503,19 @@ class _NewFolder:
                     f"kept in {escape(str(old))}[/yellow]",
                     soft_wrap=True,
                 )
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic step (Linux's renameat2 with RENAME_EXCHANGE); False where
+    the system or its file system cannot, and nothing was changed."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _new_name(out: Path, what: str) -> Path:
@@ -625,13 +642,18 @@ def _digest(path: Path) -> dict[str, Any]:
 
 
 def index_cmd(
-    run: Annotated[Path, typer.Argument(help="Run directory or checkpoint.")],
-    images: Annotated[Path, typer.Option("--images", help="Folder of images to index (searched recursively).")],
-    out: Annotated[Path, typer.Option(help="Folder for the index.")] = Path("index"),
-    checkpoint: Annotated[str, typer.Option(help="With a run directory: best or last.")] = "best",
+    run: Annotated[Path, typer.Argument(help="Run directory or checkpoint; with --add or --remove, the index folder.")],
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="With --add: images (files or folders); with --remove: indexed paths.")
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option("--images", help="Folder of images to index (searched recursively).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the index (default: index).")] = None,
+    checkpoint: Annotated[str | None, typer.Option(help="With a run directory: best (default) or last.")] = None,
     factory: Annotated[
-        str, typer.Option(help="faiss index_factory string: Flat (exact), HNSW32, IVF256,Flat ...")
-    ] = "Flat",
+        str | None, typer.Option(help="faiss index_factory string: Flat (exact, default), HNSW32, IVF256,Flat ...")
+    ] = None,
     skip_bad: Annotated[
         bool, typer.Option("--skip-bad", help="Leave unreadable images out instead of failing.")
     ] = False,
@@ -645,11 +667,40 @@ def index_cmd(
         str | None, typer.Option("--device", help="Embed on auto, cpu, cuda or cuda:N (default: the run's).")
     ] = None,
     fmr: Annotated[
-        float, typer.Option(help="False match rate the match threshold is calibrated for, on the validation split.")
-    ] = DEFAULT_FMR,
+        float | None,
+        typer.Option(
+            help=f"False match rate the match threshold is calibrated for, on the validation split "
+            f"(default {DEFAULT_FMR:g})."
+        ),
+    ] = None,
+    add: Annotated[
+        bool, typer.Option("--add", help="Add the images PATHS to the index RUN names, embedded by its own model.")
+    ] = False,
+    remove: Annotated[
+        bool,
+        typer.Option("--remove", help="Remove the indexed images PATHS (or those under a folder) from a Flat index."),
+    ] = False,
 ) -> None:
     """Embed a folder of images with a run's model into a faiss index on disk, with the files'
-    paths and the model and preprocessing that `dmlkit search` needs."""
+    paths and classes (their folders) and the model and preprocessing that `dmlkit search` needs;
+    or, with --add / --remove, grow or shrink an index without embedding again what it holds."""
+    if add or remove:
+        given = {"--images": images, "--out": out, "--checkpoint": checkpoint, "--factory": factory, "--fmr": fmr}
+        given |= {"--device": device, "--overwrite": overwrite or None}
+        wrong = [flag for flag, v in given.items() if v is not None]
+        if wrong:
+            raise DmlkitError(
+                f"{wrong[0]} builds an index from a run; --add and --remove change the index INDEX with its own model "
+                "and files: leave it out"
+            )
+        update_index(run, paths or [], add, remove, skip_bad, batch_size)
+        return
+    if paths:
+        raise DmlkitError(f"dmlkit index takes one RUN; {paths[0]} is one too many (image paths follow --add)")
+    if images is None:
+        raise DmlkitError("dmlkit index RUN needs --images DIR (or: dmlkit index INDEX --add IMAGES...)")
+    out, checkpoint, factory = out or Path("index"), checkpoint or "best", factory or "Flat"
+    fmr = DEFAULT_FMR if fmr is None else fmr
     import faiss
 
     from dmlkit.runtime import resolve_device
@@ -763,6 +814,80 @@ def _write_index(tmp: Path, index: Any, items: dict[str, Any], meta: dict[str, A
     meta = {**meta, "count": int(index.ntotal), "files": files}
     meta["fingerprint"] = fingerprint(files, meta["model"], meta["preprocessing"])
     _write_json(tmp / "index.json", meta)
+
+
+def update_index(folder: Path, paths: list[Path], add: bool, remove: bool, skip_bad: bool, batch: int | None) -> None:
+    """``dmlkit index INDEX --add PATHS`` / ``--remove PATHS``: new images embedded by the index's
+    own model (its fingerprint holds) and added to its faiss index; or indexed images removed by
+    rebuilding a Flat index from its stored vectors. Nothing is embedded again. The new folder is
+    written beside the old one and swapped in (:class:`_NewFolder`): a failure or a kill leaves
+    the old index."""
+    import faiss
+
+    if add and remove:
+        raise DmlkitError("give --add or --remove, not both: run one, then the other")
+    if not paths:
+        raise DmlkitError(f"--{'add' if add else 'remove'} needs image paths after the index folder")
+    loaded = LoadedIndex(folder)
+    classes = loaded.need_classes(f"--{'add' if add else 'remove'}")
+    _NewFolder.check(folder, "index.json", True, "an index", {})  # only dmlkit's files in it: before any work
+    before = _digest(folder / "index.json")
+    full = loaded.full_paths()
+    index, root = loaded.index, str(loaded.root)
+    if add:
+        for p in paths:
+            if _inside(p, folder):
+                raise DmlkitError(f"--add {p} lies inside the index folder {folder}; add images from elsewhere")
+        files = list(dict.fromkeys(Path(os.path.abspath(f)) for f in image_files(paths, "--add image")))
+        known = set(full)
+        again = next((f for f in files if str(f) in known), None)
+        if again is not None:
+            raise DmlkitError(f"{again} is already in index {folder}; --remove it first to embed it again")
+        if skip_bad:
+            keep = Problems(skip_bad=True).readable([str(f) for f in files])
+            if not keep.all():
+                err_console.print(f"[yellow]warning: left out {int((~keep).sum())} unreadable image(s)[/yellow]")
+            files = [f for f, k in zip(files, keep) if k]
+            if not files:
+                raise DataError("no readable image to add; the index is unchanged")
+        try:
+            emb = loaded.embed(files, batch or 64)
+        except DataError as exc:
+            raise DataError(f"{exc} (pass --skip-bad to leave unreadable images out); the index is unchanged") from None
+        index.add(emb)
+        new_root = os.path.commonpath([root, *(str(f.parent) for f in files)])  # every path stays under the root
+        items = {
+            "root": new_root,
+            "paths": [os.path.relpath(f, new_root) for f in [*full, *map(str, files)]],
+            "classes": [*classes, *(class_of(f) for f in files)],
+        }
+        change = {"added": len(files)}
+    else:
+        gone = loaded.select(paths)
+        if not isinstance(faiss.downcast_index(index), faiss.IndexFlat):
+            raise DmlkitError(
+                f"--remove needs a Flat index; {folder} is {loaded.meta.get('factory')!r}, from which faiss cannot "
+                "delete vectors: rebuild it without those images (dmlkit index RUN --images DIR --overwrite)"
+            )
+        keep = [i for i in range(index.ntotal) if i not in gone]
+        if not keep:
+            raise DmlkitError(f"--remove would leave index {folder} empty; delete the folder instead")
+        vectors = index.reconstruct_n(0, index.ntotal)
+        index = faiss.IndexFlatL2(index.d)
+        index.add(np.ascontiguousarray(vectors[keep]))
+        items = {"root": root, "paths": [loaded.paths[i] for i in keep], "classes": [classes[i] for i in keep]}
+        change = {"removed": len(gone)}
+    meta = {k: v for k, v in loaded.meta.items() if k not in ("count", "files", "fingerprint")}
+    meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    with _NewFolder(folder, "index.json", True, "an index", {}) as tmp:
+        for name in (meta["model"], meta["preprocessing"], "export.json"):
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, tmp / name)
+        _write_index(tmp, index, items, meta)
+        if _digest(folder / "index.json") != before:
+            raise DmlkitError(f"index {folder} changed while this command ran; run it again")
+    what = ", ".join(f"{k} {v:,}" for k, v in change.items())
+    console.print(f"{escape(str(folder))}: {what}; it holds {index.ntotal:,} images", soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------- search
@@ -1050,6 +1175,29 @@ class LoadedIndex:
                 result.update(decision="match" if matched else "unknown", threshold=limit, threshold_from=source)
             results.append(result)
         return results
+
+    def full_paths(self) -> list[str]:
+        """Each indexed item's path as search prints it (the root joined with the recorded path)."""
+        return [os.path.normpath(os.path.join(self.root, p)) for p in self.paths]
+
+    def select(self, given: list[Path]) -> set[int]:
+        """The items that ``given`` names: each a path as search prints it or as items.json records
+        it, or a folder holding indexed items. A path that names none is refused."""
+        full = self.full_paths()
+        chosen: set[int] = set()
+        for p in given:
+            names = {os.path.normpath(os.path.abspath(p)), os.path.realpath(p)}
+            if not p.is_absolute():
+                names.add(os.path.normpath(os.path.join(self.root, p)))
+            prefixes = tuple(n.rstrip(os.sep) + os.sep for n in names)
+            hit = {i for i, f in enumerate(full) if f in names or f.startswith(prefixes)}
+            if not hit:
+                raise DmlkitError(
+                    f"{p} is no image of index {self.folder}, nor a folder of them; name images as dmlkit search "
+                    "prints them"
+                )
+            chosen |= hit
+        return chosen
 
     def need_classes(self, command: str) -> list[str]:
         """The indexed items' classes; an index built before dmlkit recorded them is refused."""

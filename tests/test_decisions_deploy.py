@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SHARED_DATA
-from reliability_helpers import one_error_line
+from reliability_helpers import one_error_line, unchanged
+from test_fuzz import snapshot
 
 OMNIGLOT = SHARED_DATA / "omniglot" / "omniglot-py"
 
@@ -195,3 +196,159 @@ def test_classify_refuses_an_index_without_classes(omniglot_index, cli, tmp_path
     assert code == 0 and "3-NN classes" in out and "/3" in out and "threshold" in out
     code, out, err = cli("classify", str(tmp / "idx"), str(query), "-k", "0")
     one_error_line(code, out, err, "-k must be >= 1")
+
+
+# ------------------------------------------------------------------------------ a growing index
+def copy_index(omniglot_index, tmp_path):
+    idx = tmp_path / "work" / "idx"
+    shutil.copytree(omniglot_index[0] / "idx", idx)
+    return idx
+
+
+def index_cli(cli, *argv):
+    code, out, err = cli("index", *map(str, argv))
+    assert code == 0, err
+    return out
+
+
+def test_add_embeds_only_the_new_images_and_search_finds_them_first(omniglot_index, cli, tmp_path):
+    tmp, seen, unseen = omniglot_index
+    idx = copy_index(omniglot_index, tmp_path)
+    before_vectors, before = stored_vectors(idx), json.loads((idx / "index.json").read_text())
+    old_paths = [
+        h["path"] for r in search(cli, idx, sorted((tmp / "gallery").rglob("*.png"))[:3]) for h in r["results"]
+    ]
+    new = tmp_path / "new" / unseen[0].name  # a copied folder, and a folder of the shared data set: two roots
+    new.mkdir(parents=True)
+    for f in sorted(unseen[0].glob("*.png"))[:4]:
+        shutil.copy(f, new / f.name)
+    added = [*sorted(new.glob("*.png")), *sorted(unseen[1].glob("*.png"))[:5]]
+    out = index_cli(cli, idx, "--add", new, *added[4:])
+    assert "added 9" in out
+    after = json.loads((idx / "index.json").read_text())
+    assert after["count"] == before["count"] + 9 and after["fingerprint"] == before["fingerprint"]
+    vectors = stored_vectors(idx)
+    np.testing.assert_array_equal(vectors[: len(before_vectors)], before_vectors)  # nothing embedded again
+    np.testing.assert_allclose(vectors[len(before_vectors) :], embed(idx, added), atol=1e-5)
+    results = search(cli, idx, added)
+    for f, r in zip(added, results):
+        assert r["results"][0]["path"] == str(f.resolve()) and r["results"][0]["distance"] < 1e-3
+        assert r["results"][0]["class"] == f.parent.name and r["decision"] == "match"
+    # the images indexed before keep their paths and are still found first
+    assert [
+        h["path"] for r in search(cli, idx, sorted((tmp / "gallery").rglob("*.png"))[:3]) for h in r["results"]
+    ] == (old_paths)
+    assert [r["class"] for r in classify(cli, idx, added, "-k", "1")] == [f.parent.name for f in added]
+    assert not [p.name for p in idx.parent.iterdir() if p.name != "idx"]  # no temporary folder left
+    code, out, err = cli("index", str(idx), "--add", str(added[0]))
+    one_error_line(code, out, err, "is already in index")
+
+
+def test_remove_rebuilds_a_flat_index_from_its_stored_vectors(omniglot_index, cli, tmp_path):
+    tmp, seen, _ = omniglot_index
+    idx = copy_index(omniglot_index, tmp_path)
+    items, vectors = json.loads((idx / "items.json").read_text()), stored_vectors(idx)
+    one = sorted((tmp / "gallery" / seen[1].name).glob("*.png"))[3]
+    out = index_cli(cli, idx, "--remove", tmp / "gallery" / seen[0].name, str(one.resolve()))
+    assert "removed 11" in out
+    gone = {i for i, p in enumerate(items["paths"]) if Path(p).parent.name == seen[0].name or p.endswith(
+        f"{seen[1].name}/{one.name}")}  # fmt: skip
+    keep = [i for i in range(len(vectors)) if i not in gone]
+    np.testing.assert_array_equal(stored_vectors(idx), vectors[keep])
+    assert json.loads((idx / "items.json").read_text())["paths"] == [items["paths"][i] for i in keep]
+    queries = [*sorted(seen[0].glob("*.png")), one]
+    results = search(cli, idx, queries, "-k", str(len(keep)))  # every remaining image: none of the removed
+    removed = {str(one.resolve()), *(str(f.resolve()) for f in (tmp / "gallery" / seen[0].name).glob("*.png"))}
+    assert all(h["path"] not in removed for r in results for h in r["results"])
+    assert all(r["knn_class"] != seen[0].name for r in classify(cli, idx, queries))
+    before = snapshot(tmp_path / "work")
+    code, out, err = cli("index", str(idx), "--remove", str(one))
+    one_error_line(code, out, err, "is no image of index")
+    unchanged(tmp_path / "work", before)
+
+
+def test_remove_refuses_an_index_faiss_cannot_delete_from_and_add_grows_it(omniglot_index, cli, tmp_path):
+    import faiss
+
+    from dmlkit_plugins.deploy import _digest
+
+    tmp, _, unseen = omniglot_index
+    idx = copy_index(omniglot_index, tmp_path)
+    hnsw = faiss.index_factory(int(stored_vectors(idx).shape[1]), "HNSW16", faiss.METRIC_L2)
+    hnsw.add(stored_vectors(idx).astype(np.float32))
+    faiss.write_index(hnsw, str(idx / "index.faiss"))
+    meta = json.loads((idx / "index.json").read_text())
+    meta["factory"], meta["files"]["index.faiss"] = "HNSW16", _digest(idx / "index.faiss")
+    (idx / "index.json").write_text(json.dumps(meta))
+    before = snapshot(tmp_path / "work")
+    code, out, err = cli("index", str(idx), "--remove", str(sorted((tmp / "gallery").rglob("*.png"))[0]))
+    one_error_line(code, out, err, "--remove needs a Flat index; work/idx is 'HNSW16'".replace("work/idx", str(idx)))
+    unchanged(tmp_path / "work", before)
+    added = sorted(unseen[2].glob("*.png"))[:3]
+    index_cli(cli, idx, "--add", *added)
+    assert [r["results"][0]["path"] for r in search(cli, idx, added)] == [str(f.resolve()) for f in added]
+
+
+def test_a_tampered_model_or_an_unreadable_image_changes_nothing(omniglot_index, cli, tmp_path, monkeypatch):
+    import torch
+
+    from dmlkit_plugins import deploy
+
+    tmp, _, unseen = omniglot_index
+    idx = copy_index(omniglot_index, tmp_path)
+    good = sorted(unseen[0].glob("*.png"))[:2]
+    bad = tmp_path / "bad" / "x"
+    bad.mkdir(parents=True)
+    shutil.copy(good[0], bad / "ok.png")
+    (bad / "broken.png").write_bytes(b"not a png")
+    before = snapshot(tmp_path / "work")
+    code, out, err = cli("index", str(idx), "--add", str(bad))
+    one_error_line(code, out, err, "broken.png")
+    assert "--skip-bad" in err and "the index is unchanged" in err
+    unchanged(tmp_path / "work", before)
+    # a write that fails half-way (a full disk): the old index stays, no temporary folder is left
+    real = deploy._write_index
+
+    def full_disk(tmp, *args):
+        real(tmp, *args)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(deploy, "_write_index", full_disk)
+    code, out, err = cli("index", str(idx), "--add", *map(str, good))
+    one_error_line(code, out, err, "No space left on device")
+    unchanged(tmp_path / "work", before)
+    monkeypatch.undo()
+    # --skip-bad leaves the broken image out
+    index_cli(cli, idx, "--add", bad, "--skip-bad")
+    assert json.loads((idx / "index.json").read_text())["count"] == 121
+    # a model file that is not the one the index recorded: refused on open, in one line
+    model = idx / "model.ts"
+    model.write_bytes(model.read_bytes() + b"\0")
+    code, out, err = cli("index", str(idx), "--add", str(good[1]))
+    one_error_line(code, out, err, "model.ts is")
+    assert "is damaged" in err
+    # ... and one whose record was changed to match it, but not the fingerprint
+    torch.jit.save(torch.jit.script(torch.nn.Flatten()), str(model))
+    meta = json.loads((idx / "index.json").read_text())
+    meta["files"]["model.ts"] = deploy._digest(model)
+    (idx / "index.json").write_text(json.dumps(meta))
+    before = snapshot(tmp_path / "work")
+    for argv in (["index", str(idx), "--add", str(good[1])], ["search", str(idx), str(good[1])]):
+        code, out, err = cli(*argv)
+        one_error_line(code, out, err, "are not the model and preprocessing that embedded its vectors (fingerprint)")
+    unchanged(tmp_path / "work", before)
+
+
+def test_index_option_refusals(omniglot_index, cli, tmp_path):
+    tmp, _, unseen = omniglot_index
+    image = str(sorted(unseen[0].glob("*.png"))[0])
+    for argv, match in (
+        (["index", str(tmp / "idx"), "--add", image, "--factory", "HNSW32"], "--factory builds an index from a run"),
+        (["index", str(tmp / "idx"), "--add", image, "--remove"], "give --add or --remove, not both"),
+        (["index", str(tmp / "idx"), "--add"], "--add needs image paths"),
+        (["index", str(tmp / "run"), "--images", str(tmp / "gallery"), image], "takes one RUN"),
+        (["index", str(tmp / "run")], "needs --images DIR"),
+        (["index", str(tmp / "idx"), "--add", str(tmp / "idx" / "model.ts")], "inside the index folder"),
+    ):
+        code, out, err = cli(*argv)
+        one_error_line(code, out, err, match)
