@@ -1479,9 +1479,120 @@ def _check_search_options(k: int, threshold: float | None, fmr: float | None, ti
         raise DmlkitError(f"--timeout must be a positive number of seconds; got {timeout}")
 
 
+# --------------------------------------------------------------------------- evaluate-index
+def stored_vectors(index: Any, factory: str) -> np.ndarray:
+    """The vectors a faiss index holds (for IVF through its direct map; for PQ codes, their
+    reconstruction): what exact search over "the same vectors" searches."""
+    import faiss
+
+    try:
+        try:
+            return index.reconstruct_n(0, index.ntotal)
+        except RuntimeError:
+            faiss.extract_index_ivf(index).make_direct_map()
+            return index.reconstruct_n(0, index.ntotal)
+    except Exception as exc:
+        raise DmlkitError(f"cannot read the vectors back from the {factory} index ({_first_line(exc)})") from None
+
+
+def evaluate_index(loaded: LoadedIndex, files: list[Path]) -> dict[str, Any]:
+    """P@1, R-Precision, MAP@R (:func:`dmlkit.evaluation.per_query_metrics`) of ``files`` as queries
+    against the index's items, from the index's own search and from exact search
+    (:func:`dmlkit.evaluation.knn`) over the vectors it stores, and each one's queries per second. A
+    query's class is its folder's name; a query that is itself an indexed image leaves itself out
+    (leave-one-out, as :func:`dmlkit.evaluation.retrieval_metrics`); a query whose class the index
+    does not hold has no relevant item and is left out (``queries_without_match``)."""
+    from dmlkit.evaluation import _drop_own, knn, per_query_metrics
+
+    classes = np.asarray(loaded.need_classes("dmlkit evaluate-index"))
+    q_classes = np.asarray([class_of(f) for f in files])
+    where = {p: i for i, p in enumerate(loaded.full_paths())}
+    own = np.asarray([where.get(os.path.abspath(f), -1) for f in files])
+    names, g_counts = np.unique(classes, return_counts=True)
+    count = dict(zip(names, g_counts))
+    r = np.asarray([count.get(c, 0) for c in q_classes]) - (own >= 0)
+    has_match = r > 0
+    if not has_match.any():
+        raise DmlkitError(
+            "no query image's class (its folder's name) has another image in the index; evaluate-index needs "
+            "queries of the indexed classes"
+        )
+    width = int(r.max())
+    k = min(width + int((own >= 0).any()), loaded.index.ntotal)
+    started = time.perf_counter()
+    emb = loaded.embed(files)
+    embedding_s = time.perf_counter() - started
+    factory = str(loaded.meta.get("factory"))
+    vectors = stored_vectors(loaded.index, factory)
+    out: dict[str, Any] = {"index": str(loaded.folder), "factory": factory, "items": int(loaded.index.ntotal)}
+    out |= {
+        "queries": len(files),
+        "queries_without_match": int((~has_match).sum()),
+        "queries_indexed": int((own >= 0).sum()),
+    }
+    found: dict[str, dict[str, float]] = {}
+    for name in ("index", "exact"):
+        started = time.perf_counter()
+        if name == "index":
+            dist, idx = loaded.index.search(emb, k)
+        else:
+            nn = knn(emb, vectors, k, backend="faiss")
+            dist, idx = nn.distances, nn.indices
+        out[f"{name}_queries_per_s"] = len(files) / max(time.perf_counter() - started, 1e-9)
+        if k > width:
+            idx, _ = _drop_own(idx, dist, np.where(own >= 0, own, -2))  # -1: a miss of an approximate index
+        rel = np.where(idx >= 0, classes[np.clip(idx, 0, None)] == q_classes[:, None], False)[has_match]
+        values = per_query_metrics(rel, r[has_match], [1])
+        found[name] = {m: float(v.mean()) for m, v in values.items() if m != "recall_at_1"}
+    out["metrics"], out["exact"] = found["index"], found["exact"]
+    out["difference"] = {m: found["index"][m] - found["exact"][m] for m in found["index"]}
+    out["embedding_s"] = embedding_s
+    return out
+
+
+def evaluate_index_cmd(
+    index: Annotated[Path, typer.Argument(help="Index folder written by dmlkit index.")],
+    images: Annotated[Path, typer.Option("--images", help="Folder of query images; a query's class is its folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds the index's model may take for one batch of images.")
+    ] = MODEL_TIMEOUT,
+) -> None:
+    """Retrieval metrics (P@1, R-Precision, MAP@R) of a folder of labelled query images through a
+    deployed index, beside exact search over the vectors it stores, and both searches' queries per
+    second: how much an approximate factory (HNSW, IVF, PQ) loses, measured."""
+    if not images.is_dir():
+        raise DataError(f"--images {images} is not a folder of images")
+    _check_search_options(1, None, None, timeout)
+    files = image_files([images], "--images folder")
+    loaded = LoadedIndex(index, timeout)
+    loaded.need_classes("dmlkit evaluate-index")
+    result = evaluate_index(loaded, files)
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(
+        title=Text(f"{index} ({result['factory']}, {result['items']:,} items): {result['queries']:,} queries")
+    )
+    for col in ("metric", "index", "exact search", "difference"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for m, v in result["metrics"].items():
+        table.add_row(m, f"{v:.4f}", f"{result['exact'][m]:.4f}", f"{result['difference'][m]:+.4f}")
+    table.add_row("queries/s", f"{result['index_queries_per_s']:,.0f}", f"{result['exact_queries_per_s']:,.0f}", "")
+    console.print(table)
+    console.print(
+        escape(
+            f"{result['queries_without_match']} queries of classes the index does not hold are left out; "
+            f"{result['queries_indexed']} indexed images left themselves out; embedding took {result['embedding_s']:.1f} s"
+        ),
+        soft_wrap=True,
+    )
+
+
 @dmlkit.hookimpl
 def register_commands(app):
     app.command("export")(export_cmd)
     app.command("index")(index_cmd)
     app.command("search")(search_cmd)
     app.command("classify")(classify_cmd)
+    app.command("evaluate-index")(evaluate_index_cmd)

@@ -352,3 +352,44 @@ def test_index_option_refusals(omniglot_index, cli, tmp_path):
     ):
         code, out, err = cli(*argv)
         one_error_line(code, out, err, match)
+
+
+# ------------------------------------------------------------------------- evaluate through an index
+def evaluate_index(cli, index, images):
+    code, out, err = cli("evaluate-index", str(index), "--images", str(images), "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_evaluate_index_on_a_flat_index_equals_exact_retrieval_metrics(omniglot_index, cli, tmp_path):
+    from dmlkit.evaluation import retrieval_metrics
+
+    tmp, seen, unseen = omniglot_index
+    idx = tmp / "idx"
+    vectors, classes = stored_vectors(idx), json.loads((idx / "items.json").read_text())["classes"]
+    queries = tmp_path / "queries"  # new drawings of 6 indexed characters, and of 2 never indexed
+    for ch in [*seen[:6], *unseen[:2]]:
+        (queries / ch.name).mkdir(parents=True)
+        for f in sorted(ch.glob("*.png"))[12:16]:
+            shutil.copy(f, queries / ch.name / f.name)
+    files = sorted(queries.rglob("*.png"))
+    got = evaluate_index(cli, idx, queries)
+    emb = np.concatenate([embed(idx, files), vectors])
+    labels = np.array([f.parent.name for f in files] + classes)
+    is_query = np.arange(len(labels)) < len(files)
+    want = retrieval_metrics(emb, labels, query_mask=is_query, gallery_mask=~is_query, normalise=False, ks=(1,))
+    assert (got["queries"], got["queries_without_match"], got["queries_indexed"]) == (32, 8, 0)
+    for m in ("precision_at_1", "r_precision", "map_at_r"):
+        assert got["metrics"][m] == pytest.approx(want[m], abs=1e-12)
+        assert got["exact"][m] == pytest.approx(want[m], abs=1e-12) and got["difference"][m] == 0
+    assert got["index_queries_per_s"] > 0 and got["exact_queries_per_s"] > 0
+    # the indexed images themselves: each leaves itself out, as retrieval_metrics without masks
+    got = evaluate_index(cli, idx, tmp / "gallery")
+    want = retrieval_metrics(vectors, np.array(classes), normalise=False, ks=(1,))
+    assert got["queries_indexed"] == got["queries"] == len(classes)
+    for m in ("precision_at_1", "r_precision", "map_at_r"):
+        assert got["metrics"][m] == pytest.approx(want[m], abs=1e-12)
+    code, out, err = cli("evaluate-index", str(idx), "--images", str(tmp_path / "queries"))
+    assert code == 0 and "exact search" in out and "queries/s" in out
+    code, out, err = cli("evaluate-index", str(idx), "--images", str(queries / unseen[0].name))
+    one_error_line(code, out, err, "no query image's class")
