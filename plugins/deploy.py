@@ -4,7 +4,9 @@
 ``preprocessing.json``, the exact steps that turn an image file into the model's input, and
 checks every file it writes against the run's own model. ``dmlkit index RUN --images DIR``
 embeds a folder into a faiss index that carries its own TorchScript model and preprocessing,
-so that ``dmlkit search INDEX IMAGE...`` needs nothing but the index folder.
+so that ``dmlkit search INDEX IMAGE...`` needs nothing but the index folder. ``dmlkit classify``
+gives an image's k-NN class among the indexed ones, ``dmlkit index INDEX --add/--remove`` grows or
+shrinks an index with its own model, and ``dmlkit evaluate-index`` measures retrieval through it.
 """
 
 from __future__ import annotations
@@ -1328,23 +1330,25 @@ def draw_grid(results: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+IndexArg = Annotated[Path, typer.Argument(help="Index folder written by dmlkit index.")]
+TimeoutOpt = Annotated[float, typer.Option(help="Seconds the index's model may take for one batch of images.")]
+ThresholdOpt = Annotated[
+    float | None, typer.Option(help="Match threshold (distance) instead of the index's calibrated one.")
+]
+FmrOpt = Annotated[float | None, typer.Option(help="Use the index's threshold calibrated for this false match rate.")]
+
+
 def search_cmd(
-    index: Annotated[Path, typer.Argument(help="Index folder written by dmlkit index.")],
+    index: IndexArg,
     images: Annotated[list[Path], typer.Argument(help="Query images (files or folders).")],
     k: Annotated[int, typer.Option("-k", "--top-k", help="Neighbours per query.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     grid: Annotated[
         Path | None, typer.Option(help="Also draw the queries and their neighbours into this new .png file.")
     ] = None,
-    timeout: Annotated[
-        float, typer.Option(help="Seconds the index's model may take for one batch of queries.")
-    ] = MODEL_TIMEOUT,
-    threshold: Annotated[
-        float | None, typer.Option(help="Match threshold (distance) instead of the index's calibrated one.")
-    ] = None,
-    fmr: Annotated[
-        float | None, typer.Option(help="Use the index's threshold calibrated for this false match rate.")
-    ] = None,
+    timeout: TimeoutOpt = MODEL_TIMEOUT,
+    threshold: ThresholdOpt = None,
+    fmr: FmrOpt = None,
 ) -> None:
     """Print each query image's nearest indexed images and their distances; with the index's
     calibrated threshold (or --threshold / --fmr), whether each is a match, and "unknown" for a
@@ -1418,19 +1422,13 @@ def classify(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def classify_cmd(
-    index: Annotated[Path, typer.Argument(help="Index folder written by dmlkit index.")],
+    index: IndexArg,
     images: Annotated[list[Path], typer.Argument(help="Images to classify (files or folders).")],
     k: Annotated[int, typer.Option("-k", "--top-k", help="Neighbours that vote.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    timeout: Annotated[
-        float, typer.Option(help="Seconds the index's model may take for one batch of images.")
-    ] = MODEL_TIMEOUT,
-    threshold: Annotated[
-        float | None, typer.Option(help="Match threshold (distance) instead of the index's calibrated one.")
-    ] = None,
-    fmr: Annotated[
-        float | None, typer.Option(help="Use the index's threshold calibrated for this false match rate.")
-    ] = None,
+    timeout: TimeoutOpt = MODEL_TIMEOUT,
+    threshold: ThresholdOpt = None,
+    fmr: FmrOpt = None,
 ) -> None:
     """Print each image's class by its k nearest indexed images (the majority class, a tie going to
     the nearest; an indexed image's class is the name of its folder), its votes and distance, and
@@ -1551,12 +1549,10 @@ def evaluate_index(loaded: LoadedIndex, files: list[Path]) -> dict[str, Any]:
 
 
 def evaluate_index_cmd(
-    index: Annotated[Path, typer.Argument(help="Index folder written by dmlkit index.")],
+    index: IndexArg,
     images: Annotated[Path, typer.Option("--images", help="Folder of query images; a query's class is its folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    timeout: Annotated[
-        float, typer.Option(help="Seconds the index's model may take for one batch of images.")
-    ] = MODEL_TIMEOUT,
+    timeout: TimeoutOpt = MODEL_TIMEOUT,
 ) -> None:
     """Retrieval metrics (P@1, R-Precision, MAP@R) of a folder of labelled query images through a
     deployed index, beside exact search over the vectors it stores, and both searches' queries per
