@@ -288,7 +288,7 @@ class _Ranker:
         rel = np.take_along_axis(same, top, 1)
         g_codes = self.p.codes[self.p.g_idx]
         for k in self.knn:
-            self._add(f"knn_accuracy_at_{k}", _vote(g_codes[top[:, :k]]) == self.p.codes[self.p.q_idx[rows[keep]]])
+            self._add(f"knn_accuracy_at_{k}", vote(g_codes[top[:, :k]]) == self.p.codes[self.p.q_idx[rows[keep]]])
         r = (same & valid).sum(1)
         hits = np.cumsum(rel, 1)
         for k in self.ks:
@@ -300,9 +300,9 @@ class _Ranker:
         return {name: np.concatenate(v).astype(np.float64) for name, v in self.values.items()}
 
 
-def _vote(neighbour_codes: np.ndarray) -> np.ndarray:
+def vote(neighbour_codes: np.ndarray) -> np.ndarray:
     """The class most of each row's neighbours (nearest first) have; a tie goes to the tied class
-    whose nearest neighbour comes first."""
+    whose nearest neighbour comes first (k-NN classification; ``dmlkit classify`` decides by it too)."""
     votes = (neighbour_codes[:, :, None] == neighbour_codes[:, None, :]).sum(2)  # votes of each position's class
     first_best = np.argmax(votes == votes.max(1, keepdims=True), axis=1)
     return neighbour_codes[np.arange(len(neighbour_codes)), first_best]

@@ -392,7 +392,7 @@ def retrieval_metrics(
     rel, r_m, q_lab_m = rel[has_match], r[has_match], q_lab[has_match]
     k_got = rel.shape[1]
     out: dict[str, float | int | dict] = {}
-    per_query_values = _per_query_metrics(rel, r_m, [kk for kk in ks if kk <= k_got])
+    per_query_values = per_query_metrics(rel, r_m, [kk for kk in ks if kk <= k_got])
     for name, values in per_query_values.items():
         out[name] = float(values.mean())
     out["queries"] = int(len(q_idx))
@@ -407,7 +407,7 @@ def retrieval_metrics(
     return out
 
 
-def _per_query_metrics(rel: np.ndarray, r: np.ndarray, ks: Sequence[int]) -> dict[str, np.ndarray]:
+def per_query_metrics(rel: np.ndarray, r: np.ndarray, ks: Sequence[int]) -> dict[str, np.ndarray]:
     """Per-query P@1, R-Precision, MAP@R and Recall@K from the relevance of ranked neighbours."""
     k = rel.shape[1]
     within_r = np.arange(k)[None, :] < r[:, None]

@@ -4,7 +4,9 @@
 ``preprocessing.json``, the exact steps that turn an image file into the model's input, and
 checks every file it writes against the run's own model. ``dmlkit index RUN --images DIR``
 embeds a folder into a faiss index that carries its own TorchScript model and preprocessing,
-so that ``dmlkit search INDEX IMAGE...`` needs nothing but the index folder.
+so that ``dmlkit search INDEX IMAGE...`` needs nothing but the index folder. ``dmlkit classify``
+gives an image's k-NN class among the indexed ones, ``dmlkit index INDEX --add/--remove`` grows or
+shrinks an index with its own model, and ``dmlkit evaluate-index`` measures retrieval through it.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ err_console = Console(stderr=True)
 FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx", "pt2": "model.pt2"}
 TOLERANCE = 1e-5  # the largest |difference| from the run's own embeddings an exported file may have
 INDEX_FORMAT = "dmlkit-index"
-INDEX_VERSION = 2  # 2: index.json records each file's size and SHA-256
+INDEX_VERSION = 3  # 2: index.json records each file's size and SHA-256; 3: items' classes, the model's fingerprint
 
 
 # ------------------------------------------------------------------------------- preprocessing
@@ -474,10 +476,14 @@ class _NewFolder:
             old = None
             try:
                 self.check(self.out, self.marker, True, self.what, {})  # again: a file may have appeared since
-                if self.out.exists():
+                if self.out.exists() and _exchange(self.tmp, self.out):
+                    old = self.tmp  # one step: even a kill leaves the old folder or the new one at out
+                elif self.out.exists():
                     old = _new_name(self.out, "old")
                     os.rename(self.out, old)
-                os.replace(self.tmp, self.out)
+                    os.replace(self.tmp, self.out)
+                else:
+                    os.replace(self.tmp, self.out)
             except (OSError, DmlkitError) as exc:
                 if old is not None and not self.out.exists():
                     os.replace(old, self.out)
@@ -499,6 +505,19 @@ class _NewFolder:
                     f"kept in {escape(str(old))}[/yellow]",
                     soft_wrap=True,
                 )
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic step (Linux's renameat2 with RENAME_EXCHANGE); False where
+    the system or its file system cannot, and nothing was changed."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _new_name(out: Path, what: str) -> Path:
@@ -625,13 +644,18 @@ def _digest(path: Path) -> dict[str, Any]:
 
 
 def index_cmd(
-    run: Annotated[Path, typer.Argument(help="Run directory or checkpoint.")],
-    images: Annotated[Path, typer.Option("--images", help="Folder of images to index (searched recursively).")],
-    out: Annotated[Path, typer.Option(help="Folder for the index.")] = Path("index"),
-    checkpoint: Annotated[str, typer.Option(help="With a run directory: best or last.")] = "best",
+    run: Annotated[Path, typer.Argument(help="Run directory or checkpoint; with --add or --remove, the index folder.")],
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="With --add: images (files or folders); with --remove: indexed paths.")
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option("--images", help="Folder of images to index (searched recursively).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the index (default: index).")] = None,
+    checkpoint: Annotated[str | None, typer.Option(help="With a run directory: best (default) or last.")] = None,
     factory: Annotated[
-        str, typer.Option(help="faiss index_factory string: Flat (exact), HNSW32, IVF256,Flat ...")
-    ] = "Flat",
+        str | None, typer.Option(help="faiss index_factory string: Flat (exact, default), HNSW32, IVF256,Flat ...")
+    ] = None,
     skip_bad: Annotated[
         bool, typer.Option("--skip-bad", help="Leave unreadable images out instead of failing.")
     ] = False,
@@ -645,11 +669,40 @@ def index_cmd(
         str | None, typer.Option("--device", help="Embed on auto, cpu, cuda or cuda:N (default: the run's).")
     ] = None,
     fmr: Annotated[
-        float, typer.Option(help="False match rate the match threshold is calibrated for, on the validation split.")
-    ] = DEFAULT_FMR,
+        float | None,
+        typer.Option(
+            help=f"False match rate the match threshold is calibrated for, on the validation split "
+            f"(default {DEFAULT_FMR:g})."
+        ),
+    ] = None,
+    add: Annotated[
+        bool, typer.Option("--add", help="Add the images PATHS to the index RUN names, embedded by its own model.")
+    ] = False,
+    remove: Annotated[
+        bool,
+        typer.Option("--remove", help="Remove the indexed images PATHS (or those under a folder) from a Flat index."),
+    ] = False,
 ) -> None:
     """Embed a folder of images with a run's model into a faiss index on disk, with the files'
-    paths and the model and preprocessing that `dmlkit search` needs."""
+    paths and classes (their folders) and the model and preprocessing that `dmlkit search` needs;
+    or, with --add / --remove, grow or shrink an index without embedding again what it holds."""
+    if add or remove:
+        given = {"--images": images, "--out": out, "--checkpoint": checkpoint, "--factory": factory, "--fmr": fmr}
+        given |= {"--device": device, "--overwrite": overwrite or None}
+        wrong = [flag for flag, v in given.items() if v is not None]
+        if wrong:
+            raise DmlkitError(
+                f"{wrong[0]} builds an index from a run; --add and --remove change the index INDEX with its own model "
+                "and files: leave it out"
+            )
+        update_index(run, paths or [], add, remove, skip_bad, batch_size)
+        return
+    if paths:
+        raise DmlkitError(f"dmlkit index takes one RUN; {paths[0]} is one too many (image paths follow --add)")
+    if images is None:
+        raise DmlkitError("dmlkit index RUN needs --images DIR (or: dmlkit index INDEX --add IMAGES...)")
+    out, checkpoint, factory = out or Path("index"), checkpoint or "best", factory or "Flat"
+    fmr = DEFAULT_FMR if fmr is None else fmr
     import faiss
 
     from dmlkit.runtime import resolve_device
@@ -711,35 +764,132 @@ def index_cmd(
     index.add(emb)
     point = calibrate(trainer, fmr)
     root = images.resolve()  # paths stay as found under it: a symlink to a file elsewhere keeps its name
+    items = {
+        "root": str(root),
+        "paths": [str(f.relative_to(images)) for f in files],
+        "classes": [class_of(f) for f in files],
+    }
     with _NewFolder(out, "index.json", overwrite, "an index", inputs) as tmp:
-        faiss.write_index(index, str(tmp / "index.faiss"))
-        _write_json(
-            tmp / "items.json", {"root": str(root), "paths": [str(f.relative_to(images)) for f in files]}
-        )
         record = export_model(trainer, tmp, ["torchscript"], operating_point=point)
-        checked = ("index.faiss", "items.json", FORMATS["torchscript"], "preprocessing.json")
-        _write_json(
-            tmp / "index.json",
-            {
-                "format": INDEX_FORMAT,
-                "version": INDEX_VERSION,
-                "count": int(index.ntotal),
-                "dim": int(emb.shape[1]),
-                "factory": factory,
-                "metric": "euclidean",
-                "model": FORMATS["torchscript"],
-                "preprocessing": "preprocessing.json",
-                "files": {name: _digest(tmp / name) for name in checked},
-                "run": record["run"],
-                "checkpoint": record["checkpoint"],
-                "epoch": record["epoch"],
-                "skipped": skipped,
-                "created": record["exported"],
-                **({"operating_point": point} if point is not None else {}),
-            },
-        )
+        meta = {
+            "format": INDEX_FORMAT,
+            "version": INDEX_VERSION,
+            "dim": int(emb.shape[1]),
+            "factory": factory,
+            "metric": "euclidean",
+            "model": FORMATS["torchscript"],
+            "preprocessing": "preprocessing.json",
+            "run": record["run"],
+            "checkpoint": record["checkpoint"],
+            "epoch": record["epoch"],
+            "skipped": skipped,
+            "created": record["exported"],
+            **({"operating_point": point} if point is not None else {}),
+        }
+        _write_index(tmp, index, items, meta)
     console.print(f"indexed {index.ntotal:,} images ({emb.shape[1]}-d, {factory}) in {escape(str(out))}/")
     say_operating_point(point)
+
+
+def class_of(path: Path) -> str:
+    """An image's class as an index records it: the name of the folder it lies in."""
+    return Path(os.path.abspath(path)).parent.name
+
+
+def fingerprint(files: dict[str, Any], model: str, prep: str) -> str:
+    """The fingerprint of the model and preprocessing that embedded an index's vectors: the SHA-256
+    of their two SHA-256 digests (as index.json's ``files`` records them)."""
+    import hashlib
+
+    return hashlib.sha256(f"{files[model]['sha256']}\n{files[prep]['sha256']}".encode()).hexdigest()
+
+
+def _write_index(tmp: Path, index: Any, items: dict[str, Any], meta: dict[str, Any]) -> None:
+    """index.faiss, items.json and index.json (with the files' digests and the fingerprint) into
+    ``tmp``, which already holds the model and preprocessing.json."""
+    import faiss
+
+    faiss.write_index(index, str(tmp / "index.faiss"))
+    _write_json(tmp / "items.json", items)
+    checked = ("index.faiss", "items.json", meta["model"], meta["preprocessing"])
+    files = {name: _digest(tmp / name) for name in checked}
+    meta = {**meta, "count": int(index.ntotal), "files": files}
+    meta["fingerprint"] = fingerprint(files, meta["model"], meta["preprocessing"])
+    _write_json(tmp / "index.json", meta)
+
+
+def update_index(folder: Path, paths: list[Path], add: bool, remove: bool, skip_bad: bool, batch: int | None) -> None:
+    """``dmlkit index INDEX --add PATHS`` / ``--remove PATHS``: new images embedded by the index's
+    own model (its fingerprint holds) and added to its faiss index; or indexed images removed by
+    rebuilding a Flat index from its stored vectors. Nothing is embedded again. The new folder is
+    written beside the old one and swapped in (:class:`_NewFolder`): a failure or a kill leaves
+    the old index."""
+    import faiss
+
+    if add and remove:
+        raise DmlkitError("give --add or --remove, not both: run one, then the other")
+    if not paths:
+        raise DmlkitError(f"--{'add' if add else 'remove'} needs image paths after the index folder")
+    loaded = LoadedIndex(folder)
+    classes = loaded.need_classes(f"--{'add' if add else 'remove'}")
+    _NewFolder.check(folder, "index.json", True, "an index", {})  # only dmlkit's files in it: before any work
+    before = _digest(folder / "index.json")
+    full = loaded.full_paths()
+    index, root = loaded.index, str(loaded.root)
+    if add:
+        for p in paths:
+            if _inside(p, folder):
+                raise DmlkitError(f"--add {p} lies inside the index folder {folder}; add images from elsewhere")
+        files = list(dict.fromkeys(Path(os.path.abspath(f)) for f in image_files(paths, "--add image")))
+        known = set(full)
+        again = next((f for f in files if str(f) in known), None)
+        if again is not None:
+            raise DmlkitError(f"{again} is already in index {folder}; --remove it first to embed it again")
+        if skip_bad:
+            keep = Problems(skip_bad=True).readable([str(f) for f in files])
+            if not keep.all():
+                err_console.print(f"[yellow]warning: left out {int((~keep).sum())} unreadable image(s)[/yellow]")
+            files = [f for f, k in zip(files, keep) if k]
+            if not files:
+                raise DataError("no readable image to add; the index is unchanged")
+        try:
+            emb = loaded.embed(files, batch or 64)
+        except DataError as exc:
+            raise DataError(f"{exc} (pass --skip-bad to leave unreadable images out); the index is unchanged") from None
+        index.add(emb)
+        new_root = os.path.commonpath([root, *(str(f.parent) for f in files)])  # every path stays under the root
+        items = {
+            "root": new_root,
+            "paths": [os.path.relpath(f, new_root) for f in [*full, *map(str, files)]],
+            "classes": [*classes, *(class_of(f) for f in files)],
+        }
+        change = {"added": len(files)}
+    else:
+        gone = loaded.select(paths)
+        if not isinstance(faiss.downcast_index(index), faiss.IndexFlat):
+            raise DmlkitError(
+                f"--remove needs a Flat index; {folder} is {loaded.meta.get('factory')!r}, from which faiss cannot "
+                "delete vectors: rebuild it without those images (dmlkit index RUN --images DIR --overwrite)"
+            )
+        keep = [i for i in range(index.ntotal) if i not in gone]
+        if not keep:
+            raise DmlkitError(f"--remove would leave index {folder} empty; delete the folder instead")
+        vectors = index.reconstruct_n(0, index.ntotal)
+        index = faiss.IndexFlatL2(index.d)
+        index.add(np.ascontiguousarray(vectors[keep]))
+        items = {"root": root, "paths": [loaded.paths[i] for i in keep], "classes": [classes[i] for i in keep]}
+        change = {"removed": len(gone)}
+    meta = {k: v for k, v in loaded.meta.items() if k not in ("count", "files", "fingerprint")}
+    meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    with _NewFolder(folder, "index.json", True, "an index", {}) as tmp:
+        for name in (meta["model"], meta["preprocessing"], "export.json"):
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, tmp / name)
+        _write_index(tmp, index, items, meta)
+        if _digest(folder / "index.json") != before:
+            raise DmlkitError(f"index {folder} changed while this command ran; run it again")
+    what = ", ".join(f"{k} {v:,}" for k, v in change.items())
+    console.print(f"{escape(str(folder))}: {what}; it holds {index.ntotal:,} images", soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------- search
@@ -831,6 +981,7 @@ class LoadedIndex:
             _need(isinstance(files, dict) and names <= set(files), "index.json does not list the index's files")
             for name in sorted(names):
                 _check_digest(folder / name, files[name])
+        self.files = meta.get("files")
         items = _json_file(folder / "items.json")
         _need(isinstance(items, dict), "items.json is not a JSON object")
         root, paths = items.get("root"), items.get("paths")
@@ -843,6 +994,20 @@ class LoadedIndex:
             all(x and not Path(x).is_absolute() and ".." not in Path(x).parts for x in paths),
             "items.json holds a path outside its root",
         )
+        classes = items.get("classes")
+        if version >= 3:
+            files = self.files
+            _need(
+                isinstance(classes, list) and all(isinstance(c, str) for c in classes),
+                "items.json's classes are not strings",
+            )
+            _need(len(classes) == len(paths), f"items.json lists {len(classes)} classes for {len(paths)} paths")
+            _need(
+                meta.get("fingerprint") == fingerprint(files, meta["model"], meta["preprocessing"]),
+                f"{meta['model']} and {meta['preprocessing']} are not the model and preprocessing that embedded "
+                "its vectors (fingerprint)",
+            )
+        self.classes: list[str] | None = classes if version >= 3 else None
         prep = _json_file(folder / meta["preprocessing"], SMALL_JSON)
         _need(isinstance(prep, dict), f"{meta['preprocessing']} is not a JSON object")
         if prep.get("input") != "image":  # a run on tensors: a clear refusal, not damage
@@ -995,6 +1160,7 @@ class LoadedIndex:
         for f, d_row, i_row in zip(files, dist, idx):
             hits = [
                 {"rank": r + 1, "path": str(self.root / self.paths[i]), "distance": float(np.sqrt(max(d, 0.0)))}
+                | ({"class": self.classes[i]} if self.classes is not None else {})
                 for r, (d, i) in enumerate(zip(d_row, i_row))
                 if 0 <= i < len(self.paths)
             ]
@@ -1011,6 +1177,38 @@ class LoadedIndex:
                 result.update(decision="match" if matched else "unknown", threshold=limit, threshold_from=source)
             results.append(result)
         return results
+
+    def full_paths(self) -> list[str]:
+        """Each indexed item's path as search prints it (the root joined with the recorded path)."""
+        return [os.path.normpath(os.path.join(self.root, p)) for p in self.paths]
+
+    def select(self, given: list[Path]) -> set[int]:
+        """The items that ``given`` names: each a path as search prints it or as items.json records
+        it, or a folder holding indexed items. A path that names none is refused."""
+        full = self.full_paths()
+        chosen: set[int] = set()
+        for p in given:
+            names = {os.path.normpath(os.path.abspath(p)), os.path.realpath(p)}
+            if not p.is_absolute():
+                names.add(os.path.normpath(os.path.join(self.root, p)))
+            prefixes = tuple(n.rstrip(os.sep) + os.sep for n in names)
+            hit = {i for i, f in enumerate(full) if f in names or f.startswith(prefixes)}
+            if not hit:
+                raise DmlkitError(
+                    f"{p} is no image of index {self.folder}, nor a folder of them; name images as dmlkit search "
+                    "prints them"
+                )
+            chosen |= hit
+        return chosen
+
+    def need_classes(self, command: str) -> list[str]:
+        """The indexed items' classes; an index built before dmlkit recorded them is refused."""
+        if self.classes is None:
+            raise DmlkitError(
+                f"index {self.folder} records no classes (an older dmlkit built it); {command} needs them: rebuild it "
+                f"with dmlkit index RUN --images DIR --out {self.folder} --overwrite"
+            )
+        return self.classes
 
 
 def _basis(point: dict[str, Any]) -> str:
@@ -1132,35 +1330,30 @@ def draw_grid(results: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+IndexArg = Annotated[Path, typer.Argument(help="Index folder written by dmlkit index.")]
+TimeoutOpt = Annotated[float, typer.Option(help="Seconds the index's model may take for one batch of images.")]
+ThresholdOpt = Annotated[
+    float | None, typer.Option(help="Match threshold (distance) instead of the index's calibrated one.")
+]
+FmrOpt = Annotated[float | None, typer.Option(help="Use the index's threshold calibrated for this false match rate.")]
+
+
 def search_cmd(
-    index: Annotated[Path, typer.Argument(help="Index folder written by dmlkit index.")],
+    index: IndexArg,
     images: Annotated[list[Path], typer.Argument(help="Query images (files or folders).")],
     k: Annotated[int, typer.Option("-k", "--top-k", help="Neighbours per query.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     grid: Annotated[
         Path | None, typer.Option(help="Also draw the queries and their neighbours into this new .png file.")
     ] = None,
-    timeout: Annotated[
-        float, typer.Option(help="Seconds the index's model may take for one batch of queries.")
-    ] = MODEL_TIMEOUT,
-    threshold: Annotated[
-        float | None, typer.Option(help="Match threshold (distance) instead of the index's calibrated one.")
-    ] = None,
-    fmr: Annotated[
-        float | None, typer.Option(help="Use the index's threshold calibrated for this false match rate.")
-    ] = None,
+    timeout: TimeoutOpt = MODEL_TIMEOUT,
+    threshold: ThresholdOpt = None,
+    fmr: FmrOpt = None,
 ) -> None:
     """Print each query image's nearest indexed images and their distances; with the index's
     calibrated threshold (or --threshold / --fmr), whether each is a match, and "unknown" for a
     query that matches none."""
-    if k < 1:
-        raise DmlkitError(f"-k must be >= 1; got {k}")
-    if fmr is not None:
-        check_fmr(fmr)
-    if threshold is not None and not 0 <= threshold < float("inf"):
-        raise DmlkitError(f"--threshold must be a distance >= 0; got {threshold}")
-    if not 0 < timeout < float("inf"):
-        raise DmlkitError(f"--timeout must be a positive number of seconds; got {timeout}")
+    _check_search_options(k, threshold, fmr, timeout)
     if grid is not None:
         check_grid(grid, index, images)  # before any work
     files = image_files(images, "query image")
@@ -1196,8 +1389,206 @@ def search_cmd(
         console.print(f"wrote {escape(str(grid))}")
 
 
+# --------------------------------------------------------------------------------- classify
+def classify(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each search result's k-NN class: the class most of its neighbours have, a tie going to the
+    tied class whose nearest neighbour comes first (:func:`dmlkit.decisions.vote`), with its votes,
+    its share of the neighbours, and the distance of its nearest neighbour. With a match decision,
+    a query that matches no neighbour is ``unknown`` and has no ``class`` (``knn_class`` still says
+    which the vote gave)."""
+    from dmlkit.decisions import vote
+
+    out = []
+    for res in results:
+        classes = [h["class"] for h in res["results"]]
+        names, codes = np.unique(classes, return_inverse=True)
+        winner = str(names[vote(codes.reshape(1, -1))[0]])
+        votes = classes.count(winner)
+        row: dict[str, Any] = {
+            "query": res["query"],
+            "class": winner,
+            "knn_class": winner,
+            "votes": votes,
+            "neighbours": len(classes),
+            "vote_share": votes / len(classes),
+            "distance": next(h["distance"] for h in res["results"] if h["class"] == winner),
+        }
+        if "decision" in res:
+            row.update({k: res[k] for k in ("decision", "threshold", "threshold_from")})
+            if res["decision"] == "unknown":
+                row["class"] = None
+        out.append(row)
+    return out
+
+
+def classify_cmd(
+    index: IndexArg,
+    images: Annotated[list[Path], typer.Argument(help="Images to classify (files or folders).")],
+    k: Annotated[int, typer.Option("-k", "--top-k", help="Neighbours that vote.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    timeout: TimeoutOpt = MODEL_TIMEOUT,
+    threshold: ThresholdOpt = None,
+    fmr: FmrOpt = None,
+) -> None:
+    """Print each image's class by its k nearest indexed images (the majority class, a tie going to
+    the nearest; an indexed image's class is the name of its folder), its votes and distance, and
+    "unknown" when no neighbour is within the match threshold (as dmlkit search decides)."""
+    _check_search_options(k, threshold, fmr, timeout)
+    files = image_files(images, "image")
+    loaded = LoadedIndex(index, timeout)
+    loaded.need_classes("dmlkit classify")
+    loaded.threshold(threshold, fmr)  # refused before any image is embedded
+    rows = classify(loaded.search(files, k, threshold, fmr))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=Text(f"{index}: {k}-NN classes"), title_justify="left")
+    for col, justify in (("image", "left"), ("class", "left"), ("votes", "right"), ("distance", "right")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for r in rows:
+        name = r["class"] if r["class"] is not None else f"unknown (nearest: {r['knn_class']})"
+        table.add_row(Text(r["query"]), Text(name), f"{r['votes']}/{r['neighbours']}", f"{r['distance']:.4f}")
+    console.print(table)
+    if rows and "decision" in rows[0]:
+        console.print(
+            escape(
+                f"threshold {rows[0]['threshold']:.4f} ({rows[0]['threshold_from']}): an image with no neighbour "
+                "within it is unknown"
+            ),
+            soft_wrap=True,
+        )
+    else:
+        console.print(
+            "[dim]no match threshold: this index carries none (its run had no validation split); every image gets "
+            "its k-NN class; --threshold DISTANCE decides unknown[/dim]",
+            soft_wrap=True,
+        )
+
+
+def _check_search_options(k: int, threshold: float | None, fmr: float | None, timeout: float) -> None:
+    """search's and classify's options, refused before any work."""
+    if k < 1:
+        raise DmlkitError(f"-k must be >= 1; got {k}")
+    if fmr is not None:
+        check_fmr(fmr)
+    if threshold is not None and not 0 <= threshold < float("inf"):
+        raise DmlkitError(f"--threshold must be a distance >= 0; got {threshold}")
+    if not 0 < timeout < float("inf"):
+        raise DmlkitError(f"--timeout must be a positive number of seconds; got {timeout}")
+
+
+# --------------------------------------------------------------------------- evaluate-index
+def stored_vectors(index: Any, factory: str) -> np.ndarray:
+    """The vectors a faiss index holds (for IVF through its direct map; for PQ codes, their
+    reconstruction): what exact search over "the same vectors" searches."""
+    import faiss
+
+    try:
+        try:
+            return index.reconstruct_n(0, index.ntotal)
+        except RuntimeError:
+            faiss.extract_index_ivf(index).make_direct_map()
+            return index.reconstruct_n(0, index.ntotal)
+    except Exception as exc:
+        raise DmlkitError(f"cannot read the vectors back from the {factory} index ({_first_line(exc)})") from None
+
+
+def evaluate_index(loaded: LoadedIndex, files: list[Path]) -> dict[str, Any]:
+    """P@1, R-Precision, MAP@R (:func:`dmlkit.evaluation.per_query_metrics`) of ``files`` as queries
+    against the index's items, from the index's own search and from exact search
+    (:func:`dmlkit.evaluation.knn`) over the vectors it stores, and each one's queries per second. A
+    query's class is its folder's name; a query that is itself an indexed image leaves itself out
+    (leave-one-out, as :func:`dmlkit.evaluation.retrieval_metrics`); a query whose class the index
+    does not hold has no relevant item and is left out (``queries_without_match``)."""
+    from dmlkit.evaluation import _drop_own, knn, per_query_metrics
+
+    classes = np.asarray(loaded.need_classes("dmlkit evaluate-index"))
+    q_classes = np.asarray([class_of(f) for f in files])
+    where = {p: i for i, p in enumerate(loaded.full_paths())}
+    own = np.asarray([where.get(os.path.abspath(f), -1) for f in files])
+    names, g_counts = np.unique(classes, return_counts=True)
+    count = dict(zip(names, g_counts))
+    r = np.asarray([count.get(c, 0) for c in q_classes]) - (own >= 0)
+    has_match = r > 0
+    if not has_match.any():
+        raise DmlkitError(
+            "no query image's class (its folder's name) has another image in the index; evaluate-index needs "
+            "queries of the indexed classes"
+        )
+    width = int(r.max())
+    k = min(width + int((own >= 0).any()), loaded.index.ntotal)
+    started = time.perf_counter()
+    emb = loaded.embed(files)
+    embedding_s = time.perf_counter() - started
+    factory = str(loaded.meta.get("factory"))
+    vectors = stored_vectors(loaded.index, factory)
+    out: dict[str, Any] = {"index": str(loaded.folder), "factory": factory, "items": int(loaded.index.ntotal)}
+    out |= {
+        "queries": len(files),
+        "queries_without_match": int((~has_match).sum()),
+        "queries_indexed": int((own >= 0).sum()),
+    }
+    found: dict[str, dict[str, float]] = {}
+    for name in ("index", "exact"):
+        started = time.perf_counter()
+        if name == "index":
+            dist, idx = loaded.index.search(emb, k)
+        else:
+            nn = knn(emb, vectors, k, backend="faiss")
+            dist, idx = nn.distances, nn.indices
+        out[f"{name}_queries_per_s"] = len(files) / max(time.perf_counter() - started, 1e-9)
+        if k > width:
+            idx, _ = _drop_own(idx, dist, np.where(own >= 0, own, -2))  # -1: a miss of an approximate index
+        rel = np.where(idx >= 0, classes[np.clip(idx, 0, None)] == q_classes[:, None], False)[has_match]
+        values = per_query_metrics(rel, r[has_match], [1])
+        found[name] = {m: float(v.mean()) for m, v in values.items() if m != "recall_at_1"}
+    out["metrics"], out["exact"] = found["index"], found["exact"]
+    out["difference"] = {m: found["index"][m] - found["exact"][m] for m in found["index"]}
+    out["embedding_s"] = embedding_s
+    return out
+
+
+def evaluate_index_cmd(
+    index: IndexArg,
+    images: Annotated[Path, typer.Option("--images", help="Folder of query images; a query's class is its folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    timeout: TimeoutOpt = MODEL_TIMEOUT,
+) -> None:
+    """Retrieval metrics (P@1, R-Precision, MAP@R) of a folder of labelled query images through a
+    deployed index, beside exact search over the vectors it stores, and both searches' queries per
+    second: how much an approximate factory (HNSW, IVF, PQ) loses, measured."""
+    if not images.is_dir():
+        raise DataError(f"--images {images} is not a folder of images")
+    _check_search_options(1, None, None, timeout)
+    files = image_files([images], "--images folder")
+    loaded = LoadedIndex(index, timeout)
+    loaded.need_classes("dmlkit evaluate-index")
+    result = evaluate_index(loaded, files)
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(
+        title=Text(f"{index} ({result['factory']}, {result['items']:,} items): {result['queries']:,} queries")
+    )
+    for col in ("metric", "index", "exact search", "difference"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for m, v in result["metrics"].items():
+        table.add_row(m, f"{v:.4f}", f"{result['exact'][m]:.4f}", f"{result['difference'][m]:+.4f}")
+    table.add_row("queries/s", f"{result['index_queries_per_s']:,.0f}", f"{result['exact_queries_per_s']:,.0f}", "")
+    console.print(table)
+    console.print(
+        escape(
+            f"{result['queries_without_match']} queries of classes the index does not hold are left out; "
+            f"{result['queries_indexed']} indexed images left themselves out; embedding took {result['embedding_s']:.1f} s"
+        ),
+        soft_wrap=True,
+    )
+
+
 @dmlkit.hookimpl
 def register_commands(app):
     app.command("export")(export_cmd)
     app.command("index")(index_cmd)
     app.command("search")(search_cmd)
+    app.command("classify")(classify_cmd)
+    app.command("evaluate-index")(evaluate_index_cmd)

@@ -25,7 +25,7 @@ from reliability_helpers import Proc, bad_input_case, image_run, one_error_line,
 from test_fuzz import snapshot
 from torch import nn
 
-from dmlkit_plugins.deploy import MANIFEST, _digest
+from dmlkit_plugins.deploy import INDEX_VERSION, MANIFEST, _digest, fingerprint
 
 LONG = "x" * 5000
 
@@ -74,6 +74,8 @@ class Ctx:
             meta = json.loads((idx / "index.json").read_text())
             if name in meta.get("files", {}):
                 meta["files"][name] = _digest(path)
+                if "fingerprint" in meta:
+                    meta["fingerprint"] = fingerprint(meta["files"], meta["model"], meta["preprocessing"])
                 (idx / "index.json").write_text(json.dumps(meta))
         return idx
 
@@ -490,7 +492,7 @@ def test_an_index_of_dmlkit_0_1_searches_and_is_replaced_by_overwrite(resources,
     code, _, err = cli("index", str(resources["run"]), "--images", str(resources["data"] / "test"), "--out", str(idx),
                        "--overwrite")  # fmt: skip
     assert code == 0, err
-    assert json.loads((idx / "index.json").read_text())["version"] == 2
+    assert json.loads((idx / "index.json").read_text())["version"] == INDEX_VERSION
 
 
 def test_search_redraws_its_own_grid(resources, tmp_path, cli):
