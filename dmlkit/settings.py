@@ -125,9 +125,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "freeze_backbone",
         False,
-        "Freeze the backbone for the run: true (all of it: only head and loss train), or up to a stage, by name or "
-        "index (`dmlkit show backbone NAME` lists them): the later stages, head and loss train.",
-        types=(bool, int, str),
+        "Freeze the backbone for the run: true (all of it: only head and loss train), or up to a stage, by name "
+        "(`dmlkit show backbone NAME` lists them): the later stages, head and loss train.",
+        types=(bool, str),
     ),
     Setting(
         "feature_cache", False, "With freeze_backbone: compute the backbone's pooled features once and cache them."

@@ -512,8 +512,12 @@ def test_freezing_up_to_a_stage_is_checked_before_any_work(cli, tmp_path):
     code, _, err = cli("train", "--set", "freeze_backbone=block9", "--run-dir", str(tmp_path / "a"))
     assert code == 1 and "is not a stage of the backbone" in err and "block1" in err
     assert not (tmp_path / "a").exists()
-    code, _, err = cli("train", "--set", "freeze_backbone=99", "--run-dir", str(tmp_path / "b"))
-    assert code == 1 and "leaves one to train" in err
+    code, _, err = cli("train", "--set", "freeze_backbone=block4", "--run-dir", str(tmp_path / "b"))
+    assert code == 1 and "is the last stage" in err and "write true" in err
+    # a number is not a stage name (0 and 1 would read as false and true): refused, not frozen at stage 0
+    for number in ("0", "1"):
+        code, _, err = cli("train", "--set", f"freeze_backbone={number}", "--run-dir", str(tmp_path / "c"))
+        assert code == 1 and "freeze_backbone" in err and not (tmp_path / "c").exists()
 
 
 def test_a_feature_cache_larger_than_memory_is_refused(monkeypatch, tmp_path):
