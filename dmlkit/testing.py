@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dmlkit.contract import EVENTS, MEMBERS, RunContext
+from dmlkit.contract import EVALUATOR_ARGUMENTS, EVENTS, MEMBERS, RunContext
 from dmlkit.errors import DmlkitError
 from dmlkit.plugins import PluginHost
 from dmlkit.registry import KINDS
@@ -154,6 +154,17 @@ def _check_attributes(kind: str, spec: Any) -> None:
     mults = getattr(factory, "lr_multipliers", {})
     if not isinstance(mults, dict) and not isinstance(mults, property):
         raise DmlkitError(f"lr_multipliers must be a dict {{parameter name: multiplier}}; got {mults!r}")
+    similarity = getattr(factory, "similarity", None) if kind == "loss" else None
+    if similarity is not None and not callable(similarity):
+        raise DmlkitError(f"similarity must be a method similarity(x, y) -> [n, m] scores; got {similarity!r}")
+    requires = getattr(factory, "requires", {}) if kind == "evaluator" else {}
+    if isinstance(requires, property):  # set per instance from its options: checked when it runs
+        requires = {}
+    if not isinstance(requires, dict) or any(a not in EVALUATOR_ARGUMENTS for a in requires):
+        raise DmlkitError(
+            f"requires must be a dict {{argument: option}} with arguments among {', '.join(EVALUATOR_ARGUMENTS)}; "
+            f"got {requires!r}"
+        )
 
 
 def _context(kind: str, rank: int = 0, world_size: int = 1) -> dict[str, Any]:

@@ -170,10 +170,27 @@ class LyingBackbone(torch.nn.Module):
         return self.conv(x)
 
 
+class BadSimilarityLoss(dmlkit.losses.MetricLoss):
+    similarity = 0.5  # not a method
+
+    def compute(self, emb, labels, ref, ref_labels, indices):
+        return emb.sum() * 0
+
+
+class BadRequirementEvaluator:
+    metrics = {"precision_at_1": "max"}
+    requires = {"alphabet": "scoring"}  # not an evaluator argument
+
+    def __call__(self, embeddings, labels, query_mask=None, gallery_mask=None):
+        return {"precision_at_1": 1.0}
+
+
 @pytest.mark.parametrize(
     "hook, factory, message",
     [
         ("register_samplers", GoodSampler, None),
+        ("register_losses", BadSimilarityLoss, "similarity must be a method"),
+        ("register_evaluators", BadRequirementEvaluator, "arguments among groups, similarity"),
         ("register_samplers", UnevenSampler, "ranks 0 and 1 of 2 get 9 and 8 batches"),
         ("register_samplers", LyingSampler, "len() says 3 batches but iterating gave"),
         (
