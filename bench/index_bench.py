@@ -39,7 +39,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--embeddings", required=True)
     p.add_argument("--labels", required=True)
-    p.add_argument("--factories", default=";".join(FACTORIES), help="faiss factories, ;-separated; /nprobeN sets nprobe")
+    p.add_argument(
+        "--factories", default=";".join(FACTORIES), help="faiss factories, ;-separated; /nprobeN sets nprobe"
+    )
     p.add_argument("--out", default="")
     args = p.parse_args()
     emb = np.ascontiguousarray(l2_normalise(np.load(args.embeddings).astype(np.float32)))
