@@ -394,8 +394,18 @@ def _ranking(
     return _summary(p, values, per_query)
 
 
+#: Classification accuracies also reported as a macro average over classes (``<name>_macro``).
+MACRO = ("knn_accuracy_at_", "nearest_centroid_accuracy")
+
+
 def _summary(p: _Problem, values: dict[str, np.ndarray], per_query: bool) -> dict[str, Any]:
     out: dict[str, Any] = {name: float(v.mean()) for name, v in values.items()}
+    codes = p.codes[p.q_idx[p.has_match]]  # the class of each query the values are of, in order
+    for name, v in values.items():
+        if name.startswith(MACRO):  # each class's accuracy, then their mean: small classes count as much
+            counts = np.bincount(codes, minlength=1)
+            hits = np.bincount(codes, weights=v, minlength=1)
+            out[f"{name}_macro"] = float((hits[counts > 0] / counts[counts > 0]).mean())
     out["queries"] = len(p.q_idx)
     out["queries_without_match"] = int((~p.has_match).sum())
     if per_query:

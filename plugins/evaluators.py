@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 import dmlkit
-from dmlkit.decisions import FMRS, MAX_PAIRS, bootstrap_ci, decision_metrics, fmr_key
+from dmlkit.decisions import FMRS, MACRO, MAX_PAIRS, bootstrap_ci, decision_metrics, fmr_key
 from dmlkit.errors import OptionError
 from dmlkit.evaluation import BACKENDS, KMEANS_INITS, clustering_metrics, retrieval_metrics
 
@@ -38,7 +38,8 @@ class RetrievalEvaluator:
         verification: also ROC AUC, EER and FNMR at FMR 1e-2, 1e-3, 1e-4 of the query-gallery pairs
             (:func:`dmlkit.decisions.verification_metrics`; exact up to ``max_pairs`` pairs, sampled beyond).
         knn: also k-NN classification accuracy for each K of this list (``knn_accuracy_at_K``: majority of the
-            K nearest, a tie to the nearest) and nearest-centroid accuracy.
+            K nearest, a tie to the nearest) and nearest-centroid accuracy, each also as the mean of the
+            classes' accuracies (``..._macro``).
         ranking: also MRR and, for each of ``ks``, MAP@k and Precision@k.
         max_pairs: genuine (and impostor) pairs above which verification uses a seeded sample of this many.
         ci: also 95% bootstrap confidence intervals over queries (``ci``: metric -> [low, high]) of every
@@ -99,6 +100,7 @@ class RetrievalEvaluator:
             out.update({"roc_auc": "max", "eer": "min", **{fmr_key(f): "min" for f in FMRS}})
         if self.knn:
             out.update({f"knn_accuracy_at_{k}": "max" for k in self.knn}, nearest_centroid_accuracy="max")
+            out.update({f"{name}_macro": "max" for name in list(out) if name.startswith(MACRO)})
         if self.ranking:
             out.update({"mrr": "max", **{f"{m}_at_{k}": "max" for k in self.ks for m in ("map", "precision")}})
         return out

@@ -179,6 +179,13 @@ def test_knn_and_centroid_equal_sklearn_where_sklearn_applies():
         assert np.array_equal(ours[untied], (pred == labels[q])[untied].astype(float))
     centroid = NearestCentroid().fit(z[g], labels[g]).predict(z[q])
     assert got["nearest_centroid_accuracy"] == pytest.approx(float((centroid == labels[q]).mean()), abs=1e-12)
+    # the macro averages: each class's accuracy over its queries, then the mean over classes
+    for k in (1, 3, 7):
+        hits = got["per_query"][f"knn_accuracy_at_{k}"]  # per query, in the order of the queries
+        per_class = [hits[labels[q] == c].mean() for c in np.unique(labels[q])]
+        assert got[f"knn_accuracy_at_{k}_macro"] == pytest.approx(float(np.mean(per_class)), abs=1e-12)
+    per_class = [(centroid == labels[q])[labels[q] == c].mean() for c in np.unique(labels[q])]
+    assert got["nearest_centroid_accuracy_macro"] == pytest.approx(float(np.mean(per_class)), abs=1e-12)
     # leave-one-out k-NN: sklearn's predict(None) leaves each point out of its own neighbours
     loo = ranking_metrics(x, labels, knn=(1,), ks=())
     clf = KNeighborsClassifier(n_neighbors=1, algorithm="brute").fit(z, labels)
@@ -234,7 +241,9 @@ def test_the_retrieval_evaluator_reports_what_it_declares():
         assert out[key] == direct[key], key
     per_query = ranking_metrics(x, labels, q, g, knn=(3,), ks=(), per_query=True)["per_query"]
     assert out["ci"]["knn_accuracy_at_3"][0] < out["knn_accuracy_at_3"] < out["ci"]["knn_accuracy_at_3"][1]
-    assert set(out["ci"]) == set(ev.metrics) - {
+    macro = {k for k in ev.metrics if k.endswith("_macro")}  # means over classes, not over queries: no interval
+    assert macro == {"knn_accuracy_at_1_macro", "knn_accuracy_at_3_macro", "nearest_centroid_accuracy_macro"}
+    assert set(out["ci"]) == set(ev.metrics) - macro - {
         "roc_auc",
         "eer",
         "fnmr_at_fmr_1e-2",
