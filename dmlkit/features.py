@@ -1,13 +1,14 @@
-"""The frozen-backbone fast path: a frozen backbone's pooled features, computed once and cached.
+"""The frozen-backbone fast path: a frozen backbone's features, computed once and cached.
 
-With ``train.freeze_backbone`` the backbone never changes, so its pooled features of an
-image depend only on the image, its augmentation and the backbone. With the backbone frozen up
-to a stage (``freeze_backbone = "layer3"``), the cache holds that stage's output feature maps
-instead, and the later stages train on them (a size check refuses a cache larger than memory). ``train.feature_cache``
-computes them once per augmentation view (``train.cache_views`` views of every training
-image, and one test-transform view of every image that is evaluated: validation and test), stores them under
+With ``train.freeze_backbone`` the backbone never changes, so its pooled features of an image
+depend only on the image, its augmentation and the backbone. ``train.feature_cache`` computes
+them once per augmentation view (``train.cache_views`` views of every training image, and one
+test-transform view of every image that is evaluated: validation and test), stores them under
 ``train.cache_dir`` keyed by dataset, backbone, weights, transform and view, and trains the
-head and loss on them: any backbone and loss, unchanged, at thousands of steps per second.
+head and loss on them: any backbone and loss, unchanged, at hundreds of steps per second on a
+CPU. With the backbone frozen up to a stage (``freeze_backbone = "layer3"``) the cache holds
+that stage's output maps instead and the later stages train on them; a cache larger than half
+the available memory is refused before any image is embedded.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ class FeatureCache:
         x = full.with_transform(tr.test_split.transform)[0][0]
         with torch.no_grad(), in_eval_mode(tr.model):
             per_item = tr.model.prefix_features(x[None].to(tr.device)).numel() * 4
-        items = len(full) * (self.views + 1) + len(tr.test_split)
+        items = len(full) * self.views + len(tr.val_split or ()) + len(tr.test_split)
         need, available = per_item * items, available_memory()
         if available is not None and need > MEMORY_SHARE * available:
             what = f"stage {tr.model.frozen_upto!r}'s outputs" if tr.model.frozen_upto else "pooled features"
