@@ -16,6 +16,11 @@ class OptionError(DmlkitError, ValueError):
     """An option is unknown, missing, or of the wrong type or range."""
 
 
+class FoldsError(OptionError):
+    """Validation folds that cannot tell models apart (a fold of fewer than two classes); the
+    message names the fold, so a caller passes it on as it is."""
+
+
 class ClashError(DmlkitError):
     """Two plugins register the same component name."""
 

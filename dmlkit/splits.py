@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from dmlkit.data import Split
-from dmlkit.errors import DmlkitError
+from dmlkit.errors import DmlkitError, FoldsError
 
 
 def sample_disjoint_index(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +108,7 @@ def check_folds(labels: np.ndarray, folds: int, seed: int) -> None:
         _, held = class_disjoint_index(labels, 0.0, seed, folds, fold)
         n = len(np.unique(np.asarray(labels)[held]))
         if n < 2:
-            raise DmlkitError(
+            raise FoldsError(
                 f"fold {fold} of {folds} would validate on {n} class of the {len(np.unique(labels))} training "
                 f"classes, where the selection metric cannot tell models apart; {folds} folds need at least "
                 f"{2 * folds} training classes: use fewer folds, or more training classes"

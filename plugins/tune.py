@@ -31,7 +31,7 @@ from rich.text import Text
 import dmlkit
 from dmlkit import interrupts
 from dmlkit.config import load_toml, merge, resolve, to_toml, validate
-from dmlkit.errors import DmlkitError, OptionError
+from dmlkit.errors import DmlkitError, FoldsError, OptionError
 from dmlkit.rundir import RunLock, writable_error
 
 console = Console()
@@ -229,10 +229,10 @@ def check_before_trials(user: dict[str, Any], settings: dict[str, Any], registry
                 with contextlib.redirect_stdout(io.StringIO()):
                     trainer = Trainer(validate(fold_cfg, registry), registry, where / ".check", console=quiet)
             except DmlkitError as exc:
-                what, why = label or f"fold {fold} of {settings['folds']}", one_line(str(exc))
-                raise OptionError(
-                    why if not label and why.startswith("fold ") else f"{what} cannot train: {why}"
-                ) from None
+                if isinstance(exc, FoldsError) and not label:
+                    raise  # the base settings' folds: the message names the fold already
+                what = label or f"fold {fold} of {settings['folds']}"
+                raise OptionError(f"{what} cannot train: {one_line(str(exc))}") from None
             held_out = trainer.val_split.num_classes if trainer.val_split is not None else 0
             if held_out < 2:
                 raise OptionError(

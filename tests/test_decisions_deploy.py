@@ -1,6 +1,6 @@
 """Open-set search on real images: an index carries the threshold calibrated on its run's validation
 classes, and answers "unknown" for images of a class it never saw; classify gives the k-NN class of
-a brute-force search over the index's stored vectors (Omniglot, /work/shared/data)."""
+a brute-force search over the index's stored vectors (Omniglot, ../shared/data beside the repository)."""
 
 import json
 import shutil

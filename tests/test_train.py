@@ -438,17 +438,23 @@ def load_run_sizes(run):
     return [len(trainer.full_train_split), len(trainer.val_split), len(trainer.test_split)]
 
 
-def test_feature_cache_trains_exactly_as_the_uncached_frozen_backbone(cli, tmp_path):
-    """The frozen-backbone fast path: same losses, validation and test metrics as running the frozen
-    backbone every step (digits has no augmentation), and its files are reused by another run."""
+def train_with_and_without_the_cache(cli, tmp_path, common):
+    """Two runs with the settings ``common``: ``plain`` and ``c`` (feature cache under ``cache``);
+    their metrics.jsonl rows and the cache folder."""
     cache = tmp_path / "cache"
-    common = ["--epochs", "3", "--set", "freeze_backbone=true"]
     assert cli("train", *common, "--run-dir", str(tmp_path / "plain"))[0] == 0
-    code, out, err = cli(
+    code, _, err = cli(
         "train", *common, "--set", "feature_cache=true", "--set", f"cache_dir={cache}", "--run-dir", str(tmp_path / "c")
     )
     assert code == 0, err
-    a, b = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "c")
+    return read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "c"), cache
+
+
+def test_feature_cache_trains_exactly_as_the_uncached_frozen_backbone(cli, tmp_path):
+    """The frozen-backbone fast path: same losses, validation and test metrics as running the frozen
+    backbone every step (digits has no augmentation), and its files are reused by another run."""
+    common = ["--epochs", "3", "--set", "freeze_backbone=true"]
+    a, b, cache = train_with_and_without_the_cache(cli, tmp_path, common)
     for key in ("loss", "val_map_at_r"):
         assert [r[key] for r in b] == pytest.approx([r[key] for r in a], abs=1e-6), key
     for key in ("precision_at_1", "map_at_r"):
@@ -480,14 +486,8 @@ def test_a_backbone_frozen_up_to_a_stage_trains_the_same_with_and_without_the_fe
     """freeze_backbone = a stage: the first block's output is cached, the later blocks and the head
     train on it, with the same losses and metrics as running the frozen block every step; the frozen
     block gets no gradient and is not in the optimizer; the later blocks change."""
-    cache = tmp_path / "cache"
     common = ["--epochs", "2", "--set", "freeze_backbone=block1"]
-    assert cli("train", *common, "--run-dir", str(tmp_path / "plain"))[0] == 0
-    code, _, err = cli(
-        "train", *common, "--set", "feature_cache=true", "--set", f"cache_dir={cache}", "--run-dir", str(tmp_path / "c")
-    )
-    assert code == 0, err
-    a, b = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "c")
+    a, b, cache = train_with_and_without_the_cache(cli, tmp_path, common)
     for key in ("loss", "val_map_at_r"):
         assert [r[key] for r in b] == pytest.approx([r[key] for r in a], abs=1e-5), key
     from dmlkit.config import resolve
