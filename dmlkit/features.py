@@ -98,16 +98,9 @@ class FeatureCache:
         if key in self._memory:
             return self._memory[key]
         path = self.dir / f"{key}.pt"
-        feats = None
-        if path.is_file():
-            try:
-                feats = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:
-                feats = None  # a damaged cache file is recomputed
-            if feats is not None and (feats.ndim < 2 or len(feats) != len(split)):
-                feats = None
+        feats = self._read(path, len(split))
         if feats is None:
-            feats = self._compute(split, view, what)
+            feats = self._compute(split, view, what) if view is not None else self._compute_reusing(split, what)
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 save_torch(feats, path, "feature cache file", unique=True)  # several runs may share the cache
@@ -116,6 +109,55 @@ class FeatureCache:
                     f"[yellow]warning: {escape(str(exc))} (the run goes on without caching)[/yellow]", soft_wrap=True
                 )
         self._memory[key] = feats
+        return feats
+
+    def _evaluated_rows(self, split: Split) -> dict[str, Tensor]:
+        """The run's cached evaluation-transform features of its validation and test images, by the
+        image file's real path: what another split of image files under the same transform (the
+        folder ``dmlkit index`` embeds) need not embed again. Only files already cached are read."""
+        tr = self.trainer
+        rows: dict[str, Tensor] = {}
+        for other in (tr.val_split, tr.test_split):
+            if other is None or other is split or repr(other.transform) != repr(split.transform):
+                continue
+            if not all(isinstance(item, str | Path) for item in other.items):
+                continue
+            key = self.key(other, None)
+            feats = self._memory.get(key)
+            if feats is None:
+                feats = self._read(self.dir / f"{key}.pt", len(other))
+            if feats is not None:
+                rows.update(zip((os.path.realpath(item) for item in other.items), feats))
+        return rows
+
+    def _compute_reusing(self, split: Split, what: str) -> Tensor:
+        """Evaluation-transform features of ``split``, taking the rows of images the run has already
+        cached (its validation and test images) and embedding only the others."""
+        known = self._evaluated_rows(split) if all(isinstance(i, str | Path) for i in split.items) else {}
+        rows = [known.get(os.path.realpath(item)) for item in split.items] if known else []
+        missing = [i for i, row in enumerate(rows) if row is None]
+        if not known or len(missing) == len(split):
+            return self._compute(split, None, what)
+        self.trainer.console.print(
+            f"feature cache: {len(split) - len(missing):,} of {len(split):,} images already cached "
+            f"(the run's validation and test images); embedding the other {len(missing):,}"
+        )
+        if missing:
+            part = Split([split.items[i] for i in missing], split.labels[missing], split.transform, split.mode)
+            for i, row in zip(missing, self._compute(part, None, what)):
+                rows[i] = row
+        return torch.stack(rows)
+
+    def _read(self, path: Path, n: int) -> Tensor | None:
+        """A cache file's [n, ...] features, or None when it is absent, damaged or of another length."""
+        if not path.is_file():
+            return None
+        try:
+            feats = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            return None  # a damaged cache file is recomputed
+        if not isinstance(feats, Tensor) or feats.ndim < 2 or len(feats) != n:
+            return None
         return feats
 
     @torch.no_grad()

@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +161,51 @@ def test_index_and_search_find_each_image_first(image_run, cli, tmp_path):
     code, _, err = cli("index", str(run), "--images", str(data / "test"), "--out", str(tmp_path / "idx3"),
                        "--device", "tpu")  # fmt: skip
     assert code == 1 and "unknown device 'tpu'" in err and not (tmp_path / "idx3").exists()
+
+
+def test_index_of_a_feature_cache_run_embeds_only_what_the_run_has_not_cached(image_run, cli, tmp_path, monkeypatch):
+    """A run trained on cached frozen features already holds its validation and test images'
+    features: `dmlkit index` over the whole folder embeds only the other (training) images, and
+    its vectors equal the run's whole model applied to every image (no cache)."""
+    import faiss
+
+    from dmlkit.features import FeatureCache
+
+    _, data = image_run
+    run = tmp_path / "cached-run"
+    code, _, err = cli("train", "--dataset", "imagefolder", "--data-root", str(data), "--backbone-opt", "in_channels=3",
+                       "--backbone-opt", "image_size=32", "--backbone-opt", "channels=16", "--epochs", "1",
+                       "--batch-size", "8", "--set", "val_fraction=0.5", "--set", "freeze_backbone=true",
+                       "--set", "feature_cache=true", "--set", f"cache_dir={tmp_path / 'cache'}",
+                       "--run-dir", str(run))  # fmt: skip
+    assert code == 0, err
+    computed = []
+    compute = FeatureCache._compute
+    monkeypatch.setattr(FeatureCache, "_compute", lambda self, split, *a: computed.append(list(split.items))
+                        or compute(self, split, *a))  # fmt: skip
+    code, out, err = cli("index", str(run), "--images", str(data), "--out", str(tmp_path / "idx"))
+    assert code == 0, err
+    trainer = load_run(run)
+    evaluated = {str(Path(p).resolve()) for s in (trainer.val_split, trainer.test_split) for p in s.items}
+    files = sorted(data.rglob("*.png"))
+    assert len(evaluated) == 24 and len(files) == 36
+    # only the 12 training images went through the backbone; the 24 others came from the run's cache
+    assert [sorted(str(Path(p).resolve()) for p in c) for c in computed] == [
+        sorted(str(f.resolve()) for f in files if str(f.resolve()) not in evaluated)
+    ]
+    assert "24 of 36 images already cached" in " ".join(out.split())
+    # the same vectors as the whole model (backbone + head) on every image, without any cache
+    items = json.loads((tmp_path / "idx" / "items.json").read_text())
+    paths = [str(Path(items["root"]) / p) for p in items["paths"]]
+    split = trainer.test_split.__class__(paths, np.zeros(len(paths), np.int64), trainer.test_split.transform)
+    trainer.features, trainer.net = None, trainer.model  # the uncached path: every image through the backbone
+    want, _ = trainer.embed(split)
+    index = faiss.read_index(str(tmp_path / "idx" / "index.faiss"))
+    np.testing.assert_allclose(index.reconstruct_n(0, index.ntotal), want, atol=1e-5)
+    # a second index of the same folder embeds nothing: the folder's features are cached now
+    computed.clear()
+    code, _, err = cli("index", str(run), "--images", str(data), "--out", str(tmp_path / "idx2"))
+    assert code == 0 and computed == [], err
 
 
 def test_index_unreadable_images_and_refusals(image_run, cli, tmp_path):
