@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import re
@@ -1063,17 +1064,20 @@ def main(argv: list[str] | None = None) -> None:
     Ctrl-C and SIGTERM end with ``error: interrupted`` / ``error: terminated`` and status 130 / 143."""
     from dmlkit import interrupts
 
-    in_process = argv is not None  # called from Python: give the signal handlers back afterwards
+    import warnings
+
+    in_process = argv is not None  # called from Python: give the signal handlers and warning display back afterwards
     argv = list(sys.argv[1:] if argv is None else argv)
-    _show_deprecations()
-    interrupts.install()
-    try:
-        code = _run(argv, "--debug" in argv)
-    except interrupts.Interrupted as exc:  # arrived just after the command returned
-        interrupts.note(exc.signum)
-        code = interrupts.report(_print_error)
-    finally:
-        interrupts.restore() if in_process else interrupts.closing()
+    with warnings.catch_warnings() if in_process else contextlib.nullcontext():
+        _show_deprecations()
+        interrupts.install()
+        try:
+            code = _run(argv, "--debug" in argv)
+        except interrupts.Interrupted as exc:  # arrived just after the command returned
+            interrupts.note(exc.signum)
+            code = interrupts.report(_print_error)
+        finally:
+            interrupts.restore() if in_process else interrupts.closing()
     interrupts.leave(code, in_process)
 
 

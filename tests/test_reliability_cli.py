@@ -169,3 +169,17 @@ def test_the_real_entry_point_exits_2_on_a_usage_error_and_0_on_help(tmp_path):
     assert usage.returncode == 2 and usage.stderr.strip() == "error: No such option: --zzz (see --help)"
     helped = subprocess.run([sys.executable, "-m", "dmlkit", "--help"], capture_output=True, text=True, env=env)
     assert helped.returncode == 0 and "Usage" in helped.stdout and helped.stderr == ""
+
+
+def test_an_in_process_command_gives_the_warning_display_back(cli):
+    """`dmlkit.cli.main([...])` called from Python (a notebook, a test) shows dmlkit's deprecations
+    while the command runs and gives warnings.showwarning and the filters back when it returns, so
+    a later warning of the caller's is not printed by dmlkit's hook (it went to stderr before)."""
+    import warnings
+
+    before_show, before_filters = warnings.showwarning, list(warnings.filters)
+    code, _, err = cli("list", "loss")
+    assert code == 0, err
+    assert warnings.showwarning is before_show and warnings.filters == before_filters
+    with pytest.warns(FutureWarning, match="the caller's own"):
+        warnings.warn("the caller's own", FutureWarning, stacklevel=1)
