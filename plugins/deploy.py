@@ -745,7 +745,7 @@ def index_cmd(
         amp=False, eval_batch_size=batch_size or trainer.settings.eval_batch_size
     )
     try:
-        emb, _ = trainer.embed(split, f"embedding {len(files):,} images")
+        emb, _ = trainer.embed(split, "images to index")
     except DataError as exc:
         from dmlkit.cli import one_line
 
@@ -874,7 +874,7 @@ def update_index(folder: Path, paths: list[Path], add: bool, remove: bool, skip_
         keep = [i for i in range(index.ntotal) if i not in gone]
         if not keep:
             raise DmlkitError(f"--remove would leave index {folder} empty; delete the folder instead")
-        vectors = index.reconstruct_n(0, index.ntotal)
+        vectors = _all_vectors(index)
         index = faiss.IndexFlatL2(index.d)
         index.add(np.ascontiguousarray(vectors[keep]))
         items = {"root": root, "paths": [loaded.paths[i] for i in keep], "classes": [classes[i] for i in keep]}
@@ -1477,6 +1477,12 @@ def _check_search_options(k: int, threshold: float | None, fmr: float | None, ti
         raise DmlkitError(f"--timeout must be a positive number of seconds; got {timeout}")
 
 
+def _all_vectors(index: Any) -> np.ndarray:
+    """Every vector of ``index`` as a float32 array, also where ``faiss.contrib.torch_utils`` (which
+    pytorch-metric-learning imports) makes faiss return torch tensors."""
+    return np.asarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32)
+
+
 # --------------------------------------------------------------------------- evaluate-index
 def stored_vectors(index: Any, factory: str) -> np.ndarray:
     """The vectors a faiss index holds (for IVF through its direct map; for PQ codes, their
@@ -1485,10 +1491,10 @@ def stored_vectors(index: Any, factory: str) -> np.ndarray:
 
     try:
         try:
-            return index.reconstruct_n(0, index.ntotal)
+            return _all_vectors(index)
         except RuntimeError:
             faiss.extract_index_ivf(index).make_direct_map()
-            return index.reconstruct_n(0, index.ntotal)
+            return _all_vectors(index)
     except Exception as exc:
         raise DmlkitError(f"cannot read the vectors back from the {factory} index ({_first_line(exc)})") from None
 

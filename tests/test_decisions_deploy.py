@@ -115,7 +115,7 @@ def stored_vectors(index):
     import faiss
 
     faiss_index = faiss.read_index(str(index / "index.faiss"))
-    return faiss_index.reconstruct_n(0, faiss_index.ntotal).astype(np.float64)
+    return np.asarray(faiss_index.reconstruct_n(0, faiss_index.ntotal), dtype=np.float64)  # torch_utils: a tensor
 
 
 def embed(index, files):

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from dmlkit.data import load_image
 from dmlkit.train import load_run
-from dmlkit_plugins.deploy import MANIFEST
+from dmlkit_plugins.deploy import MANIFEST, stored_vectors
 
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40), (200, 40, 200), (40, 200, 200)]
 
@@ -157,7 +157,7 @@ def test_index_and_search_find_each_image_first(image_run, cli, tmp_path):
     import faiss
 
     a, b = (faiss.read_index(str(tmp_path / d / "index.faiss")) for d in ("idx", "idx2"))
-    np.testing.assert_allclose(a.reconstruct_n(0, a.ntotal), b.reconstruct_n(0, b.ntotal), atol=1e-5)
+    np.testing.assert_allclose(stored_vectors(a, "Flat"), stored_vectors(b, "Flat"), atol=1e-5)
     code, _, err = cli("index", str(run), "--images", str(data / "test"), "--out", str(tmp_path / "idx3"),
                        "--device", "tpu")  # fmt: skip
     assert code == 1 and "unknown device 'tpu'" in err and not (tmp_path / "idx3").exists()
@@ -201,7 +201,7 @@ def test_index_of_a_feature_cache_run_embeds_only_what_the_run_has_not_cached(im
     trainer.features, trainer.net = None, trainer.model  # the uncached path: every image through the backbone
     want, _ = trainer.embed(split)
     index = faiss.read_index(str(tmp_path / "idx" / "index.faiss"))
-    np.testing.assert_allclose(index.reconstruct_n(0, index.ntotal), want, atol=1e-5)
+    np.testing.assert_allclose(stored_vectors(index, "Flat"), want, atol=1e-5)
     # a second index of the same folder embeds nothing: the folder's features are cached now
     computed.clear()
     code, _, err = cli("index", str(run), "--images", str(data), "--out", str(tmp_path / "idx2"))
@@ -257,3 +257,29 @@ def test_a_run_on_tensors_exports_but_does_not_index(cli, tmp_path):
     shapes(tmp_path / "imgs")
     code, _, err = cli("index", str(tmp_path / "digits"), "--images", str(tmp_path / "imgs"))
     assert code == 1 and "tensors, not image files" in err
+
+
+def test_faiss_patched_by_torch_utils_still_gives_arrays():
+    """pytorch-metric-learning imports faiss.contrib.torch_utils, after which faiss returns torch
+    tensors where no array goes in (reconstruct_n): dmlkit's index vectors and retrieval metrics
+    stay numpy and unchanged in such a process (a fresh one: the patch is process-wide)."""
+    import subprocess
+
+    script = """
+import numpy as np, faiss
+from dmlkit.evaluation import retrieval_metrics
+from dmlkit_plugins.deploy import stored_vectors
+rng = np.random.default_rng(0)
+x, y = rng.standard_normal((60, 8)).astype(np.float32), np.repeat(np.arange(6), 10)
+before = retrieval_metrics(x, y)
+import faiss.contrib.torch_utils
+index = faiss.IndexFlatL2(8)
+index.add(x)
+assert not isinstance(index.reconstruct_n(0, 60), np.ndarray)  # the patch is in effect
+v = stored_vectors(index, "Flat")
+assert type(v) is np.ndarray and np.array_equal(v, x), type(v)
+assert retrieval_metrics(x, y) == before
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
