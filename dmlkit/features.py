@@ -140,7 +140,8 @@ class FeatureCache:
             return self._compute(split, None, what)
         self.trainer.console.print(
             f"feature cache: {len(split) - len(missing):,} of {len(split):,} images already cached "
-            f"(the run's validation and test images); embedding the other {len(missing):,}"
+            f"(the run's validation and test images); embedding the other {len(missing):,}",
+            soft_wrap=True,
         )
         if missing:
             part = Split([split.items[i] for i in missing], split.labels[missing], split.transform, split.mode)
@@ -215,11 +216,11 @@ class FeatureCache:
         stacked = torch.stack(views)
         return stacked if tr.train_index is None else stacked[:, torch.as_tensor(tr.train_index)]
 
-    def eval_features(self, split: Split) -> Tensor:
+    def eval_features(self, split: Split, what: str = "evaluation") -> Tensor:
         """[N, F] features of ``split`` under the evaluation transform: the validation images only
-        (not every training image), the test split, or another split."""
+        (not every training image), the test split, or another split (``what`` names it)."""
         tr = self.trainer
-        what = {id(tr.val_split): "validation", id(tr.test_split): "test"}.get(id(split), "evaluation")
+        what = {id(tr.val_split): "validation", id(tr.test_split): "test"}.get(id(split), what)
         return self.features(split, None, what)
 
     def train_batches(self, epoch: int):

@@ -130,7 +130,7 @@ class Trainer:
             if self.features is not None:
                 out = embed_tensors(
                     self.net,
-                    self.features.eval_features(split),
+                    self.features.eval_features(split, what),
                     device=self.device,
                     batch_size=t.eval_batch_size,
                     amp=t.amp,
