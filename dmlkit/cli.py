@@ -1062,9 +1062,9 @@ def _show_deprecations() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one red line and a non-zero exit (``--debug`` shows tracebacks);
     Ctrl-C and SIGTERM end with ``error: interrupted`` / ``error: terminated`` and status 130 / 143."""
-    from dmlkit import interrupts
-
     import warnings
+
+    from dmlkit import interrupts
 
     in_process = argv is not None  # called from Python: give the signal handlers and warning display back afterwards
     argv = list(sys.argv[1:] if argv is None else argv)
