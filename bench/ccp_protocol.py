@@ -10,6 +10,14 @@ loss train on them, batches of 8 classes x 4 images (the paper's), Adam 1e-4 (we
 1e-4, clipping at 10 for every run, CCP's recommendation), ``--steps`` steps. ``--full``:
 the backbone is fine-tuned too (BatchNorm frozen, backbone at 0.1x), which needs a GPU.
 
+``--preset paper``: the paper's protocol and per-dataset settings instead (``preset=paper`` of the
+ccp loss: Adam 1e-5 constant, batch 32 = 8 classes x 4, 128-d, validation every 25 steps, stop
+after 60 validations without improvement, weight decay before clipping, norms exempt, value
+clipping; the supplement's C2 / triplet / MS settings for CUB), applied alike to the base loss
+alone and to CCP; ``--steps`` is the most steps a run may take. ``--select-patience 3 10 30``
+first chooses CCP's plateau patience on validation (the base ``--bases``' first loss, seed 100;
+their test values are not recorded), then runs the table with the chosen one.
+
 Every run holds out a quarter of the training classes (class-disjoint) and validates every 25
 steps; the reported epoch is the best by validation MAP@R, for the base loss as for CCP; the
 test split is read once, at that epoch. Results (test P@1 and MAP@R per run, mean and spread
@@ -73,12 +81,43 @@ def config(args: argparse.Namespace, loss: dict, seed: int) -> dict:
     }
 
 
+def paper_config(args: argparse.Namespace, loss: dict, seed: int) -> dict:
+    """The paper's protocol for the base loss alone or for CCP (``preset=paper``), frozen features."""
+    from dmlkit_plugins.ccp import PAPER_DATASET_OPTIONS, paper_settings
+
+    base = loss.get("base", loss["name"])
+    data = {"name": "cub200", "root": args.data_root}
+    preset = paper_settings({"base": base}, {"dataset": data})
+    steps_per_epoch = preset["sampler"]["batches_per_epoch"]
+    train = {
+        **preset["train"],
+        "seed": seed,
+        "epochs": max(1, args.steps // steps_per_epoch),  # the most a run may take; patience stops it earlier
+        "head_init": "random",
+        "pooling": "avgmax",
+        "eval_batch_size": 128,
+        "num_workers": 2,
+        "freeze_backbone": True,
+        "feature_cache": True,
+        "cache_views": args.views,
+        "cache_dir": args.cache_dir,
+    }
+    if loss["name"] == "ccp":
+        loss = {**loss, "preset": "paper"}
+    else:  # the base alone: the supplement's settings for the dataset, on normalised embeddings
+        loss = {**loss, **PAPER_DATASET_OPTIONS.get(base, {}).get("cub200", {})}
+    backbone = {"name": "efficientnet_lite0", "pretrained": True}
+    return {"dataset": data, "backbone": backbone, "sampler": preset["sampler"], "loss": loss, "train": train}
+
+
 def run_one(args: argparse.Namespace, loss: dict, seed: int, out_dir: Path, console: Console) -> dict:
     reg = get_registry()
-    cfg, _ = resolve(config(args, loss, seed), reg)
+    paper = args.preset == "paper"
+    cfg, _ = resolve(paper_config(args, loss, seed) if paper else config(args, loss, seed), reg)
     cfg["train"]["normalize_embeddings"] = loss["name"] != "ccp"  # the base losses normalise; CCP's ball does not
-    steps_per_epoch = len(Trainer(cfg, reg, out_dir, console=Console(quiet=True)).sampler)
-    cfg["train"]["epochs"] = max(1, round(args.steps / steps_per_epoch))  # the schedule spans the whole budget
+    if not paper:
+        steps_per_epoch = len(Trainer(cfg, reg, out_dir, console=Console(quiet=True)).sampler)
+        cfg["train"]["epochs"] = max(1, round(args.steps / steps_per_epoch))  # the schedule spans the whole budget
     trainer = Trainer(cfg, reg, out_dir, console=console)
     start = time.perf_counter()
     trainer.fit()
@@ -89,7 +128,9 @@ def run_one(args: argparse.Namespace, loss: dict, seed: int, out_dir: Path, cons
         "loss": loss["name"],
         "base": loss.get("base", loss["name"]),
         "seed": seed,
+        "patience": loss.get("patience"),
         "steps": trainer.step,
+        "stopped_early": trainer.epoch < cfg["train"]["epochs"],
         "best_epoch": res["best_epoch"],
         "val_map_at_r": res["best_value"],
         "precision_at_1": res["test"]["precision_at_1"],
@@ -128,16 +169,30 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=2, help="augmentation views cached per training image")
     ap.add_argument("--cache-dir", default="", help="feature cache folder (default ~/.cache/dmlkit/features)")
     ap.add_argument("--full", action="store_true", help="fine-tune the backbone too (a GPU job)")
+    ap.add_argument("--preset", default="", choices=("", "paper"), help="paper: the paper's protocol and settings")
+    ap.add_argument("--select-patience", type=int, nargs="*", default=[], help="CCP plateau patiences to choose from")
     ap.add_argument("--runs", default="runs/ccp_protocol")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if args.dataset == "cub200" and not args.data_root:
         ap.error("--data-root is needed for cub200 (e.g. ../shared/data/CUB_200_2011)")
+    if args.preset and (args.full or args.dataset != "cub200"):
+        ap.error("--preset paper runs on cub200 with frozen features (not --full, not digits)")
     console = Console(quiet=True)
+    chosen, selection = None, []
+    for patience in args.select_patience:  # chosen on validation only: these runs' test values are not kept
+        row = run_one(args, {"name": "ccp", "base": args.bases[0], "patience": patience}, 100, Path(args.runs)
+                      / f"select-p{patience}", console)  # fmt: skip
+        selection.append({k: row[k] for k in ("patience", "steps", "best_epoch", "val_map_at_r", "ccp_instances")})
+        print(json.dumps(selection[-1]), flush=True)
+    if selection:
+        chosen = max(selection, key=lambda r: r["val_map_at_r"])["patience"]
+        print(f"chosen on validation: CCP patience {chosen}", flush=True)
     rows = []
     for base in args.bases:
         for seed in args.seeds:
-            for loss in ({"name": base}, {"name": "ccp", "base": base}):
+            ccp = {"name": "ccp", "base": base, **({"patience": chosen} if chosen is not None else {})}
+            for loss in ({"name": base}, ccp):
                 tag = f"{loss['name']}-{base}-s{seed}"
                 row = run_one(args, loss, seed, Path(args.runs) / tag, console)
                 rows.append(row)
@@ -149,7 +204,7 @@ def main() -> None:
             f"{t['method']:28} {t['precision_at_1']:.4f} ± {t['precision_at_1_sd']:.4f} "
             f"{t['map_at_r']:.4f} ± {t['map_at_r_sd']:.4f}  {t['plateau_reinits'] or ''}"
         )
-    result = {**machine(), "args": vars(args), "runs": rows, "summary": table}
+    result = {**machine(), "args": vars(args), "selection": selection, "runs": rows, "summary": table}
     if args.out:
         save(result, args.out)
 
