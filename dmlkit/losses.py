@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 Indices = tuple[Tensor, ...]
 
@@ -55,6 +56,7 @@ class _Distance(torch.autograd.Function):
         return dist
 
     @staticmethod
+    @once_differentiable  # a second derivative through it raises instead of coming out wrong
     def backward(ctx, grad: Tensor):
         x, y, dist, live = ctx.saved_tensors
         g = torch.div(grad, dist).mul_(0.5).mul_(live)  # grad / (2 d), exactly (halving is exact)

@@ -19,6 +19,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 import dmlkit
 from dmlkit.errors import OptionError
@@ -783,6 +784,7 @@ class _VarianceTerms(torch.autograd.Function):
         return value
 
     @staticmethod
+    @once_differentiable  # a second derivative through it raises instead of coming out wrong
     def backward(ctx, grad_value: Tensor):
         (grad,) = ctx.saved_tensors
         return grad * grad_value, None, None, None, None
