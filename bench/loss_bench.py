@@ -5,7 +5,8 @@
     python bench/loss_bench.py --out r.json
 
 Labels are 4 samples per class (as an m_per_class sampler gives); proxy losses own one
-proxy per class. Times are medians over repeats after warm-up, with CUDA synchronised.
+proxy per class. Times are medians over repeats after warm-up, with CUDA synchronised; dmlkit
+and PML take turns step by step, so that a shared machine's load falls on both alike.
 """
 
 from __future__ import annotations
@@ -83,23 +84,38 @@ def _family_cases(num_classes: int, dim: int) -> list:
     return out
 
 
-def step_time(loss, miner, emb, labels, repeats: int) -> float:
+def step_times(sides: list, emb, labels, repeats: int) -> list:
+    """Median ms per forward + backward step of each side, a (loss, miner) or None (not run), or the
+    MemoryError it raised. The sides take turns step by step (3 warm-up rounds, then ``repeats``),
+    so that the load of a shared machine falls on each alike."""
     dev = emb.device
-    loss = loss.to(dev)
-    times = []
+    sides = [side if side is None else (side[0].to(dev), side[1]) for side in sides]
+    times: list = [[] for _ in sides]
     for i in range(repeats + 3):
-        x = emb.detach().clone().requires_grad_(True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        idx = miner(x, labels) if miner is not None else None
-        value = loss(x, labels, indices_tuple=idx) if _is_pml(loss) else loss(x, labels, indices=idx)
-        value.backward()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 3:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
+        for k, side in enumerate(sides):
+            if side is None or isinstance(times[k], MemoryError):
+                continue
+            try:
+                elapsed = _step(*side, emb, labels)
+            except MemoryError as exc:  # a case refuses a PML loss too large for the machine
+                times[k] = exc
+                continue
+            if i >= 3:
+                times[k].append(elapsed)
+    return [t if isinstance(t, MemoryError) or not t else statistics.median(t) * 1000 for t in times]
+
+
+def _step(loss, miner, emb, labels) -> float:
+    x = emb.detach().clone().requires_grad_(True)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    idx = miner(x, labels) if miner is not None else None
+    value = loss(x, labels, indices_tuple=idx) if _is_pml(loss) else loss(x, labels, indices=idx)
+    value.backward()
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
 
 
 def _is_pml(loss) -> bool:
@@ -111,14 +127,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="")
     ap.add_argument("--losses", default="", help="comma-separated names to run (default: all)")
+    ap.add_argument("--classes", default="100,11318", help="comma-separated class counts (default: 100,11318)")
+    ap.add_argument("--repeats", type=int, default=0, help="timed rounds per row (default: 5 on a CPU, 30 on a GPU)")
     args = ap.parse_args()
     wanted = {w.strip() for w in args.losses.split(",") if w.strip()}
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    repeats = 5 if args.quick or dev.type == "cpu" else 30
+    repeats = args.repeats or (5 if args.quick or dev.type == "cpu" else 30)
     batches = (256,) if args.quick else (256, 1024)
     dim = 512
     result = {**machine(), "device": str(dev), "dim": dim, "rows": []}
-    for classes in (100, 11318):
+    for classes in (int(c) for c in args.classes.split(",")):
         for batch in batches:
             g = torch.Generator().manual_seed(0)
             emb = torch.randn(batch, dim, generator=g).to(dev)
@@ -127,18 +145,13 @@ def main() -> None:
             for name, ours, theirs in cases(classes, dim):
                 if wanted and name not in wanted:
                     continue
-                row = {
-                    "loss": name,
-                    "batch": batch,
-                    "classes": classes,
-                    "dmlkit_ms": round(step_time(*ours(), emb, labels, repeats), 3),
-                }
-                if theirs is not None:
-                    try:
-                        row["pml_ms"] = round(step_time(*theirs(), emb, labels, repeats), 3)
-                        row["speedup"] = round(row["pml_ms"] / row["dmlkit_ms"], 2)
-                    except MemoryError as exc:  # a case refuses a PML loss too large for the machine
-                        row["pml_ms"], row["pml_not_run"] = None, str(exc)
+                ours_ms, pml_ms = step_times([ours(), theirs() if theirs else None], emb, labels, repeats)
+                row = {"loss": name, "batch": batch, "classes": classes, "dmlkit_ms": round(ours_ms, 3)}
+                if isinstance(pml_ms, MemoryError):
+                    row["pml_ms"], row["pml_not_run"] = None, str(pml_ms)
+                elif pml_ms is not None:
+                    row["pml_ms"] = round(pml_ms, 3)
+                    row["speedup"] = round(row["pml_ms"] / row["dmlkit_ms"], 2)
                 result["rows"].append(row)
                 print(json.dumps(row), flush=True)
     save(result, args.out)

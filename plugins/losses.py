@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 import dmlkit
 from dmlkit.errors import OptionError
@@ -115,10 +116,7 @@ class ContrastiveLoss(MetricLoss):
                 (self.neg_margin - neg_d).clamp_min(0)
             )
         pos, neg = pair_masks(labels, ref_labels, indices, len(emb), len(other), emb.device)
-        # masked sums rather than boolean indexing: the same numbers, fewer gathers
-        pos_l = (dist - self.pos_margin).clamp_min(0) * pos
-        neg_l = (self.neg_margin - dist).clamp_min(0) * neg
-        return _mean_nonzero(pos_l) + _mean_nonzero(neg_l)
+        return _HingeMeans.apply(dist, pos, neg, self.pos_margin, self.neg_margin)
 
 
 def _mined_pair_values(mat: Tensor, labels: Tensor, ref_labels: Tensor | None, indices) -> tuple[Tensor, Tensor]:
@@ -134,6 +132,43 @@ def _mined_pair_values(mat: Tensor, labels: Tensor, ref_labels: Tensor | None, i
     pos = torch.unique(a1[ok] * m + p[ok])
     neg = torch.unique((a2 * m + n)[labels[a2] != ref[n]])
     return flat[pos], flat[neg]
+
+
+class _HingeMeans(torch.autograd.Function):
+    """The contrastive loss on [n, m] masks: the mean over the positive pairs with ``d > pos_margin``
+    of ``d - pos_margin`` plus the mean over the negative pairs with ``d < neg_margin`` of
+    ``neg_margin - d`` (0 for a side with none): ``_mean_nonzero`` of the clamped, masked terms.
+    Written out because it is most of a long mined list's step: two fresh [n, m] tensors (a new
+    one costs more than a pass over one the process has) where autograd's graph makes ~8, and the
+    gradient made in the forward pass. Gradient: PML's (its relu's), 0 at a pair exactly on its
+    margin, where clamp_min's would be 1 (a tie of measure zero)."""
+
+    @staticmethod
+    def forward(ctx, dist: Tensor, pos: Tensor, neg: Tensor, pos_margin: float, neg_margin: float) -> Tensor:
+        value, grad = 0.0, None
+        for mask, term, sign in ((pos, dist - pos_margin, 1.0), (neg, neg_margin - dist, -1.0)):
+            term = torch.where(mask, term.clamp_min_(0.0), term.new_zeros(()), out=term)
+            total = term.sum()
+            slope = term.sign_()  # the term's gradient: 1 where it is > 0
+            count = _count_ones(slope)
+            value = value + total / count
+            slope.mul_(sign / count)
+            grad = slope if grad is None else grad.add_(slope)
+        ctx.save_for_backward(grad)
+        return value
+
+    @staticmethod
+    @once_differentiable  # a second derivative through it raises instead of coming out wrong
+    def backward(ctx, grad_value: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_value, None, None, None, None
+
+
+def _count_ones(ones: Tensor) -> Tensor:
+    """How many entries of a 0/1 float tensor are 1 (at least 1), in its dtype: a plain sum, exact while
+    the total stays below 2^24 in float32 (count_nonzero, or a sum in float64, take ~20x longer)."""
+    exact = ones.dtype == torch.float64 or ones.numel() < 2**24
+    return (ones.sum() if exact else ones.sum(dtype=torch.float64).to(ones.dtype)).clamp_min(1)
 
 
 def _similarity(x: Tensor, y: Tensor, normalize: bool) -> Tensor:

@@ -19,6 +19,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 import dmlkit
 from dmlkit.errors import OptionError
@@ -88,7 +89,7 @@ def _pair_weights(
     """
     pos, neg = label_masks(labels, ref_labels)
     if indices is None:
-        few = int(pos.sum()) <= 1 and int(neg.sum()) <= 1
+        few = int(pos.count_nonzero()) <= 1 and int(neg.count_nonzero()) <= 1  # (a bool sum makes an int64 copy)
         return pos, neg, few
     a1, p, a2, an = triplets_to_pairs(indices) if len(indices) == 3 else indices
     cpos = torch.zeros(n, m, dtype=dtype, device=pos.device)
@@ -743,6 +744,8 @@ class IntraPairVarianceLoss(MetricLoss):
             return zero_loss(emb, y)
         sim = x @ y.T
         total = zero_loss(emb, y)
+        if pos.dtype == torch.bool:  # every pair (no miner): dense [n, m] passes instead of pair lists
+            return total + _VarianceTerms.apply(sim, pos, neg, 1 - self.pos_eps, 1 + self.neg_eps)
         s, count = _values(sim, pos)
         if len(s):
             total = total + _mean(((1 - self.pos_eps) * _mean(s, count) - s).clamp_min(0).square(), count)
@@ -750,6 +753,41 @@ class IntraPairVarianceLoss(MetricLoss):
         if len(s):
             total = total + _mean((s - (1 + self.neg_eps) * _mean(s, count)).clamp_min(0).square(), count)
         return total
+
+
+class _VarianceTerms(torch.autograd.Function):
+    """Intra-pair variance on [n, m] masks: with mu the mean similarity of a mask's pairs,
+    ``mean [pos_scale mu_p - s]+^2`` over the positive pairs plus ``mean [s - neg_scale mu_n]+^2``
+    over the negative pairs (a side without pairs adds 0). Written out because, with every pair of
+    a large batch, selecting the ~n m negative pairs into a list and scattering their gradient back
+    took longer than the loss itself: here one fresh [n, m] tensor per side, and the gradient
+    (through mu too) made in the forward pass. Gradient of a side with r = [sign (s - k mu)]+ over
+    its c pairs: ``sign (2 / c) (r - (k / c) sum r)`` on its pairs, 0 elsewhere."""
+
+    @staticmethod
+    def forward(ctx, sim: Tensor, pos: Tensor, neg: Tensor, pos_scale: float, neg_scale: float) -> Tensor:
+        value, grad = sim.new_zeros(()), None
+        zero = sim.new_zeros(())
+        for mask, scale, sign in ((pos, pos_scale, -1.0), (neg, neg_scale, 1.0)):
+            count = mask.count_nonzero().to(sim.dtype)
+            if not count:
+                continue
+            r = torch.where(mask, sim, zero)
+            mean = r.sum() / count
+            r = torch.sub(sim, scale * mean, out=r).mul_(sign).clamp_min_(0.0)
+            r = torch.where(mask, r, zero, out=r)
+            value = value + torch.dot(r.view(-1), r.view(-1)) / count
+            shift = scale * r.sum() / count
+            side = torch.where(mask, r.sub_(shift), zero, out=r).mul_(2.0 * sign / count)
+            grad = side if grad is None else grad.add_(side)
+        ctx.save_for_backward(torch.zeros_like(sim) if grad is None else grad)
+        return value
+
+    @staticmethod
+    @once_differentiable  # a second derivative through it raises instead of coming out wrong
+    def backward(ctx, grad_value: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_value, None, None, None, None
 
 
 # ========================================================================================= instance
