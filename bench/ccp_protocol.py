@@ -14,7 +14,7 @@ the backbone is fine-tuned too (BatchNorm frozen, backbone at 0.1x), which needs
 ccp loss: Adam 1e-5 constant, batch 32 = 8 classes x 4, 128-d, validation every 25 steps, stop
 after 60 validations without improvement, weight decay before clipping, norms exempt, value
 clipping; the supplement's C2 / triplet / MS settings for CUB), applied alike to the base loss
-alone and to CCP; ``--steps`` is the most steps a run may take. ``--select-patience 3 10 30``
+alone and to CCP, on frozen features or with ``--full``; ``--steps`` is the most steps a run may take. ``--select-patience 3 10 30``
 first chooses CCP's plateau patience on validation (the base ``--bases``' first loss, seed 100;
 their test values are not recorded), then runs the table with the chosen one.
 
@@ -82,7 +82,8 @@ def config(args: argparse.Namespace, loss: dict, seed: int) -> dict:
 
 
 def paper_config(args: argparse.Namespace, loss: dict, seed: int) -> dict:
-    """The paper's protocol for the base loss alone or for CCP (``preset=paper``), frozen features."""
+    """The paper's protocol for the base loss alone or for CCP (``preset=paper``), on frozen features
+    or (``--full``) fine-tuning the whole network."""
     from dmlkit_plugins.ccp import PAPER_DATASET_OPTIONS, paper_settings
 
     base = loss.get("base", loss["name"])
@@ -97,11 +98,9 @@ def paper_config(args: argparse.Namespace, loss: dict, seed: int) -> dict:
         "pooling": "avgmax",
         "eval_batch_size": 128,
         "num_workers": 2,
-        "freeze_backbone": True,
-        "feature_cache": True,
-        "cache_views": args.views,
-        "cache_dir": args.cache_dir,
     }
+    if not args.full:  # frozen features; with --full the whole network trains at the paper's lr, BN frozen
+        train.update(freeze_backbone=True, feature_cache=True, cache_views=args.views, cache_dir=args.cache_dir)
     if loss["name"] == "ccp":
         loss = {**loss, "preset": "paper"}
     else:  # the base alone: the supplement's settings for the dataset, on normalised embeddings
@@ -176,8 +175,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.dataset == "cub200" and not args.data_root:
         ap.error("--data-root is needed for cub200 (e.g. ../shared/data/CUB_200_2011)")
-    if args.preset and (args.full or args.dataset != "cub200"):
-        ap.error("--preset paper runs on cub200 with frozen features (not --full, not digits)")
+    if args.preset and args.dataset != "cub200":
+        ap.error("--preset paper has the paper's settings for cub200 (not digits)")
     console = Console(quiet=True)
     chosen, selection = None, []
     for patience in args.select_patience:  # chosen on validation only: these runs' test values are not kept
