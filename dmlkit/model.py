@@ -143,6 +143,10 @@ class EmbeddingModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.backbone_frozen:
+            if self.backbone_fixed and x.device.type == "cpu" and x.ndim == 4:
+                # an inference-only backbone on a CPU runs on channels-last input, as the feature cache
+                # embeds (a third to a half faster for convolutional backbones): cached == uncached
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
                 features = self.backbone(x)
             return self.head(features)
