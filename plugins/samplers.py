@@ -238,7 +238,12 @@ class TwoViewsSampler:
         registry = dmlkit.get_registry()
         self.base_name = registry.get("sampler", base).name
         context = {"labels": labels, "batch_size": self.images, "seed": seed, "rank": 0, "world_size": 1}
-        self.base = registry.build("sampler", base, context=context, **dict(base_options or {}))
+        try:
+            self.base = registry.build("sampler", base, context=context, **dict(base_options or {}))
+        except OptionError as exc:
+            raise OptionError(
+                f"two_views base '{self.base_name}', given batch_size {self.images} (train.batch_size / 2): {exc}"
+            ) from None
         if isinstance(self.base, MPerClassSampler):
             self.base.distinct_classes = True  # a class twice in a batch could draw an image twice
             small = [len(items) for items in self.base.by_class if len(items) < self.base.m]
