@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dmlkit.contract import check_requirements
+from dmlkit.contract import check_requirements, check_views
 from dmlkit.data import DatasetSplits, Split
 from dmlkit.errors import DmlkitError
 from dmlkit.model import EmbeddingHead, EmbeddingModel, feature_size, input_spec
@@ -133,6 +133,7 @@ def build_parts(
         context={**sampler_ctx, "rank": rank, "world_size": world},
         **options(cfg["sampler"]),
     )
+    check_views(cfg, registry, loss, sampler, settings)  # two views of each image, before any is embedded
     callbacks = [registry.build("callback", cb["name"], **options(cb)) for cb in cfg["callbacks"]]
     parts = Parts(
         evaluator,

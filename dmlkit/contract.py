@@ -163,6 +163,14 @@ ATTRIBUTES: dict[str, Attribute] = {
             '`{metric: "max" | "min"}`: what the evaluator reports and in which direction it is better; required '
             "for selection on validation",
         ),
+        Attribute(
+            "batch_views",
+            "loss, sampler",
+            1,
+            "a sampler's: copies of each image in its batches, laid out `[copy 1; copy 2; ...]` (two_views: 2); a "
+            "loss's: the copies it needs (self_supervised: 2), checked against the sampler's once both are built, "
+            "before any image is embedded; with `train.feature_cache` each copy takes another cached view",
+        ),
         Attribute("needs_pool", "proxy_initializer", True, "`False` when it needs no embedded pool (`pool` is None)"),
         Attribute(
             "combines_terms", "loss", False, "`True` on the loss that `--loss a+0.5*b` builds (one per registry)"
@@ -260,6 +268,33 @@ def check_requirements(cfg: dict[str, Any], registry: Any, evaluator: Any, data:
                 f"'{cfg['dataset']['name']}' gives none for its {' and '.join(bare)} split (omniglot gives its "
                 "alphabets); change that evaluator option"
             )
+
+
+def check_views(cfg: dict[str, Any], registry: Any, loss: Any, sampler: Any, settings: Any) -> None:
+    """Refuses, once loss and sampler are built and before any image is embedded, a run whose loss
+    (or a part of it) needs each batch as ``batch_views`` copies of its images that its sampler does
+    not give, and a feature-cache run with fewer cached views than the sampler's copies of an image."""
+    modules = loss.modules() if hasattr(loss, "modules") else [loss]
+    needs = {getattr(m, "batch_views", 1) for m in modules} - {1}
+    gives = getattr(sampler, "batch_views", 1)
+    sampler_name, loss_name = cfg["sampler"]["name"], cfg["loss"]["name"]
+    if needs and needs != {gives}:
+        need = max(needs)
+        raise OptionError(
+            f"loss '{loss_name}' needs each batch as {need} views of the same images ([view1; view2], row i and "
+            f"row i + n/2 one image), and sampler '{sampler_name}' gives "
+            + (f"{gives}" if gives != 1 else "each image once")
+            + (
+                f"; use --sampler two_views (--sampler-opt base={sampler_name} keeps its batches)"
+                if need == 2 and ("sampler", "two_views") in registry
+                else ""
+            )
+        )
+    if settings["feature_cache"] and gives > settings["cache_views"]:
+        raise OptionError(
+            f"sampler '{sampler_name}' gives {gives} copies of each image in a batch, each to take another cached "
+            f"view, and train.cache_views is {settings['cache_views']}; set train.cache_views >= {gives}"
+        )
 
 
 class RunContext:

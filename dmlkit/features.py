@@ -229,15 +229,28 @@ class FeatureCache:
 
     def train_batches(self, epoch: int):
         """(features, labels) batches of one epoch: the sampler's batches, each item in one of the
-        cached views drawn from (seed, epoch)."""
+        cached views drawn from (seed, epoch). A sampler that gives each image several times in a
+        batch (``batch_views`` > 1, two_views) gets a different view for each copy: the first copy
+        the view drawn as above, the k-th the first's view shifted by the k-th of a random
+        permutation of 1..views-1 drawn per item from (seed, epoch)."""
         tr = self.trainer
         stacked = self.train_views()
         labels = torch.as_tensor(tr.train_split.labels)
         rng = np.random.default_rng([tr.settings["seed"], epoch])
         pick = torch.as_tensor(rng.integers(0, self.views, stacked.shape[1]))
+        copies = getattr(tr.sampler, "batch_views", 1)
+        if copies > 1:
+            shifts = np.tile(np.arange(1, self.views), (stacked.shape[1], 1))
+            other = np.random.default_rng([tr.settings["seed"], epoch, copies])
+            shifts = torch.as_tensor(
+                np.concatenate([np.zeros((len(shifts), 1), np.int64), other.permuted(shifts, axis=1)], 1)
+            )
         for batch in tr.sampler:
             idx = torch.as_tensor(batch)
-            yield stacked[pick[idx], idx], labels[idx]
+            view = pick[idx]
+            if copies > 1:
+                view = (view + shifts[idx, occurrence(idx)]) % self.views
+            yield stacked[view, idx], labels[idx]
 
     def train_items(self, index: np.ndarray, seed: int) -> Tensor:
         """Features of training items ``index``, each in a view drawn from ``seed`` (augmented samples)."""
@@ -245,6 +258,19 @@ class FeatureCache:
         idx = torch.as_tensor(index)
         pick = torch.as_tensor(np.random.default_rng(seed).integers(0, self.views, len(idx)))
         return stacked[pick, idx]
+
+
+def occurrence(idx: Tensor) -> Tensor:
+    """For each entry of ``idx``, how many equal entries come before it (0 for a first occurrence)."""
+    order = torch.argsort(idx, stable=True)
+    ordered = idx[order]
+    starts = torch.ones(len(idx), dtype=torch.bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    position = torch.arange(len(idx))
+    first = torch.cummax(torch.where(starts, position, 0), 0).values
+    out = torch.empty_like(position)
+    out[order] = position - first
+    return out
 
 
 def available_memory() -> int | None:

@@ -154,6 +154,9 @@ def _check_attributes(kind: str, spec: Any) -> None:
     mults = getattr(factory, "lr_multipliers", {})
     if not isinstance(mults, dict) and not isinstance(mults, property):
         raise DmlkitError(f"lr_multipliers must be a dict {{parameter name: multiplier}}; got {mults!r}")
+    views = getattr(factory, "batch_views", 1)
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise DmlkitError(f"batch_views must be an integer >= 1 (copies of each image in a batch); got {views!r}")
     similarity = getattr(factory, "similarity", None) if kind == "loss" else None
     if similarity is not None and not callable(similarity):
         raise DmlkitError(f"similarity must be a method similarity(x, y) -> [n, m] scores; got {similarity!r}")

@@ -84,11 +84,13 @@ def _ints(rows: list[list[str]], lines: list[int], col: int, path: Path, problem
 
 
 # ---------------------------------------------------------------------------------------- digits
-def digits(train_classes: int = 5) -> DatasetSplits:
+def digits(train_classes: int = 5, augment: bool = False) -> DatasetSplits:
     """scikit-learn's bundled 8x8 handwritten digits (no download): classes 0-4 train, 5-9 test.
 
     Args:
         train_classes: the digits 0 .. train_classes-1 train, the others are the unseen test classes.
+        augment: shift each training image by a random -1..1 pixels in each direction (background filled in);
+            false (default): training images as they are. self_supervised turns it on.
     """
     from sklearn.datasets import load_digits
 
@@ -98,9 +100,26 @@ def digits(train_classes: int = 5) -> DatasetSplits:
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0  # 0..16 -> -1..1
     y = d.target
     tr, te = np.flatnonzero(y < train_classes), np.flatnonzero(y >= train_classes)
-    train = make_split([x[i] for i in tr], y[tr], mode="array")
+    train = make_split([x[i] for i in tr], y[tr], mode="array", transform=DigitShift() if augment else None)
     test = make_split([x[i] for i in te], y[te], mode="array")
     return DatasetSplits(train, test)
+
+
+class DigitShift:
+    """A random shift of an image by -pixels..pixels in each direction, drawn from torch's random
+    stream; the uncovered border takes the background value (-1)."""
+
+    def __init__(self, pixels: int = 1):
+        self.pixels = pixels
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        p, (h, w) = self.pixels, x.shape[-2:]
+        padded = torch.nn.functional.pad(x, (p, p, p, p), value=-1.0)
+        i, j = torch.randint(0, 2 * p + 1, (2,)).tolist()
+        return padded[..., i : i + h, j : j + w]
+
+    def __repr__(self) -> str:  # part of the feature cache's key
+        return f"DigitShift(pixels={self.pixels})"
 
 
 def _digits_recommends(options: dict) -> dict:

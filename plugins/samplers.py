@@ -1,4 +1,5 @@
-"""Built-in batch samplers: random, m_per_class (P classes x M samples), one_per_class.
+"""Built-in batch samplers: random, m_per_class (P classes x M samples), one_per_class, and
+two_views (each image of another sampler's batch twice, for self-supervised losses).
 
 Each is deterministic given (seed, epoch); under DDP every rank draws the same global
 sequence of batches and takes every world_size-th one, so the ranks' shares are disjoint.
@@ -7,8 +8,10 @@ sequence of batches and takes every world_size-th one, so the ranks' shares are 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
+import torch
 
 import dmlkit
 from dmlkit.errors import OptionError
@@ -114,11 +117,18 @@ class MPerClassSampler(BatchSampler):
                 f"m = {m} is larger than the samples of every class (at most {max(map(len, self.by_class))})"
             )
 
+    #: set by two_views: a batch that takes the last classes of one shuffled cycle and the first of the
+    #: next never takes a class twice (by default it may, drawing up to 2m of its samples)
+    distinct_classes = False
+
     def batches(self, rng):
         order = np.empty(0, dtype=np.int64)
         for _ in range(self.global_batches):
             if len(order) < self.p:
-                order = np.concatenate([order, rng.permutation(len(self.classes))])
+                fresh = rng.permutation(len(self.classes))
+                if self.distinct_classes:  # the leftover's classes go to the end of the next cycle
+                    fresh = np.concatenate([fresh[~np.isin(fresh, order)], fresh[np.isin(fresh, order)]])
+                order = np.concatenate([order, fresh])
             chosen, order = order[: self.p], order[self.p :]
             batch = []
             for c in chosen:
@@ -151,6 +161,148 @@ class OnePerClassSampler(MPerClassSampler):
         super().__init__(labels, batch_size, 1, seed, rank, world_size, batches_per_epoch)
 
 
+#: what the trainer gives a sampler; two_views sets them for its base sampler
+_RUNTIME = ("labels", "batch_size", "seed", "rank", "world_size")
+
+
+class TwoViewsSampler:
+    """Two views of each image: every batch is n distinct images followed by the same n again
+    (indices ``batch + batch``), so the DataLoader loads each image twice and the training
+    transform, drawn anew for every item, gives two independent augmentations: row i and row
+    i + n are two views of one image, the ``[view1; view2]`` batch ``self_supervised`` needs
+    (SimCLR's batches: Chen et al., "A Simple Framework for Contrastive Learning of Visual
+    Representations", ICML 2020; PML has no sampler for it and leaves the views to the user).
+
+    ``train.batch_size`` counts rows: a batch holds batch_size / 2 images, each twice (an odd
+    batch size is refused). The n images are a batch of the ``base`` sampler, built with batch
+    size n: ``random`` (default; an epoch shows every image once, in two views, the last
+    training-set size mod n images dropped) or ``m_per_class`` (its class structure kept:
+    batch_size / 2 / m distinct classes x m images, each twice), with ``base_options``. Under torchrun
+    each process takes every world_size-th batch, as the other samplers. A base batch that
+    holds an image twice is refused: ``self_supervised`` would count its copies as two images.
+
+    With ``train.feature_cache`` the two copies of an image take two different cached views, so
+    it needs ``train.cache_views >= 2``.
+
+    Args:
+        labels: supplied by the trainer: the training labels.
+        batch_size: supplied by the trainer (train.batch_size): rows per batch, twice the images in it.
+        base: the registered sampler that picks each batch's images (random, m_per_class, one_per_class, ...).
+        base_options: options of the base sampler (``--sampler-opt base_options.m=4``).
+        seed: supplied by the trainer: each epoch's order is drawn from (seed, epoch).
+        rank: supplied by the trainer: this process's share of every epoch's batches.
+        world_size: supplied by the trainer: the number of processes sharing the batches.
+    """
+
+    #: copies of each image in a batch, laid out [copy 1; copy 2] (dmlkit.contract.ATTRIBUTES)
+    batch_views = 2
+    nested_options = {"base_options": ("sampler", "base")}
+
+    @staticmethod
+    def validate_options(options: dict[str, Any]) -> None:
+        """The base sampler and its options, checked with the config before any data loads."""
+        name = options.get("base", "random")
+        base_options = options.get("base_options") or {}
+        if not isinstance(base_options, dict):
+            raise OptionError(f"two_views base_options must be a table of options; got {base_options!r}")
+        registry = dmlkit.get_registry()
+        spec = registry.get("sampler", name)  # an unknown name fails here, with suggestions
+        if getattr(spec.factory, "batch_views", 1) != 1:
+            raise OptionError(f"two_views cannot take '{spec.name}' as its base: it gives views itself")
+        given = sorted(set(base_options) & set(_RUNTIME))
+        if given:
+            raise OptionError(
+                f"two_views base_options cannot set '{given[0]}': two_views gives its base sampler the trainer's, "
+                "with batch_size = train.batch_size / 2"
+            )
+        registry.resolve_options("sampler", spec.name, dict(base_options))
+
+    def __init__(
+        self,
+        labels,
+        batch_size: int = 64,
+        base: str = "random",
+        base_options: dict | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.validate_options({"base": base, "base_options": base_options})
+        if batch_size % 2 or batch_size < 4:
+            raise OptionError(
+                f"two_views needs an even batch_size of at least 4 (rows: two views of batch_size / 2 images); "
+                f"got {batch_size}"
+            )
+        self.images = batch_size // 2
+        self.rank, self.world_size = rank, world_size
+        registry = dmlkit.get_registry()
+        self.base_name = registry.get("sampler", base).name
+        context = {"labels": labels, "batch_size": self.images, "seed": seed, "rank": 0, "world_size": 1}
+        try:
+            self.base = registry.build("sampler", base, context=context, **dict(base_options or {}))
+        except OptionError as exc:
+            raise OptionError(
+                f"two_views base '{self.base_name}', given batch_size {self.images} (train.batch_size / 2): {exc}"
+            ) from None
+        if isinstance(self.base, MPerClassSampler):
+            self.base.distinct_classes = True  # a class twice in a batch could draw an image twice
+            small = [len(items) for items in self.base.by_class if len(items) < self.base.m]
+            if small:
+                raise OptionError(
+                    f"two_views with base {self.base_name}: a class with {min(small)} images < m = {self.base.m} "
+                    "would be drawn with repeats, one image counted as two; lower m (base_options.m)"
+                )
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base) // self.world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        total = len(self) * self.world_size  # every rank gets as many batches
+        for b, batch in enumerate(self.base):
+            if b >= total:
+                return
+            if b % self.world_size != self.rank:
+                continue
+            batch = [int(i) for i in batch]
+            if len(set(batch)) != len(batch):
+                raise OptionError(
+                    f"two_views: base sampler '{self.base_name}' gave a batch that holds an image twice, which "
+                    "self-supervised losses count as two images; pick a base that draws distinct images"
+                )
+            yield batch + batch
+
+    def on_train_start(self, run) -> None:
+        """Warn when the training transform is not random: the two views of an image would be equal."""
+        split = run.train_split
+        if len(split) and _fixed_transform(split, 0):
+            run.console.print(
+                "[bold yellow]warning: two_views: the training transform gives the same tensor every time (no "
+                "random augmentation), so the two views of each image are identical and a self-supervised loss "
+                "learns nothing from them; turn on the dataset's augmentation (--dataset-opt augment=true)"
+                "[/bold yellow]",
+                soft_wrap=True,
+            )
+
+
+def _fixed_transform(split, index: int, draws: int = 16) -> bool:
+    """True when ``draws`` loads of item ``index`` are all equal; the random streams are left as they were."""
+    import random
+
+    states = (random.getstate(), np.random.get_state())
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            first = split[index][0]
+            return all(torch.equal(first, split[index][0]) for _ in range(draws - 1))
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+
+
 @dmlkit.hookimpl
 def register_samplers(register):
     from dmlkit import ComponentSpec
@@ -162,3 +314,8 @@ def register_samplers(register):
     )
     register(ComponentSpec("random", RandomSampler, "Shuffled batches"))
     register(ComponentSpec("one_per_class", OnePerClassSampler, "One sample from each of batch_size classes"))
+    register(
+        ComponentSpec(
+            "two_views", TwoViewsSampler, "Each image of a batch twice, [view1; view2], for self-supervised losses"
+        )
+    )

@@ -388,10 +388,10 @@ class SelfSupervisedLoss(LossWrapper):
     the wrapper regroups them into one ``[view1; view2]``. PML takes the views as two arguments,
     ``loss(z1, z2)``; dmlkit takes them stacked, as the trainer calls a loss, with the same numbers.
 
-    The data side does not give two views yet: dmlkit's samplers yield each image once per batch.
-    A sampler that yields a batch's indices twice (``batch + batch``) would, since the training
-    transform is drawn anew for every item; until one exists, ``dmlkit train`` refuses this loss
-    at the first step (halves with other labels), and it serves scripts that build
+    In ``dmlkit train`` the ``two_views`` sampler gives such batches: each image of a batch twice,
+    each load augmented anew (``train.batch_size`` counts rows, 2n). This loss recommends it, and
+    the dataset's augmentation (``augment = true``); a run with a sampler that gives each image
+    once is refused when it is built, before any image is embedded. Scripts may also call it on
     ``torch.cat([z1, z2])`` themselves.
 
     Args:
@@ -403,6 +403,8 @@ class SelfSupervisedLoss(LossWrapper):
 
     wrapper = "self_supervised"
     nested_options = {"loss_options": ("loss", "loss")}
+    #: each batch as two views of its images (dmlkit.contract.ATTRIBUTES): the two_views sampler's
+    batch_views = 2
 
     @staticmethod
     def validate_options(options: dict[str, Any]) -> None:
@@ -449,8 +451,8 @@ class SelfSupervisedLoss(LossWrapper):
         _check(
             torch.equal(lab[:, 0], lab[:, 1]),
             "self_supervised needs each batch as two views of the same images, [view1; view2] with row i and row "
-            "i + n/2 the same image, but this batch's halves have different labels: dmlkit's samplers give one view "
-            "per image (see `dmlkit show loss self_supervised`)",
+            "i + n/2 the same image, but this batch's halves have different labels; train with the two_views sampler "
+            "(--sampler two_views), which gives such batches",
         )
         return grouped[:, 0].reshape(n // 2, -1), grouped[:, 1].reshape(n // 2, -1)
 
@@ -461,6 +463,12 @@ class SelfSupervisedLoss(LossWrapper):
         if self.symmetric:
             return self.loss(torch.cat([first, second]), torch.cat([ids, ids]))
         return self.loss(first, ids, second, ids.clone())
+
+
+def _self_supervised_recommends(options: dict[str, Any]) -> dict[str, Any]:
+    """The two_views sampler (batches of two views of each image) and the dataset's augmentation,
+    which makes the two views differ (a dataset without an ``augment`` option keeps its own)."""
+    return {"sampler": {"name": "two_views"}, "dataset": {"augment": True}}
 
 
 @dmlkit.hookimpl
@@ -480,5 +488,6 @@ def register_losses(register):
             "self_supervised",
             SelfSupervisedLoss,
             "Two views of each image as the only positives, for any pair loss (PML's SelfSupervisedLoss)",
+            recommends=_self_supervised_recommends,
         )
     )

@@ -66,7 +66,12 @@ def test_python_dash_m_runs_the_cli():
 
     out = subprocess.run([sys.executable, "-m", "dmlkit", "list", "sampler", "--json"], capture_output=True, text=True)
     assert out.returncode == 0
-    assert {c["name"] for c in json.loads(out.stdout)["sampler"]} == {"m_per_class", "random", "one_per_class"}
+    assert {c["name"] for c in json.loads(out.stdout)["sampler"]} == {
+        "m_per_class",
+        "random",
+        "one_per_class",
+        "two_views",
+    }
 
 
 def test_help_shows_no_value_for_flags_and_key_value_for_options(cli):
