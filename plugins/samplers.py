@@ -138,7 +138,8 @@ class MPerClassSampler(BatchSampler):
 
 
 class OnePerClassSampler(MPerClassSampler):
-    """Batches of batch_size distinct classes, one sample each.
+    """Batches of batch_size distinct classes, one sample each (also where a batch takes the last
+    classes of one shuffled cycle and the first of the next).
 
     Args:
         labels: supplied by the trainer: the training labels.
@@ -159,6 +160,8 @@ class OnePerClassSampler(MPerClassSampler):
         batches_per_epoch: int = 0,
     ):
         super().__init__(labels, batch_size, 1, seed, rank, world_size, batches_per_epoch)
+
+    distinct_classes = True  # what its name promises
 
 
 #: what the trainer gives a sampler; two_views sets them for its base sampler

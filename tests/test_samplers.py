@@ -51,3 +51,15 @@ def test_bad_sampler_options():
         MPerClassSampler(LABELS, batch_size=48, m=4)
     with pytest.raises(OptionError, match="larger than the samples of every class"):
         MPerClassSampler(LABELS, batch_size=26, m=13)
+
+
+def test_one_per_class_never_repeats_a_class_in_a_batch():
+    """Where a batch takes the end of one shuffled cycle of classes and the start of the next, a
+    class could come twice (4 of 50 batches here before); one_per_class promises distinct classes."""
+    labels = np.repeat(np.arange(10), 20)
+    sampler = OnePerClassSampler(labels, batch_size=4, seed=0)
+    for epoch in range(5):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == 50
+        assert all(len(set(labels[b])) == 4 for b in batches)
