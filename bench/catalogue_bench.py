@@ -10,9 +10,10 @@ EfficientNet-Lite0 whose pooled (avg+max) features are cached once (``train.feat
 batches of 8 classes x 4 images, Adam 1e-4 with weight decay 1e-4 and gradient clipping at 10, no
 schedule, ``--steps`` steps; each loss with its own defaults and recommended settings where the
 run sets none (a classification loss's weights get their learning-rate group as it recommends).
-A quarter of the 58 training species is held out (class-disjoint) and validated every 25 steps;
-the reported epoch is the best by validation MAP@R and the test split (42 species) is read once,
-there. Each run's row is appended to ``--out``.jsonl as it ends, and a rerun skips the rows it
+A quarter of the 58 training species is held out (class-disjoint) and validated at each epoch's
+end (an epoch: the sampler's pass, about 80 steps); the reported epoch is the best by validation
+MAP@R, and the test split (42 species) is reported there. Each run's row is appended to
+``--out``.jsonl as it ends, with its steps and views; a rerun with the same ones skips the rows it
 finds (so an interrupted sweep goes on).
 """
 
@@ -88,7 +89,6 @@ def config(args: argparse.Namespace, name: str, seed: int) -> dict[str, Any]:
         "pooling": "avgmax",
         "val_fraction": 0.25,
         "val_split": "classes",
-        "val_every_steps": 25,
         "eval_batch_size": 128,
         "num_workers": 2,
         "freeze_backbone": True,
@@ -128,6 +128,7 @@ def run_one(args: argparse.Namespace, name: str, seed: int, console: Console) ->
         "precision_at_1": res["test"]["precision_at_1"],
         "map_at_r": res["test"]["map_at_r"],
         "seconds": round(time.perf_counter() - start, 1),
+        "budget": {"steps": args.steps, "views": args.views},
     }
 
 
@@ -158,6 +159,8 @@ def main() -> None:
     console = Console(quiet=True)
     log = Path(args.out).with_suffix(".jsonl")
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    budget = {"steps": args.steps, "views": args.views}
+    rows = [r for r in rows if r.get("budget", budget) == budget]  # rows of another budget are not mixed in
     done = {(r["loss"], r["seed"]) for r in rows}
     for name in args.losses:
         for seed in args.seeds:

@@ -68,7 +68,8 @@ def steps(data: Path | None, smoke: bool) -> list[dict]:
          "args": ["--data-root", cub, "--full", "--steps", "3000"], "needs": cub},
         {"name": "ccp_paper", "what": "CCP vs its base under the paper's protocol and settings, fine-tuned",
          "script": "ccp_protocol.py", "args": ["--data-root", cub, "--full", "--preset", "paper", "--steps", "10000",
-         "--bases", "contrastive", "multi_similarity", "--select-patience", "3", "30"], "needs": cub},
+         "--bases", "contrastive", "multi_similarity", "--select-patience", "3", "30", "--runs", "runs/ccp_paper"],
+         "needs": cub},
         {"name": "oneshot", "what": "Omniglot 20-way 1-shot per loss (siamese paper: ~92 %)", "script":
          "oneshot_bench.py", "args": ["--data-root", omni, "--epochs", "10"], "needs": omni},
     ]  # fmt: skip

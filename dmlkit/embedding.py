@@ -37,7 +37,8 @@ def embed_dataset(
     on a CPU when ``model`` (the module ``forward`` runs) is given, batches and weights are in
     channels-last memory format (a third to a half more images/s for convolutional backbones on
     a CPU, docs/benchmarks.md; the model is given back in its format after). Without ``model`` a
-    CPU runs in the default format, as training steps do: the feature cache must equal them."""
+    CPU runs in the default format, as training steps do (the feature cache of a frozen prefix
+    must equal them)."""
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -119,7 +119,9 @@ class FeatureCache:
         tr = self.trainer
         rows: dict[str, Tensor] = {}
         for other in (tr.val_split, tr.test_split):
-            if other is None or other is split or repr(other.transform) != repr(split.transform):
+            if other is None or other is split or other.mode != split.mode:
+                continue
+            if repr(other.transform) != repr(split.transform):
                 continue
             if not all(isinstance(item, str | Path) for item in other.items):
                 continue

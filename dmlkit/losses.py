@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 Indices = tuple[Tensor, ...]
 
@@ -31,7 +30,30 @@ def pairwise_distance(x: Tensor, y: Tensor, squared: bool = False, eps: float = 
     """
     if squared:
         return _squared_distances(x, y).clamp_min(0.0)
+    if x.dtype != y.dtype or x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type):
+        # reduced or mixed precision (a plugin's own call under autocast): autograd's formula, same values
+        return torch.sqrt(_squared_distances(x, y).clamp_min(0.0).clamp_min(eps))
     return _Distance.apply(x, y, eps)
+
+
+def first_order(name: str):
+    """Decorator of a hand-written ``backward`` that has no second derivative: it raises when
+    autograd asks for one (``create_graph=True``, a gradient penalty) instead of dropping the
+    curvature without a word, as ``once_differentiable`` does when the incoming gradient is a constant."""
+
+    def wrap(backward):
+        def checked(ctx, *grads):
+            if torch.is_grad_enabled():  # autograd enables grad mode in backward exactly for create_graph
+                raise RuntimeError(
+                    f"{name} has no second derivative (backward with create_graph=True, e.g. a gradient "
+                    "penalty); use a loss without it for that"
+                )
+            return backward(ctx, *grads)
+
+        checked.__doc__ = backward.__doc__
+        return checked
+
+    return wrap
 
 
 def _squared_distances(x: Tensor, y: Tensor) -> Tensor:
@@ -56,7 +78,7 @@ class _Distance(torch.autograd.Function):
         return dist
 
     @staticmethod
-    @once_differentiable  # a second derivative through it raises instead of coming out wrong
+    @first_order("the pairwise Euclidean distance")
     def backward(ctx, grad: Tensor):
         x, y, dist, live = ctx.saved_tensors
         g = torch.div(grad, dist).mul_(0.5).mul_(live)  # grad / (2 d), exactly (halving is exact)
@@ -92,8 +114,11 @@ def indices_to_masks(indices: Indices, n: int, m: int, device: torch.device) -> 
 def _pair_mask(rows: Tensor, cols: Tensor, n: int, m: int, device: torch.device) -> Tensor:
     """[n, m] boolean mask, True at each (rows[k], cols[k]): ``index_fill_`` on the flat mask, several
     times faster on a long list than ``mask[rows, cols] = True`` (an indexed write per pair)."""
+    rows, cols = rows.to(device, torch.long), cols.to(device, torch.long)
+    if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= n or int(cols.min()) < 0 or int(cols.max()) >= m):
+        raise IndexError(f"mined pair indices out of range for {n} embeddings against a reference set of {m}")
     flat = torch.zeros(n * m, dtype=torch.bool, device=device)
-    return flat.index_fill_(0, torch.add(cols.to(device), rows.to(device), alpha=m), True).view(n, m)
+    return flat.index_fill_(0, torch.add(cols, rows, alpha=m), True).view(n, m)
 
 
 def pair_masks(

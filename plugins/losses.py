@@ -158,7 +158,7 @@ class _HingeMeans(torch.autograd.Function):
         return value
 
     @staticmethod
-    @once_differentiable  # a second derivative through it raises instead of coming out wrong
+    @once_differentiable  # piecewise linear in dist: its second derivative is 0, as this gives
     def backward(ctx, grad_value: Tensor):
         (grad,) = ctx.saved_tensors
         return grad * grad_value, None, None, None, None

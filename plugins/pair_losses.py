@@ -19,12 +19,12 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 import dmlkit
 from dmlkit.errors import OptionError
 from dmlkit.losses import (
     MetricLoss,
+    first_order,
     label_masks,
     pair_masks,
     pairs_to_triplets,
@@ -784,7 +784,7 @@ class _VarianceTerms(torch.autograd.Function):
         return value
 
     @staticmethod
-    @once_differentiable  # a second derivative through it raises instead of coming out wrong
+    @first_order("intra_pair_variance")
     def backward(ctx, grad_value: Tensor):
         (grad,) = ctx.saved_tensors
         return grad * grad_value, None, None, None, None

@@ -76,7 +76,8 @@ class RandomSampler(BatchSampler):
 class MPerClassSampler(BatchSampler):
     """Batches of batch_size / m classes x m samples each.
 
-    Classes are visited in a shuffled cycle so every class comes up; a class with fewer
+    Classes are visited in a shuffled cycle so every class comes up, and a batch never holds a
+    class twice (as PML's MPerClassSampler), also across two cycles; a class with fewer
     than m items is sampled with replacement. An epoch is ``batches_per_epoch`` batches
     (default: the training set size // batch_size).
 
@@ -117,9 +118,9 @@ class MPerClassSampler(BatchSampler):
                 f"m = {m} is larger than the samples of every class (at most {max(map(len, self.by_class))})"
             )
 
-    #: set by two_views: a batch that takes the last classes of one shuffled cycle and the first of the
-    #: next never takes a class twice (by default it may, drawing up to 2m of its samples)
-    distinct_classes = False
+    #: a batch that takes the last classes of one shuffled cycle and the first of the next never takes
+    #: a class twice (dmlkit 0.1 could: 2m samples of one class, which smooth_ap refuses mid-run)
+    distinct_classes = True
 
     def batches(self, rng):
         order = np.empty(0, dtype=np.int64)
@@ -160,8 +161,6 @@ class OnePerClassSampler(MPerClassSampler):
         batches_per_epoch: int = 0,
     ):
         super().__init__(labels, batch_size, 1, seed, rank, world_size, batches_per_epoch)
-
-    distinct_classes = True  # what its name promises
 
 
 #: what the trainer gives a sampler; two_views sets them for its base sampler

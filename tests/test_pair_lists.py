@@ -132,3 +132,44 @@ def test_cross_batch_memory_contrastive_gradient_equals_pml_with_a_full_memory()
         vb.backward()
         assert float(va) == pytest.approx(float(vb), rel=1e-10)
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["contrastive", "intra_pair_variance"])
+def test_a_second_derivative_through_a_hand_written_backward_raises(name):
+    """A gradient penalty (create_graph=True) through the hand-written backwards must raise, not
+    drop their curvature: once_differentiable alone gave a silently wrong penalty gradient."""
+    import dmlkit
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(12, 8, dtype=torch.float64)
+    labels = torch.arange(12) % 3
+    loss = dmlkit.get_registry().build("loss", name)
+    value = loss(x @ w, labels)
+    (plain,) = torch.autograd.grad(value, w, retain_graph=True)  # first order: fine
+    assert torch.isfinite(plain).all() and plain.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(value, w, create_graph=True)
+
+
+def test_pairwise_distance_under_autocast_and_bad_indices():
+    """Under autocast (a plugin's own call; dmlkit's losses turn it off) the distance takes
+    autograd's formula and its gradient; mined indices outside the batch are refused."""
+    from dmlkit.losses import pair_masks, pairwise_distance
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, requires_grad=True)
+    y = torch.cat([x[:2].detach(), torch.randn(3, 5)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d = pairwise_distance(x, y)
+        ref = torch.sqrt((((x * x).sum(1, keepdim=True) + (y * y).sum(1)[None]) - 2 * x @ y.T).clamp_min(1e-12))
+    (g,) = torch.autograd.grad(d.float().sum(), x)
+    (want,) = torch.autograd.grad(ref.float().sum(), x)
+    assert torch.equal(d, ref) and torch.equal(g, want)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(IndexError, match="out of range"):
+        pair_masks(labels, None, (torch.tensor([0]), torch.tensor([6]), torch.tensor([0]), torch.tensor([2])), 6, 6,
+                   torch.device("cpu"))  # fmt: skip
+    pos, neg = pair_masks(labels, None, tuple(torch.tensor(v, dtype=torch.int32) for v in ([0], [1], [0], [2])), 6, 6,
+                          torch.device("cpu"))  # fmt: skip
+    assert pos.sum() == 1 and pos[0, 1] and neg.sum() == 1 and neg[0, 2]

@@ -181,5 +181,3 @@ def test_an_in_process_command_gives_the_warning_display_back(cli):
     code, _, err = cli("list", "loss")
     assert code == 0, err
     assert warnings.showwarning is before_show and warnings.filters == before_filters
-    with pytest.warns(FutureWarning, match="the caller's own"):
-        warnings.warn("the caller's own", FutureWarning, stacklevel=1)

@@ -53,13 +53,16 @@ def test_bad_sampler_options():
         MPerClassSampler(LABELS, batch_size=26, m=13)
 
 
-def test_one_per_class_never_repeats_a_class_in_a_batch():
+@pytest.mark.parametrize("m, batch", [(1, 4), (4, 12), (2, 8)])
+def test_no_class_comes_twice_in_a_batch(m, batch):
     """Where a batch takes the end of one shuffled cycle of classes and the start of the next, a
-    class could come twice (4 of 50 batches here before); one_per_class promises distinct classes."""
+    class could come twice (one_per_class: 4 of 50 batches here; m_per_class 2m samples of one
+    class, which smooth_ap refuses mid-run); every batch holds batch / m distinct classes, m each."""
     labels = np.repeat(np.arange(10), 20)
-    sampler = OnePerClassSampler(labels, batch_size=4, seed=0)
+    sampler = OnePerClassSampler(labels, batch_size=batch, seed=0) if m == 1 else MPerClassSampler(labels, batch, m)
     for epoch in range(5):
         sampler.set_epoch(epoch)
         batches = list(sampler)
-        assert len(batches) == 50
-        assert all(len(set(labels[b])) == 4 for b in batches)
+        assert len(batches) == 200 // batch
+        for b in batches:
+            assert sorted(np.unique(labels[b], return_counts=True)[1]) == [m] * (batch // m)
