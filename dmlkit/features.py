@@ -96,15 +96,13 @@ class FeatureCache:
     def features(self, split: Split, view: int | None, what: str) -> Tensor:
         """[N, F] pooled features of ``split`` (augmentation view ``view``, or None), computed once."""
         key = self.key(split, view)
-        if key in self._memory:
-            return self._memory[key]
-        path = self.dir / f"{key}.pt"
-        feats = self._read(path, len(split))
+        feats = self._stored(key, len(split))
         if feats is None:
             feats = self._compute(split, view, what) if view is not None else self._compute_reusing(split, what)
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
-                save_torch(feats, path, "feature cache file", unique=True)  # several runs may share the cache
+                # several runs may share the cache
+                save_torch(feats, self.dir / f"{key}.pt", "feature cache file", unique=True)
             except (OSError, DmlkitError) as exc:
                 self.trainer.console.print(
                     f"[yellow]warning: {escape(str(exc))} (the run goes on without caching)[/yellow]", soft_wrap=True
@@ -125,10 +123,7 @@ class FeatureCache:
                 continue
             if not all(isinstance(item, str | Path) for item in other.items):
                 continue
-            key = self.key(other, None)
-            feats = self._memory.get(key)
-            if feats is None:
-                feats = self._read(self.dir / f"{key}.pt", len(other))
+            feats = self._stored(self.key(other, None), len(other))
             if feats is not None:
                 rows.update(zip((os.path.realpath(item) for item in other.items), feats))
         return rows
@@ -147,13 +142,16 @@ class FeatureCache:
             soft_wrap=True,
         )
         if missing:
-            part = Split([split.items[i] for i in missing], split.labels[missing], split.transform, split.mode)
-            for i, row in zip(missing, self._compute(part, None, what)):
+            for i, row in zip(missing, self._compute(split.subset(np.asarray(missing)), None, what)):
                 rows[i] = row
         return torch.stack(rows)
 
-    def _read(self, path: Path, n: int) -> Tensor | None:
-        """A cache file's [n, ...] features, or None when it is absent, damaged or of another length."""
+    def _stored(self, key: str, n: int) -> Tensor | None:
+        """The [n, ...] features cached under ``key`` (in memory, else on disk), or None when they
+        are absent, damaged or of another length."""
+        if key in self._memory:
+            return self._memory[key]
+        path = self.dir / f"{key}.pt"
         if not path.is_file():
             return None
         try:
